@@ -1,0 +1,1 @@
+"""Volume store, ingest of instrument images, synthetic phantoms and the slab loader."""

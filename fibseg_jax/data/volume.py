@@ -1,0 +1,530 @@
+"""Multi-channel FIB-SEM volume store: one zarr v3 group written with tensorstore.
+
+Layout of a dataset (readable by zarr-python as well):
+
+  <root>/zarr.json   group; its attributes hold the metadata (`VolumeMetadata`)
+  <root>/image       [z, y, x, channel] as acquired: uint8, uint16 or float32
+  <root>/labels      [z, y, x] uint8; `IGNORE_LABEL` (255) means "not annotated"
+
+The labels array has fill value 255, so only the annotated slices take space. A root is
+any tensorstore kvstore: a local path (default), ``memory://name``, ``gs://bucket/p``,
+``s3://bucket/p`` or a kvstore spec dict.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import uuid
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import tensorstore as ts
+
+IGNORE_LABEL = 255
+FORMAT_VERSION = 1
+IMAGE_DTYPES = ("uint8", "uint16", "float32")
+# Percentiles stored per channel; the loader normalises with the outer pair.
+PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
+# Chunk: one slice by 256 x 256 with all channels. A slab of S slices around any
+# annotated slice reads exactly S slices; see BUILD_NOTES.md for the benchmark.
+DEFAULT_CHUNK_YX = 256
+_STATS_SAMPLES_PER_SLICE = 1 << 16
+
+# One context for the process, so `memory://` stores persist between opens and every
+# open shares the chunk cache and thread pools.
+CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
+
+
+class VolumeError(ValueError):
+  """A volume is missing, malformed, or does not match what was asked of it."""
+
+
+@dataclasses.dataclass(frozen=True)
+class VolumeMetadata:
+  """What the group attributes of a volume say.
+
+  Attributes:
+    shape: (z, y, x) in voxels.
+    channels: detector signal names, one per last-axis entry of `image`, e.g. ("ICE", "TLD").
+    classes: phase names; label value i is classes[i].
+    voxel_size_nm: (z, y, x) voxel size in nanometres.
+    annotated_slices: z indices that carry hand labels.
+    channel_stats: per channel name, {"p0.5", "p1", "p50", "p99", "p99.5", "mean", "std"}.
+    dtype: image dtype name.
+  """
+
+  shape: tuple[int, int, int]
+  channels: tuple[str, ...]
+  classes: tuple[str, ...]
+  voxel_size_nm: tuple[float, float, float]
+  annotated_slices: tuple[int, ...] = ()
+  channel_stats: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
+  dtype: str = "uint16"
+
+  @property
+  def num_classes(self) -> int:
+    return len(self.classes)
+
+  def to_json(self) -> dict[str, Any]:
+    return {
+      "fibseg_format": FORMAT_VERSION,
+      "shape": list(self.shape),
+      "channels": list(self.channels),
+      "classes": list(self.classes),
+      "voxel_size_nm": list(self.voxel_size_nm),
+      "annotated_slices": list(self.annotated_slices),
+      "channel_stats": {k: dict(v) for k, v in self.channel_stats.items()},
+      "dtype": self.dtype,
+    }
+
+  @classmethod
+  def from_json(cls, attrs: Mapping[str, Any], where: str = "volume") -> VolumeMetadata:
+    missing = [
+      k
+      for k in ("shape", "channels", "classes", "voxel_size_nm", "annotated_slices")
+      if k not in attrs
+    ]
+    if "fibseg_format" not in attrs or missing:
+      raise VolumeError(
+        f"{where}: group attributes are not a fibseg_jax volume "
+        f"(missing {missing or ['fibseg_format']}); create one with experiments/ingest.py "
+        "or experiments/make_synthetic.py"
+      )
+    return cls(
+      shape=tuple(int(s) for s in attrs["shape"]),
+      channels=tuple(str(c) for c in attrs["channels"]),
+      classes=tuple(str(c) for c in attrs["classes"]),
+      voxel_size_nm=tuple(float(v) for v in attrs["voxel_size_nm"]),
+      annotated_slices=tuple(int(z) for z in attrs["annotated_slices"]),
+      channel_stats={k: dict(v) for k, v in attrs.get("channel_stats", {}).items()},
+      dtype=str(attrs.get("dtype", "uint16")),
+    )
+
+
+def kvstore_spec(root: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+  """Returns a tensorstore kvstore spec for a volume root, with a trailing '/' path.
+
+  Args:
+    root: a local path, ``memory://name``, ``gs://bucket/path``, ``s3://bucket/path``,
+      ``file://path`` or a kvstore spec dict.
+  """
+  if isinstance(root, Mapping):
+    spec = dict(root)
+  else:
+    root = os.fspath(root)
+    if root.startswith("memory://"):
+      spec = {"driver": "memory", "path": root[len("memory://") :]}
+    elif root.startswith("gs://"):
+      bucket, _, path = root[len("gs://") :].partition("/")
+      spec = {"driver": "gcs", "bucket": bucket, "path": path}
+    elif root.startswith("s3://"):
+      bucket, _, path = root[len("s3://") :].partition("/")
+      spec = {"driver": "s3", "bucket": bucket, "path": path}
+    else:
+      if root.startswith("file://"):
+        root = root[len("file://") :]
+      spec = {"driver": "file", "path": os.path.abspath(root)}
+  path = spec.get("path", "")
+  if path and not path.endswith("/"):
+    spec["path"] = path + "/"
+  return spec
+
+
+def describe(root: str | os.PathLike | Mapping[str, Any]) -> str:
+  """A short human-readable name for a volume root, for messages."""
+  if isinstance(root, Mapping):
+    return json.dumps(dict(root))
+  return os.fspath(root)
+
+
+def child_spec(kvstore: Mapping[str, Any], name: str) -> dict[str, Any]:
+  spec = dict(kvstore)
+  spec["path"] = spec.get("path", "") + name + "/"
+  return spec
+
+
+def local_path(root: str | os.PathLike | Mapping[str, Any]) -> str | None:
+  """The local directory of a root on the file driver, else None."""
+  spec = kvstore_spec(root)
+  if spec["driver"] == "file":
+    return spec["path"].rstrip("/")
+  return None
+
+
+def _read_group_attrs(kvstore: Mapping[str, Any], where: str) -> dict[str, Any]:
+  kv = ts.KvStore.open(dict(kvstore), context=CONTEXT).result()
+  result = kv.read("zarr.json").result()
+  if result.state != "value":
+    raise VolumeError(
+      f"{where}: not a volume (no zarr.json group metadata). Expected a zarr v3 group "
+      "written by experiments/ingest.py or experiments/make_synthetic.py"
+    )
+  try:
+    meta = json.loads(result.value)
+  except json.JSONDecodeError as e:
+    raise VolumeError(f"{where}/zarr.json is not valid JSON: {e}") from e
+  if meta.get("zarr_format") != 3 or meta.get("node_type") != "group":
+    raise VolumeError(f"{where}/zarr.json is not a zarr v3 group")
+  return meta.get("attributes", {})
+
+
+def _write_group_attrs(kvstore: Mapping[str, Any], attrs: Mapping[str, Any]) -> None:
+  kv = ts.KvStore.open(dict(kvstore), context=CONTEXT).result()
+  doc = {"zarr_format": 3, "node_type": "group", "attributes": dict(attrs)}
+  kv.write("zarr.json", json.dumps(doc, indent=1).encode()).result()
+
+
+@dataclasses.dataclass(frozen=True)
+class Volume:
+  """An opened volume.
+
+  Attributes:
+    root: the root as given (for messages).
+    kvstore: kvstore spec of the group.
+    image: tensorstore [z, y, x, channel].
+    labels: tensorstore [z, y, x] uint8, 255 = not annotated.
+    metadata: the group attributes.
+  """
+
+  root: Any
+  kvstore: dict[str, Any]
+  image: ts.TensorStore
+  labels: ts.TensorStore
+  metadata: VolumeMetadata
+
+  @property
+  def shape(self) -> tuple[int, int, int]:
+    """(z, y, x)."""
+    return self.metadata.shape
+
+  @property
+  def channels(self) -> tuple[str, ...]:
+    return self.metadata.channels
+
+  @property
+  def classes(self) -> tuple[str, ...]:
+    return self.metadata.classes
+
+  def channel_indices(self, names: Sequence[str], flag: str = "channels") -> list[int]:
+    """Indices of the named channels; raises VolumeError naming the missing ones."""
+    missing = [n for n in names if n not in self.channels]
+    if missing:
+      raise VolumeError(
+        f"{flag}: channel(s) {missing} not in volume {describe(self.root)}, "
+        f"which has {list(self.channels)}"
+      )
+    return [self.channels.index(n) for n in names]
+
+  def normalization(self, names: Sequence[str]) -> tuple[np.ndarray, np.ndarray]:
+    """(offset, scale) per named channel: x_norm = (x - offset) * scale lies mostly in [-1, 1].
+
+    Uses the stored robust percentiles (0.5 and 99.5), so a few hot pixels do not set
+    the range.
+    """
+    offsets, scales = [], []
+    for name in names:
+      stats = self.metadata.channel_stats.get(name)
+      if not stats:
+        raise VolumeError(
+          f"volume {describe(self.root)} has no intensity statistics for channel {name!r}"
+        )
+      lo, hi = float(stats["p0.5"]), float(stats["p99.5"])
+      offsets.append((lo + hi) / 2)
+      scales.append(2.0 / max(hi - lo, 1e-6))
+    return np.asarray(offsets, np.float32), np.asarray(scales, np.float32)
+
+  def read_image(self, z: slice | int, y: slice = slice(None), x: slice = slice(None)):
+    """Reads image[z, y, x, :] synchronously as numpy."""
+    return self.image[z, y, x].read().result()
+
+  def read_labels(self, z: slice | int, y: slice = slice(None), x: slice = slice(None)):
+    """Reads labels[z, y, x] synchronously as numpy uint8."""
+    return self.labels[z, y, x].read().result()
+
+
+def _open_array(spec: Mapping[str, Any], where: str, **kwargs) -> ts.TensorStore:
+  try:
+    return ts.open({"driver": "zarr3", "kvstore": dict(spec)}, context=CONTEXT, **kwargs).result()
+  except ValueError as e:
+    raise VolumeError(f"{where}: cannot open array: {e}") from e
+
+
+def open_volume(
+  root: str | os.PathLike | Mapping[str, Any], *, check_labels: bool = True
+) -> Volume:
+  """Opens and validates a volume.
+
+  Args:
+    root: see `kvstore_spec`.
+    check_labels: read the annotated slices and check every label is a class index or 255.
+
+  Returns:
+    The opened `Volume`.
+
+  Raises:
+    VolumeError: naming the volume and what is wrong with it.
+  """
+  where = describe(root)
+  if local_path(root) is not None and not os.path.isdir(local_path(root)):
+    raise VolumeError(f"{where}: no such volume directory")
+  kvstore = kvstore_spec(root)
+  metadata = VolumeMetadata.from_json(_read_group_attrs(kvstore, where), where)
+  image = _open_array(child_spec(kvstore, "image"), f"{where}/image", open=True)
+  labels = _open_array(child_spec(kvstore, "labels"), f"{where}/labels", open=True)
+  vol = Volume(root=root, kvstore=kvstore, image=image, labels=labels, metadata=metadata)
+  _validate(vol, check_labels)
+  return vol
+
+
+def _validate(vol: Volume, check_labels: bool) -> None:
+  where, meta = describe(vol.root), vol.metadata
+  if vol.image.rank != 4:
+    raise VolumeError(f"{where}/image must be [z, y, x, channel], got rank {vol.image.rank}")
+  if vol.labels.rank != 3:
+    raise VolumeError(f"{where}/labels must be [z, y, x], got rank {vol.labels.rank}")
+  ishape, lshape = tuple(vol.image.shape), tuple(vol.labels.shape)
+  if ishape[:3] != lshape:
+    raise VolumeError(f"{where}: image {ishape} and labels {lshape} differ in [z, y, x]")
+  if ishape[:3] != tuple(meta.shape):
+    raise VolumeError(f"{where}: image shape {ishape} but metadata says {list(meta.shape)}")
+  if ishape[3] != len(meta.channels):
+    raise VolumeError(
+      f"{where}: image has {ishape[3]} channels but metadata names {list(meta.channels)}"
+    )
+  if vol.image.dtype.name not in IMAGE_DTYPES:
+    raise VolumeError(f"{where}/image dtype {vol.image.dtype.name}; expected one of {IMAGE_DTYPES}")
+  if vol.labels.dtype.name != "uint8":
+    raise VolumeError(f"{where}/labels dtype {vol.labels.dtype.name}; expected uint8")
+  if not meta.classes:
+    raise VolumeError(f"{where}: metadata names no classes")
+  if len(meta.classes) >= IGNORE_LABEL:
+    raise VolumeError(f"{where}: {len(meta.classes)} classes; at most 254 are supported")
+  bad = [z for z in meta.annotated_slices if not 0 <= z < meta.shape[0]]
+  if bad:
+    raise VolumeError(f"{where}: annotated slices {bad} outside 0..{meta.shape[0] - 1}")
+  if check_labels:
+    for z in meta.annotated_slices:
+      values = np.unique(vol.read_labels(z))
+      wrong = [int(v) for v in values if v >= meta.num_classes and v != IGNORE_LABEL]
+      if wrong:
+        raise VolumeError(
+          f"{where}: labels of slice {z} hold values {wrong}, but there are "
+          f"{meta.num_classes} classes {list(meta.classes)} (valid: 0..{meta.num_classes - 1}"
+          f" and {IGNORE_LABEL} = not annotated)"
+        )
+
+
+def _array_spec(
+  kvstore: Mapping[str, Any], shape: Sequence[int], dtype: str, chunks: Sequence[int], fill: Any
+) -> dict[str, Any]:
+  return {
+    "driver": "zarr3",
+    "kvstore": dict(kvstore),
+    "metadata": {
+      "shape": list(shape),
+      "data_type": dtype,
+      "fill_value": fill,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+      "codecs": [
+        {"name": "bytes", "configuration": {"endian": "little"}},
+        {"name": "zstd", "configuration": {"level": 1}},
+      ],
+    },
+    "create": True,
+    "delete_existing": True,
+  }
+
+
+class _ChannelStats:
+  """Streaming robust per-channel statistics from a fixed random sample of each slice.
+
+  The sample (64 Ki pixels a slice) keeps memory flat for any slice size; percentiles
+  of it are within a small fraction of a grey level of the exact ones for real stacks.
+  """
+
+  def __init__(self, num_channels: int, seed: int = 0):
+    self._rng = np.random.default_rng(seed)
+    self._samples: list[np.ndarray] = []
+
+  def add(self, image_slice: np.ndarray) -> None:
+    flat = image_slice.reshape(-1, image_slice.shape[-1])
+    n = min(_STATS_SAMPLES_PER_SLICE, flat.shape[0])
+    idx = self._rng.choice(flat.shape[0], size=n, replace=False)
+    self._samples.append(flat[idx].astype(np.float32))
+
+  def result(self, channels: Sequence[str]) -> dict[str, dict[str, float]]:
+    samples = np.concatenate(self._samples, 0).astype(np.float64)
+    pct = np.percentile(samples, PERCENTILES, axis=0)
+    mean, std = samples.mean(0), samples.std(0)
+    out = {}
+    for c, name in enumerate(channels):
+      stats = {f"p{p:g}": float(pct[i, c]) for i, p in enumerate(PERCENTILES)}
+      stats.update(mean=float(mean[c]), std=float(std[c]))
+      out[name] = stats
+    return out
+
+
+class VolumeWriter:
+  """Writes a volume slice by slice, then commits it.
+
+  On a local path the volume is written to a hidden temporary sibling and renamed onto
+  the destination only by `commit()`, so a failure leaves nothing at the destination.
+  On other kvstores the group metadata is written last, so an interrupted write never
+  opens as a volume. Use as a context manager: an exception aborts.
+
+  Example:
+    with create_volume("vol.zarr", shape=(16, 512, 512), dtype="uint16",
+                       channels=("ICE", "TLD"), classes=("pore", "solid"),
+                       voxel_size_nm=(50, 25, 25)) as w:
+      for z in range(16):
+        w.write_slice(z, image[z], labels.get(z))
+  """
+
+  def __init__(
+    self,
+    root: str | os.PathLike | Mapping[str, Any],
+    *,
+    shape: Sequence[int],
+    dtype: str,
+    channels: Sequence[str],
+    classes: Sequence[str],
+    voxel_size_nm: Sequence[float],
+    chunk_yx: int = DEFAULT_CHUNK_YX,
+    overwrite: bool = False,
+  ):
+    if dtype not in IMAGE_DTYPES:
+      raise VolumeError(f"image dtype {dtype!r} not supported; expected one of {IMAGE_DTYPES}")
+    if len(shape) != 3 or min(shape) < 1:
+      raise VolumeError(f"volume shape must be (z, y, x) with positive sizes, got {shape}")
+    if len(set(channels)) != len(channels) or not channels:
+      raise VolumeError(f"channel names must be unique and non-empty, got {list(channels)}")
+    if not classes or len(classes) >= IGNORE_LABEL:
+      raise VolumeError(f"need 1..254 class names, got {list(classes)}")
+    if len(voxel_size_nm) != 3 or min(voxel_size_nm) <= 0:
+      raise VolumeError(f"voxel size must be 3 positive numbers (z, y, x), got {voxel_size_nm}")
+    self.root = root
+    self._final = local_path(root)
+    where = describe(root)
+    if self._final is not None:
+      if os.path.exists(self._final):
+        if not overwrite:
+          raise VolumeError(f"{where} already exists; pass --overwrite to replace it")
+      parent = os.path.dirname(self._final) or "."
+      if not os.path.isdir(parent):
+        raise VolumeError(f"{where}: parent directory {parent} does not exist")
+      name = os.path.basename(self._final)
+      self._tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+      self.kvstore = kvstore_spec(self._tmp)
+    else:
+      self._tmp = None
+      self.kvstore = kvstore_spec(root)
+      kv = ts.KvStore.open(dict(self.kvstore), context=CONTEXT).result()
+      if kv.read("zarr.json").result().state == "value":
+        if not overwrite:
+          raise VolumeError(f"{where} already exists; pass --overwrite to replace it")
+        kv.delete_range(ts.KvStore.KeyRange()).result()
+    z, y, x = (int(s) for s in shape)
+    cy, cx = min(chunk_yx, y), min(chunk_yx, x)
+    self.shape = (z, y, x)
+    self.dtype = dtype
+    self.channels = tuple(channels)
+    self.classes = tuple(classes)
+    self.voxel_size_nm = tuple(float(v) for v in voxel_size_nm)
+    self.image = ts.open(
+      _array_spec(
+        child_spec(self.kvstore, "image"), (z, y, x, len(channels)), dtype, (1, cy, cx, len(channels)), 0
+      ),
+      context=CONTEXT,
+    ).result()
+    self.labels = ts.open(
+      _array_spec(child_spec(self.kvstore, "labels"), (z, y, x), "uint8", (1, cy, cx), IGNORE_LABEL),
+      context=CONTEXT,
+    ).result()
+    self._stats = _ChannelStats(len(channels))
+    self._annotated: set[int] = set()
+    self._written: set[int] = set()
+    self._pending: list[ts.Future] = []
+    self.committed = False
+
+  def write_slice(self, z: int, image: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Writes one slice.
+
+    Args:
+      z: slice index.
+      image: [y, x, channel] (or [y, x] for one channel) in the volume dtype.
+      labels: optional [y, x] integer labels; 255 = not annotated.
+    """
+    if image.ndim == 2:
+      image = image[..., None]
+    expect = (*self.shape[1:], len(self.channels))
+    if image.shape != expect:
+      raise VolumeError(f"slice {z}: image shape {image.shape}, expected {expect}")
+    # Keep at most a couple of slices in flight so memory does not grow with the stack.
+    self._drain(keep=2)
+    self._pending.append(self.image[z].write(image.astype(self.dtype, copy=False)))
+    self._stats.add(image)
+    self._written.add(z)
+    if labels is not None:
+      if labels.shape != self.shape[1:]:
+        raise VolumeError(f"slice {z}: labels shape {labels.shape}, expected {self.shape[1:]}")
+      self._pending.append(self.labels[z].write(labels.astype(np.uint8)))
+      self._annotated.add(z)
+
+  def _drain(self, keep: int = 0) -> None:
+    while len(self._pending) > keep * 2:
+      self._pending.pop(0).result()
+
+  def commit(self, extra_attrs: Mapping[str, Any] | None = None) -> VolumeMetadata:
+    """Finishes the volume: writes metadata, moves it into place. Returns its metadata."""
+    self._drain()
+    missing = sorted(set(range(self.shape[0])) - self._written)
+    if missing:
+      raise VolumeError(f"{describe(self.root)}: slices {missing[:10]} were never written")
+    metadata = VolumeMetadata(
+      shape=self.shape,
+      channels=self.channels,
+      classes=self.classes,
+      voxel_size_nm=self.voxel_size_nm,
+      annotated_slices=tuple(sorted(self._annotated)),
+      channel_stats=self._stats.result(self.channels),
+      dtype=self.dtype,
+    )
+    attrs = metadata.to_json()
+    attrs.update(extra_attrs or {})
+    _write_group_attrs(self.kvstore, attrs)
+    if self._tmp is not None:
+      if os.path.exists(self._final):
+        shutil.rmtree(self._final)
+      os.rename(self._tmp, self._final)
+    self.committed = True
+    return metadata
+
+  def abort(self) -> None:
+    """Drops everything written so far."""
+    for f in self._pending:
+      try:
+        f.result()
+      except Exception:  # noqa: BLE001 - already failing; clean up regardless
+        pass
+    self._pending.clear()
+    if self._tmp is not None:
+      shutil.rmtree(self._tmp, ignore_errors=True)
+    else:
+      kv = ts.KvStore.open(dict(self.kvstore), context=CONTEXT).result()
+      kv.delete_range(ts.KvStore.KeyRange()).result()
+
+  def __enter__(self) -> VolumeWriter:
+    return self
+
+  def __exit__(self, exc_type, exc, tb) -> None:
+    if exc_type is not None or not self.committed:
+      self.abort()
+
+
+def create_volume(root: str | os.PathLike | Mapping[str, Any], **kwargs) -> VolumeWriter:
+  """Starts writing a new volume at `root`; see `VolumeWriter` for the arguments."""
+  return VolumeWriter(root, **kwargs)

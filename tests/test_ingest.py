@@ -1,0 +1,213 @@
+"""Ingest: TIFF/PNG folders -> volume, slice matching, and every user mistake."""
+
+import os
+import subprocess
+import sys
+
+import imageio.v3 as iio
+import numpy as np
+import pytest
+import tifffile
+import zarr
+
+from fibseg_jax.data import ingest, volume
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SCRIPT = os.path.join(REPO, "experiments", "ingest.py")
+CLASSES = ("pore", "csh", "portlandite")
+
+
+def _make_stack(root, numbers=(3, 10, 2, 7), shape=(24, 20), labelled=(10, 2), seed=0):
+  """Writes ICE as uint16 TIFFs, TLD as uint8 PNGs, labels as TIFFs with scrambled names."""
+  rng = np.random.default_rng(seed)
+  ice, tld, labels = {}, {}, {}
+  for d in ("ICE", "TLD", "labels"):
+    os.makedirs(os.path.join(root, d), exist_ok=True)
+  for n in numbers:
+    ice[n] = rng.integers(1000, 30000, shape, dtype=np.uint16)
+    tld[n] = rng.integers(0, 255, shape, dtype=np.uint8)
+    # Zero padding differs between detectors on purpose: order is by number, not text.
+    tifffile.imwrite(os.path.join(root, "ICE", f"run2_ICE_{n:04d}.tif"), ice[n])
+    iio.imwrite(os.path.join(root, "TLD", f"tld-{n}.png"), tld[n])
+  for n in labelled:
+    lab = rng.integers(0, len(CLASSES), shape, dtype=np.uint8)
+    lab[:4] = 255
+    labels[n] = lab
+    tifffile.imwrite(os.path.join(root, "labels", f"seg_{n:03d}.tif"), lab)
+  return ice, tld, labels
+
+
+def _channels(root):
+  return {"ICE": os.path.join(root, "ICE", "*.tif"), "TLD": os.path.join(root, "TLD", "*.png")}
+
+
+def _run(root, out, **overrides):
+  plan = ingest.plan_ingest(
+    overrides.get("channels", _channels(root)),
+    overrides.get("labels", os.path.join(root, "labels", "*.tif")),
+    overrides.get("classes", CLASSES),
+  )
+  return ingest.ingest(plan, out, voxel_size_nm=(50, 25, 25), progress=False)
+
+
+def test_round_trip_is_exact_and_ordered_by_number(tmp_path):
+  ice, tld, labels = _make_stack(str(tmp_path))
+  out = str(tmp_path / "vol.zarr")
+  meta = _run(str(tmp_path), out)
+  vol = volume.open_volume(out)
+  order = sorted(ice)  # 2, 3, 7, 10
+  assert vol.shape == (4, 24, 20) and vol.channels == ("ICE", "TLD")
+  assert vol.image.dtype.name == "uint16"  # uint8 TLD is widened losslessly
+  image = vol.read_image(slice(None))
+  for z, n in enumerate(order):
+    np.testing.assert_array_equal(image[z, :, :, 0], ice[n])
+    np.testing.assert_array_equal(image[z, :, :, 1], tld[n])
+  assert meta.annotated_slices == (order.index(2), order.index(10))
+  for n, lab in labels.items():
+    np.testing.assert_array_equal(vol.read_labels(order.index(n)), lab)
+  assert np.all(vol.read_labels(order.index(3)) == volume.IGNORE_LABEL)
+  assert vol.classes == CLASSES and vol.metadata.voxel_size_nm == (50.0, 25.0, 25.0)
+  stats = vol.metadata.channel_stats["ICE"]
+  assert 1000 <= stats["p0.5"] < stats["p50"] < stats["p99.5"] <= 30000
+  # zarr-python reads the same group.
+  group = zarr.open_group(out, mode="r")
+  assert list(group.attrs["channels"]) == ["ICE", "TLD"]
+  assert list(group.attrs["slice_numbers"]) == order
+  np.testing.assert_array_equal(np.asarray(group["image"][1, :, :, 0]), ice[3])
+
+
+def test_multipage_tiff_stack(tmp_path):
+  rng = np.random.default_rng(1)
+  stack = rng.integers(0, 255, (5, 16, 12), dtype=np.uint8)
+  tifffile.imwrite(str(tmp_path / "ice_stack.tif"), stack)
+  tifffile.imwrite(str(tmp_path / "lab_0003.tif"), np.zeros((16, 12), np.uint8))
+  plan = ingest.plan_ingest(
+    {"ICE": str(tmp_path / "ice_stack.tif")}, str(tmp_path / "lab_*.tif"), ["a", "b"]
+  )
+  out = str(tmp_path / "v.zarr")
+  ingest.ingest(plan, out, voxel_size_nm=(1, 1, 1), progress=False)
+  vol = volume.open_volume(out)
+  np.testing.assert_array_equal(vol.read_image(slice(None))[..., 0], stack)
+  assert vol.metadata.annotated_slices == (3,) and vol.image.dtype.name == "uint8"
+
+
+def test_memory_kvstore_output(tmp_path):
+  _make_stack(str(tmp_path))
+  _run(str(tmp_path), "memory://ingest_test")
+  assert volume.open_volume("memory://ingest_test").shape == (4, 24, 20)
+
+
+def _expect_error(tmp_path, match, out=None, **overrides):
+  out = out or str(tmp_path / "out.zarr")
+  with pytest.raises(ingest.IngestError, match=match):
+    _run(str(tmp_path), out, **overrides)
+  leftovers = [p for p in os.listdir(tmp_path) if "out.zarr" in p]
+  assert leftovers == [], f"failed ingest left {leftovers}"
+
+
+def test_channel_count_mismatch(tmp_path):
+  _make_stack(str(tmp_path))
+  os.remove(tmp_path / "TLD" / "tld-7.png")
+  _expect_error(tmp_path, r"--channel=TLD has 3 slices but --channel=ICE has 4")
+
+
+def test_channel_number_mismatch(tmp_path):
+  _make_stack(str(tmp_path))
+  os.rename(tmp_path / "TLD" / "tld-7.png", tmp_path / "TLD" / "tld-8.png")
+  _expect_error(tmp_path, r"--channel=TLD: slice numbers differ.*tld-8.png")
+
+
+def test_channel_shape_mismatch_first_slice(tmp_path):
+  _make_stack(str(tmp_path))
+  iio.imwrite(tmp_path / "TLD" / "tld-2.png", np.zeros((10, 10), np.uint8))
+  _expect_error(tmp_path, r"channels differ in slice shape")
+
+
+def test_slice_shape_mismatch_midway_leaves_nothing(tmp_path):
+  _make_stack(str(tmp_path))
+  tifffile.imwrite(tmp_path / "ICE" / "run2_ICE_0007.tif", np.zeros((24, 21), np.uint16))
+  _expect_error(tmp_path, r"run2_ICE_0007.tif has shape \(24, 21\)")
+
+
+def test_label_without_image_slice(tmp_path):
+  _make_stack(str(tmp_path))
+  tifffile.imwrite(tmp_path / "labels" / "seg_011.tif", np.zeros((24, 20), np.uint8))
+  _expect_error(tmp_path, r"seg_011.tif has slice number 11 but no image slice has it")
+
+
+def test_label_shape_mismatch(tmp_path):
+  _make_stack(str(tmp_path))
+  tifffile.imwrite(tmp_path / "labels" / "seg_002.tif", np.zeros((20, 24), np.uint8))
+  _expect_error(tmp_path, r"seg_002.tif has shape \(20, 24\), image slices \(24, 20\)")
+
+
+def test_label_values_beyond_classes(tmp_path):
+  _make_stack(str(tmp_path))
+  _expect_error(tmp_path, r"holds label values \[2\] but --classes names 2", classes=["a", "b"])
+
+
+def test_unreadable_and_empty_files(tmp_path):
+  _make_stack(str(tmp_path))
+  (tmp_path / "ICE" / "run2_ICE_0003.tif").write_bytes(b"not a tiff")
+  _expect_error(tmp_path, r"run2_ICE_0003.tif: cannot read image")
+  _make_stack(str(tmp_path))
+  (tmp_path / "TLD" / "tld-3.png").write_bytes(b"")
+  _expect_error(tmp_path, r"tld-3.png: cannot read image")
+
+
+def test_no_match_and_no_number(tmp_path):
+  _make_stack(str(tmp_path))
+  with pytest.raises(ingest.IngestError, match=r"--channel=BSE: no files match"):
+    ingest.plan_ingest({"BSE": str(tmp_path / "BSE" / "*.tif")}, None, None)
+  tifffile.imwrite(tmp_path / "ICE" / "overview.tif", np.zeros((24, 20), np.uint16))
+  _expect_error(tmp_path, r"overview.tif: no slice number in the file name")
+
+
+def test_existing_output_needs_overwrite(tmp_path):
+  _make_stack(str(tmp_path))
+  out = str(tmp_path / "vol.zarr")
+  _run(str(tmp_path), out)
+  with pytest.raises(ingest.IngestError, match=r"already exists; pass --overwrite"):
+    _run(str(tmp_path), out)
+  volume.open_volume(out)  # the first volume is untouched
+
+
+def test_interrupted_ingest_leaves_nothing(tmp_path):
+  _make_stack(str(tmp_path))
+  plan = ingest.plan_ingest(_channels(str(tmp_path)), None, CLASSES)
+
+  def crash(z):
+    if z == 2:
+      raise KeyboardInterrupt
+
+  with pytest.raises(KeyboardInterrupt):
+    ingest.ingest(plan, str(tmp_path / "v.zarr"), voxel_size_nm=(1, 1, 1), on_slice=crash)
+  assert [p for p in os.listdir(tmp_path) if "v.zarr" in p] == []
+
+
+def test_script_end_to_end_and_error_message(tmp_path):
+  _make_stack(str(tmp_path))
+  out = str(tmp_path / "vol.zarr")
+  args = [
+    sys.executable,
+    SCRIPT,
+    f"--channel=ICE={tmp_path}/ICE/*.tif",
+    f"--channel=TLD={tmp_path}/TLD/*.png",
+    f"--labels={tmp_path}/labels/*.tif",
+    "--classes=pore,csh,portlandite",
+    "--voxel_size_nm=50,25,25",
+    f"--out={out}",
+  ]
+  done = subprocess.run(args, capture_output=True, text=True, check=False)
+  assert done.returncode == 0, done.stderr
+  assert "4 slices of 24 x 20" in done.stdout
+  again = subprocess.run(args, capture_output=True, text=True, check=False)
+  assert again.returncode != 0
+  assert "already exists; pass --overwrite" in again.stderr
+  assert "Traceback" not in again.stderr
+  bad = subprocess.run(args[:-2] + ["--voxel_size_nm=50,25", f"--out={out}2"], **_quiet())
+  assert bad.returncode != 0 and "--voxel_size_nm=50,25: expected 3 positive" in bad.stderr
+
+
+def _quiet():
+  return {"capture_output": True, "text": True, "check": False}
