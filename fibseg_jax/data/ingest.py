@@ -101,9 +101,7 @@ def find_slices(pattern: str, flag: str) -> list[SliceFile]:
   for path in paths:
     number = slice_number(path)
     if number in files:
-      raise IngestError(
-        f"{flag}: {files[number].path} and {path} both carry slice number {number}"
-      )
+      raise IngestError(f"{flag}: {files[number].path} and {path} both carry slice number {number}")
     files[number] = SliceFile(number=number, path=path)
   return [files[n] for n in sorted(files)]
 

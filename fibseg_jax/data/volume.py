@@ -436,12 +436,18 @@ class VolumeWriter:
     self.voxel_size_nm = tuple(float(v) for v in voxel_size_nm)
     self.image = ts.open(
       _array_spec(
-        child_spec(self.kvstore, "image"), (z, y, x, len(channels)), dtype, (1, cy, cx, len(channels)), 0
+        child_spec(self.kvstore, "image"),
+        (z, y, x, len(channels)),
+        dtype,
+        (1, cy, cx, len(channels)),
+        0,
       ),
       context=CONTEXT,
     ).result()
     self.labels = ts.open(
-      _array_spec(child_spec(self.kvstore, "labels"), (z, y, x), "uint8", (1, cy, cx), IGNORE_LABEL),
+      _array_spec(
+        child_spec(self.kvstore, "labels"), (z, y, x), "uint8", (1, cy, cx), IGNORE_LABEL
+      ),
       context=CONTEXT,
     ).result()
     self._stats = _ChannelStats(len(channels))

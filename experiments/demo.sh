@@ -1,0 +1,49 @@
+#!/usr/bin/env bash
+# The main job end to end on a generated stack:
+#   synthetic FIB-SEM stack (TIFF folders, as an instrument writes them)
+#   -> ingest into a volume -> train a 2.5D U-Net on three annotated slices
+#   -> segment the whole stack -> evaluate on a held-out annotated slice.
+# Usage: bash experiments/demo.sh [OUT_DIR]. Sizes come from the environment so the
+# test suite can run the same script on a tiny stack (see tests/test_demo.py).
+set -euo pipefail
+OUT=${1:-demo_out}
+PY=${PYTHON:-.venv/bin/python}
+SHAPE=${DEMO_SHAPE:-24,384,384}
+ANNOTATE=${DEMO_ANNOTATE:-5,11,17,20}
+EVAL_SLICE=${DEMO_EVAL_SLICE:-20}
+STEPS=${DEMO_STEPS:-600}
+PATCH=${DEMO_PATCH:-128}
+BATCH=${DEMO_BATCH:-8}
+TILE=${DEMO_TILE:-256}
+MODEL=${DEMO_MODEL:-unet}
+EXTRA=${DEMO_TRAIN_FLAGS:-}
+
+rm -rf "$OUT"
+mkdir -p "$OUT"
+echo "== 1/5 synthetic stack -> $OUT/raw"
+"$PY" experiments/make_synthetic.py --out="$OUT/raw" --shape="$SHAPE" --seed=0 \
+  --annotate="$ANNOTATE" --format=tiff
+echo "== 2/5 ingest -> $OUT/vol.zarr"
+"$PY" experiments/ingest.py --channel=ICE="$OUT/raw/ICE/*.tif" \
+  --channel=TLD="$OUT/raw/TLD/*.tif" --labels="$OUT/raw/labels/*.tif" \
+  --classes=pore,csh,portlandite,clinker --voxel_size_nm=50,25,25 --out="$OUT/vol.zarr"
+echo "== 3/5 train $MODEL -> $OUT/run"
+# shellcheck disable=SC2086
+"$PY" experiments/train.py --config="experiments/configs/$MODEL.py" --workdir="$OUT/run" \
+  --config.data.path="$OUT/vol.zarr" --config.data.channels=ICE,TLD \
+  --config.data.slices=3 --config.data.patch="$PATCH" --config.data.eval_slices="$EVAL_SLICE" \
+  --config.train.batch_size="$BATCH" --config.train.steps="$STEPS" \
+  --config.train.eval_every=$(( STEPS > 4 ? STEPS / 4 : 1 )) $EXTRA
+echo "== 4/5 segment the whole stack -> $OUT/seg.zarr"
+"$PY" experiments/segment.py --workdir="$OUT/run" --input="$OUT/vol.zarr" \
+  --output="$OUT/seg.zarr" --probabilities="$OUT/probs.zarr" --tile="$TILE"
+echo "== 5/5 evaluate slice $EVAL_SLICE -> $OUT/report"
+"$PY" experiments/evaluate.py --prediction="$OUT/seg.zarr" --truth="$OUT/vol.zarr" \
+  --slices="$EVAL_SLICE" --out="$OUT/report"
+echo
+echo "demo finished:"
+echo "  synthetic preview     $OUT/raw/preview.png"
+echo "  volume                $OUT/vol.zarr"
+echo "  training curves       $OUT/run/training_curves.png (metrics: $OUT/run/metrics.jsonl)"
+echo "  segmentation          $OUT/seg.zarr (probabilities: $OUT/probs.zarr)"
+echo "  report                $OUT/report/report.md ($OUT/report/*.png)"

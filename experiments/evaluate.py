@@ -1,0 +1,65 @@
+r"""Scores a segmented stack against hand labels and writes a report with figures.
+
+  python experiments/evaluate.py --prediction=seg.zarr --truth=vol.zarr --slices=9 \
+    --out=report/
+  python experiments/evaluate.py --prediction=seg.zarr --truth='labels/*.tif' --out=report/
+
+--truth is a volume (its labels) or a glob of label images (slice number = last integer
+in the file name, 255 = not annotated). --slices defaults to every labelled slice.
+Writes report.json, report.md, slice_NNNN.png (channels | truth | prediction | error
+map) and fractions_z.png (predicted phase fractions along z).
+"""
+
+import sys
+
+from absl import app, flags
+
+from fibseg_jax import eval as evaluation
+
+_PREDICTION = flags.DEFINE_string("prediction", None, "Label array from segment.py --output.")
+_TRUTH = flags.DEFINE_string("truth", None, "Volume with labels, or a glob of label images.")
+_SLICES = flags.DEFINE_string("slices", None, "Slices to score, e.g. 9 or 9,40 or 0-10.")
+_OUT = flags.DEFINE_string("out", None, "Report directory, e.g. report/.")
+_IMAGE = flags.DEFINE_string(
+  "image", None, "Volume whose channels the figures show (default: --truth or the source)."
+)
+
+
+def _percent(value: float | None) -> str:
+  return "n/a" if value is None else f"{100 * value:.2f} %"
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  for flag in (_PREDICTION, _TRUTH, _OUT):
+    if not flag.value:
+      sys.exit(f"error: --{flag.name} is required")
+  try:
+    slices = evaluation.parse_slices(_SLICES.value)
+    report = evaluation.evaluate(_PREDICTION.value, _TRUTH.value, slices, image=_IMAGE.value)
+    paths = evaluation.write_report(report, _OUT.value)
+  except (evaluation.EvaluationError, evaluation.MetricsError) as e:
+    sys.exit(f"error: {e}")
+  except OSError as e:
+    sys.exit(f"error: --out={_OUT.value}: {e}")
+  o = report.overall
+  print(
+    f"slices {', '.join(map(str, report.slices))}: accuracy {o.accuracy:.4f}, "
+    f"mean IoU {o.mean_iou:.4f}, mean Dice {o.mean_dice:.4f}"
+  )
+  for quantity, q in report.phase_quantities().items():
+    print(
+      f"{quantity} ({q['class']}): truth {_percent(q['truth'])}, predicted "
+      f"{_percent(q['predicted'])}, whole stack {_percent(q['predicted_whole_stack'])}"
+    )
+  print(f"report:  {paths['markdown']}")
+  print(f"         {paths['json']}")
+  for p in paths["slices"].values():
+    print(f"figure:  {p}")
+  if paths["fractions"]:
+    print(f"profile: {paths['fractions']}")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,91 @@
+r"""Segments every slice of a volume with a trained model.
+
+  python experiments/segment.py --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
+    [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8]
+
+--output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
+attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p).
+Memory stays bounded whatever the stack size. Rerunning after an interruption resumes
+where it stopped; with --distributed, each process segments its own blocks.
+"""
+
+import os
+import sys
+
+from absl import app, flags
+
+from fibseg_jax import checkpoint, infer
+from fibseg_jax.data import volume
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; its best checkpoint is used.")
+_CHECKPOINT = flags.DEFINE_string(
+  "checkpoint", None, "A checkpoint step directory (or checkpoints/ dir) instead of --workdir."
+)
+_INPUT = flags.DEFINE_string("input", None, "Volume to segment (experiments/ingest.py output).")
+_OUTPUT = flags.DEFINE_string("output", None, "Label array to write, e.g. seg.zarr.")
+_PROBABILITIES = flags.DEFINE_string(
+  "probabilities", None, "Optional per-class probability array to write, e.g. probs.zarr."
+)
+_TILE = flags.DEFINE_integer("tile", 512, "Tile side in pixels (a multiple of 2**depth).")
+_OVERLAP = flags.DEFINE_integer("overlap", 64, "Overlap of neighbouring tiles in pixels.")
+_BATCH = flags.DEFINE_integer("batch", 8, "Tiles per device step (over all local devices).")
+_BLOCK = flags.DEFINE_integer(
+  "block", 2048, "Output block side in pixels (unit of work and of resuming)."
+)
+_WINDOW = flags.DEFINE_enum("window", "cosine", ["cosine", "gaussian"], "Blending window.")
+_OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output arrays.")
+_DISTRIBUTED = flags.DEFINE_bool(
+  "distributed", False, "Call jax.distributed.initialize() (multi-host: SLURM, TPU pods, ...)."
+)
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  if bool(_WORKDIR.value) == bool(_CHECKPOINT.value):
+    sys.exit("error: give exactly one of --workdir=runs/NAME or --checkpoint=PATH")
+  for flag in (_INPUT, _OUTPUT):
+    if not flag.value:
+      sys.exit(f"error: --{flag.name} is required")
+  model_path = _WORKDIR.value or _CHECKPOINT.value
+  which = "--workdir" if _WORKDIR.value else "--checkpoint"
+  if not os.path.exists(model_path):
+    sys.exit(f"error: {which}={model_path}: no such directory")
+  if _DISTRIBUTED.value:
+    import jax  # noqa: PLC0415
+
+    jax.distributed.initialize()
+  try:
+    result = infer.segment_from_checkpoint(
+      model_path,
+      _INPUT.value,
+      output=_OUTPUT.value,
+      probabilities=_PROBABILITIES.value,
+      tile=_TILE.value,
+      overlap=_OVERLAP.value,
+      batch=_BATCH.value,
+      block=_BLOCK.value,
+      window=_WINDOW.value,
+      overwrite=_OVERWRITE.value,
+    )
+  except checkpoint.CheckpointError as e:
+    sys.exit(f"error: {which}: {e}")
+  except volume.VolumeError as e:
+    sys.exit(f"error: --input: {e}")
+  except infer.InferenceError as e:
+    sys.exit(f"error: {e}")
+  if result.blocks_skipped:
+    print(f"resumed: {result.blocks_skipped} of {result.blocks_assigned} blocks were done")
+  print(
+    f"segmented {result.mpixels:.1f} Mpixel in {result.seconds:.1f} s "
+    f"({result.mpixels_per_second:.2f} Mpixel/s)"
+  )
+  print(f"labels:        {result.output}")
+  if result.probabilities:
+    print(f"probabilities: {result.probabilities}")
+  if not result.complete:
+    print("other processes are still segmenting their blocks")
+
+
+if __name__ == "__main__":
+  app.run(main)

@@ -1,0 +1,56 @@
+"""Whole-volume segmentation: overlapping tiles, blended, written block by block.
+
+  result = infer.segment_volume(
+      "vol.zarr", model, variables, channels=("ICE", "TLD"), slices=3,
+      output="seg.zarr", probabilities="probs.zarr", tile=512, overlap=64, batch=8,
+      size_multiple=16)
+
+`segment_from_checkpoint` does the same from a training workdir or checkpoint. The
+output is a zarr v3 array [z, y, x] uint8 whose attributes name the classes; a rerun
+after an interruption resumes, and each process of a multi-process run takes its own
+blocks.
+"""
+
+from fibseg_jax.infer.predict import TilePredictor
+from fibseg_jax.infer.segment import (
+  SegmentationResult,
+  SlabReader,
+  blend_region,
+  segment_from_checkpoint,
+  segment_volume,
+)
+from fibseg_jax.infer.store import OutputError, open_array, read_attributes
+from fibseg_jax.infer.tiling import (
+  Block,
+  InferenceError,
+  assign_blocks,
+  blend_window,
+  plan_blocks,
+  reflect_indices,
+  region_geometry,
+  slab_indices,
+  tile_grid,
+  tile_starts,
+)
+
+__all__ = [
+  "Block",
+  "InferenceError",
+  "OutputError",
+  "SegmentationResult",
+  "SlabReader",
+  "TilePredictor",
+  "assign_blocks",
+  "blend_region",
+  "blend_window",
+  "open_array",
+  "plan_blocks",
+  "read_attributes",
+  "reflect_indices",
+  "region_geometry",
+  "segment_from_checkpoint",
+  "segment_volume",
+  "slab_indices",
+  "tile_grid",
+  "tile_starts",
+]

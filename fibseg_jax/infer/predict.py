@@ -1,0 +1,127 @@
+"""A jitted, device-sharded forward pass over batches of raw tiles.
+
+The tile batch is sharded over a 1-D mesh of this process's devices (axis 'data') and
+the variables are replicated. Each process predicts its own blocks independently, so
+the mesh holds only local devices and no step waits on another process.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fibseg_jax.infer import tiling
+
+DATA_AXIS = "data"
+
+
+class TilePredictor:
+  """Window-weighted class probabilities of a model for batches of raw tiles.
+
+  Tiles go to the devices in their stored dtype (uint16 is half the bytes of float32)
+  and are normalised there with the volume's (offset, scale), the same normalisation
+  the training loader applies. Compiles once per tile shape.
+
+  Attributes:
+    batch: tiles per device call, a multiple of the device count.
+    devices: the devices the batch is sharded over.
+  """
+
+  def __init__(
+    self,
+    model: nn.Module,
+    variables: Mapping[str, Any],
+    *,
+    offset: Sequence[float],
+    scale: Sequence[float],
+    overlap: int,
+    window: str = "cosine",
+    batch: int = 8,
+    devices: Sequence[jax.Device] | None = None,
+  ):
+    """Places the variables on the devices.
+
+    Args:
+      model: flax module; `model.apply(variables, x, train=False)` maps
+        `[batch, slices, y, x, channels]` float32 to logits `[batch, y, x, classes]`.
+      variables: {'params': ..., maybe 'batch_stats': ...}.
+      offset: [channels] normalisation offset, x_norm = (x - offset) * scale.
+      scale: [channels] normalisation scale.
+      overlap: tile overlap in pixels, for the blending window.
+      window: "cosine" or "gaussian"; see `tiling.window_1d`.
+      batch: tiles per call; rounded up to a multiple of the device count.
+      devices: default this process's devices (`jax.local_devices()`).
+
+    Raises:
+      InferenceError: batch < 1 or unknown window.
+    """
+    if batch < 1:
+      raise tiling.InferenceError(f"--batch={batch} must be >= 1")
+    tiling.window_1d(2, 0, window)  # rejects an unknown kind before anything runs
+    self.devices = list(devices or jax.local_devices())
+    self.batch = tiling.round_up(batch, len(self.devices))
+    self._model = model
+    self._overlap = overlap
+    self._window_kind = window
+    mesh = Mesh(np.asarray(self.devices), (DATA_AXIS,))
+    self._replicated = NamedSharding(mesh, PartitionSpec())
+    self._sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
+    self._variables = jax.device_put(dict(variables), self._replicated)
+    self._offset = jax.device_put(np.asarray(offset, np.float32), self._replicated)
+    self._scale = jax.device_put(np.asarray(scale, np.float32), self._replicated)
+    self._windows: dict[tuple[int, int], tuple[np.ndarray, jax.Array]] = {}
+    self._forward = jax.jit(self._weighted_probabilities, out_shardings=self._sharded)
+
+  def _weighted_probabilities(self, variables, tiles, offset, scale, window):
+    x = (tiles.astype(jnp.float32) - offset) * scale
+    logits = self._model.apply(variables, x, train=False)
+    probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+    return probs * window[None, :, :, None]
+
+  def window(self, tile_yx: Sequence[int]) -> np.ndarray:
+    """The blending window [tile_y, tile_x] float32 applied to tiles of this size."""
+    return self._device_window(tile_yx)[0]
+
+  def _device_window(self, tile_yx: Sequence[int]) -> tuple[np.ndarray, jax.Array]:
+    key = (int(tile_yx[0]), int(tile_yx[1]))
+    if key not in self._windows:
+      w = tiling.blend_window(key, self._overlap, self._window_kind)
+      self._windows[key] = (w, jax.device_put(w, self._replicated))
+    return self._windows[key]
+
+  def output_shape(self, slices: int, tile_yx: Sequence[int], channels: int) -> tuple[int, ...]:
+    """Shape of the model's logits for one tile, without running it.
+
+    Returns:
+      (batch, y, x, classes) of `model.apply` on `[batch, slices, y, x, channels]`.
+    """
+    x = jax.ShapeDtypeStruct((self.batch, slices, *tile_yx, channels), jnp.float32)
+    out = jax.eval_shape(lambda v, t: self._model.apply(v, t, train=False), self._variables, x)
+    return tuple(out.shape)
+
+  def __call__(self, tiles: np.ndarray) -> jax.Array:
+    """Starts the forward pass of up to `batch` tiles; returns without waiting.
+
+    Args:
+      tiles: [n, slices, y, x, channels] raw tiles (any numeric dtype), n <= batch.
+
+    Returns:
+      [batch, y, x, classes] float32 softmax probabilities times the blending window;
+      rows n.. are padding.
+    """
+    n = tiles.shape[0]
+    if n > self.batch:
+      raise ValueError(f"{n} tiles exceed the batch of {self.batch}")
+    if n < self.batch:
+      # Every call has the same shape, so nothing recompiles for the last batch.
+      pad = np.zeros((self.batch - n, *tiles.shape[1:]), tiles.dtype)
+      tiles = np.concatenate([tiles, pad], axis=0)
+    _, window = self._device_window(tiles.shape[2:4])
+    batch = jax.device_put(tiles, self._sharded)
+    return self._forward(self._variables, batch, self._offset, self._scale, window)

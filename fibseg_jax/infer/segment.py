@@ -1,0 +1,492 @@
+"""Sliding-window segmentation of every slice of a volume, memory bounded.
+
+The volume is cut into blocks (one slice x up to `block` x `block` pixels, aligned to
+the output chunks). For each block a background thread reads the slab region (the
+block plus a halo of `overlap` pixels, reflected at the volume border, over `slices`
+slices reflected at the stack ends) while the devices compute the previous one. Tiles
+of the region go to the devices in batches; their softmax probabilities, weighted by a
+blending window, are summed and divided by the summed window, and the block's labels
+(argmax) and optional probabilities are written. The block is then marked done, so a
+rerun resumes where an interrupted one stopped.
+
+What is held at any time: the slices of one region (at most `slices` + 1 of them, the
+read-ahead included), one accumulator [region_y, region_x, classes] float32, and a
+batch of tiles. None of it depends on the number of slices, so memory does not grow
+with the volume; for 4000 x 4000 slices the default 2048-pixel blocks keep it to a few
+hundred MB.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import queue
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import flax.linen as nn
+import jax
+import numpy as np
+import tensorstore as ts
+from tqdm import tqdm
+
+from fibseg_jax import checkpoint as checkpoint_lib
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.infer import predict, store, tiling
+from fibseg_jax.infer.tiling import Block, InferenceError, RegionGeometry
+
+# Output chunks are [1, CHUNK_YX, CHUNK_YX] (smaller when the block is).
+CHUNK_YX = 512
+DEFAULT_BLOCK = 2048
+# Blocks whose writes may be in flight while the next block computes.
+_WRITES_IN_FLIGHT = 2
+
+
+@dataclasses.dataclass(frozen=True)
+class SegmentationResult:
+  """What one call of `segment_volume` did.
+
+  Attributes:
+    output: the labels array path.
+    probabilities: the probabilities array path, or None.
+    blocks_total: blocks of the whole volume.
+    blocks_assigned: blocks of this process.
+    blocks_skipped: blocks of this process already finished by an earlier run.
+    blocks_done: blocks segmented by this call.
+    complete: every block of the volume is finished (all processes).
+    seconds: wall time of the segmentation loop.
+    mpixels: output pixels written by this call, in millions.
+  """
+
+  output: Any
+  probabilities: Any
+  blocks_total: int
+  blocks_assigned: int
+  blocks_skipped: int
+  blocks_done: int
+  complete: bool
+  seconds: float
+  mpixels: float
+
+  @property
+  def mpixels_per_second(self) -> float:
+    return self.mpixels / self.seconds if self.seconds > 0 else float("nan")
+
+
+class SlabReader:
+  """Reads the slab region of each block in a background thread, one block ahead.
+
+  Consecutive blocks of one region share slices, so slices of the current region are
+  kept and only the missing ones are read; leaving a region drops them.
+
+  Iterate to get (block, geometry, slab) with slab a list of `slices` arrays
+  [region_y, region_x, channels] in the volume's dtype (shared, do not modify).
+  """
+
+  def __init__(
+    self,
+    volume: volume_lib.Volume,
+    blocks: Sequence[Block],
+    *,
+    channel_indices: Sequence[int],
+    slices: int,
+    halo: int,
+    tile: int,
+    size_multiple: int,
+    read_ahead: int = 1,
+  ):
+    self._volume = volume
+    self._image = ts.open(
+      {"driver": "zarr3", "kvstore": volume_lib.child_spec(volume.kvstore, "image")},
+      open=True,
+      context=store.STREAM_CONTEXT,
+    ).result()
+    self._blocks = list(blocks)
+    self._channels = np.asarray(channel_indices)
+    self._slices = slices
+    self._halo = halo
+    self._tile = tile
+    self._multiple = size_multiple
+    self._queue: queue.Queue = queue.Queue(maxsize=max(read_ahead, 1))
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._run, name="fibseg-slab-reader", daemon=True)
+
+  def _read_slices(self, zs: Sequence[int], geom: RegionGeometry) -> dict[int, ts.Future]:
+    y_lo, y_hi = int(geom.y_index.min()), int(geom.y_index.max()) + 1
+    x_lo, x_hi = int(geom.x_index.min()), int(geom.x_index.max()) + 1
+    return {z: self._image[z, y_lo:y_hi, x_lo:x_hi].read() for z in zs}
+
+  def _region(self, data: np.ndarray, geom: RegionGeometry) -> np.ndarray:
+    ys = geom.y_index - geom.y_index.min()
+    xs = geom.x_index - geom.x_index.min()
+    return np.ascontiguousarray(data[np.ix_(ys, xs, self._channels)])
+
+  def _run(self) -> None:
+    cache: dict[int, np.ndarray] = {}
+    region = geom = None
+    try:
+      for block in self._blocks:
+        if self._stop.is_set():
+          return
+        if block.region != region:
+          # Blocks of one region share their footprint, hence their geometry.
+          cache, region = {}, block.region
+          geom = tiling.region_geometry(
+            block,
+            self._volume.shape[1:],
+            halo=self._halo,
+            tile=self._tile,
+            size_multiple=self._multiple,
+          )
+        zs = [int(z) for z in tiling.slab_indices(block.z, self._slices, self._volume.shape[0])]
+        futures = self._read_slices(sorted(set(zs) - set(cache)), geom)
+        # Keep only what this block needs; the next block needs most of it again.
+        cache = {z: a for z, a in cache.items() if z in zs}
+        for z, f in futures.items():
+          cache[z] = self._region(f.result(), geom)
+        self._put((block, geom, [cache[z] for z in zs]))
+    except BaseException as e:  # noqa: BLE001 - handed to the consumer, re-raised there
+      self._put(e)
+      return
+    self._put(None)
+
+  def _put(self, item: Any) -> None:
+    while not self._stop.is_set():
+      try:
+        self._queue.put(item, timeout=0.1)
+        return
+      except queue.Full:
+        continue
+
+  def __iter__(self):
+    self._thread.start()
+    try:
+      while True:
+        item = self._queue.get()
+        if item is None:
+          return
+        if isinstance(item, BaseException):
+          raise item
+        yield item
+    finally:
+      self.close()
+
+  def close(self) -> None:
+    self._stop.set()
+    if self._thread.is_alive():
+      self._thread.join(timeout=10)
+
+
+def blend_region(
+  predictor: predict.TilePredictor,
+  slab: Sequence[np.ndarray],
+  tile_yx: Sequence[int],
+  overlap: int,
+) -> np.ndarray:
+  """Blended class probabilities of a region from overlapping tiles.
+
+  Args:
+    predictor: runs the model on a batch of tiles.
+    slab: `slices` arrays [y, x, channels] (raw volume values), y >= tile_y, x >= tile_x.
+    tile_yx: tile size; multiples of the model's size multiple.
+    overlap: minimum overlap of neighbouring tiles in pixels.
+
+  Returns:
+    [y, x, classes] float32: sum over tiles of window * softmax, divided by the sum of
+    windows. The window is positive everywhere, so every pixel has weight.
+  """
+  shape_yx = slab[0].shape[:2]
+  ty, tx = (int(t) for t in tile_yx)
+  starts = tiling.tile_grid(shape_yx, (ty, tx), overlap)
+  acc = None
+  pending = None
+
+  def accumulate(out: jax.Array, positions: Sequence[tuple[int, int]]) -> None:
+    nonlocal acc
+    out = np.asarray(out)
+    if acc is None:
+      acc = np.zeros((*shape_yx, out.shape[-1]), np.float32)
+    for k, (y, x) in enumerate(positions):
+      acc[y : y + ty, x : x + tx] += out[k]
+
+  for i in range(0, len(starts), predictor.batch):
+    positions = starts[i : i + predictor.batch]
+    # [n, slices, ty, tx, channels], cut from the slices without stacking the region.
+    tiles = np.stack(
+      [np.stack([s[y : y + ty, x : x + tx] for s in slab]) for y, x in positions], axis=0
+    )
+    out = predictor(tiles)  # asynchronous: the host blends the previous batch meanwhile
+    if pending is not None:
+      accumulate(*pending)
+    pending = (out, positions)
+  accumulate(*pending)
+  weights = tiling.weight_sum(shape_yx, (ty, tx), starts, predictor.window((ty, tx)))
+  acc /= weights[..., None]
+  return acc
+
+
+def _to_uint8_probabilities(probs: np.ndarray) -> np.ndarray:
+  return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
+
+
+def _barrier(name: str) -> None:
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host runs only
+
+    multihost_utils.sync_global_devices(name)
+
+
+def segment_volume(
+  volume: volume_lib.Volume | Any,
+  model: nn.Module,
+  variables: Mapping[str, Any],
+  *,
+  channels: Sequence[str],
+  slices: int,
+  output: Any,
+  probabilities: Any | None = None,
+  classes: Sequence[str] | None = None,
+  tile: int = 512,
+  overlap: int = 64,
+  batch: int = 8,
+  block: int = DEFAULT_BLOCK,
+  window: str = "cosine",
+  size_multiple: int = 1,
+  checkpoint: str | None = None,
+  overwrite: bool = False,
+  progress: bool = True,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  devices: Sequence[jax.Device] | None = None,
+) -> SegmentationResult:
+  """Segments every slice of a volume into a zarr v3 label array.
+
+  Args:
+    volume: an opened `Volume` or its root (path, ``memory://name``, ...).
+    model: flax module mapping a slab batch `[batch, slices, y, x, channels]` (float32,
+      normalised) to logits `[batch, y, x, classes]` of the central slice.
+    variables: the model's variables ({'params': ..., maybe 'batch_stats': ...}).
+    channels: volume channel names the model takes, in its order, e.g. ("ICE", "TLD").
+    slices: odd slab depth the model takes.
+    output: path of the labels array [z, y, x] uint8 (the path is the array).
+    probabilities: optional path of a [z, y, x, classes] uint8 array, round(255 * p).
+    classes: class names, one per model output; default the volume's classes.
+    tile: tile side in pixels, a multiple of `size_multiple`.
+    overlap: minimum overlap of neighbouring tiles, and the halo read around blocks
+      and reflected at the volume border; 0 <= overlap < tile.
+    batch: tiles per device call (rounded up to a multiple of the device count).
+    block: y-x side of a block; at most 512 or a multiple of 512 (the output chunk).
+    window: blending window, "cosine" or "gaussian".
+    size_multiple: the model's y and x must be multiples of this (2**depth).
+    checkpoint: where the model came from, stored in the output attributes.
+    overwrite: replace existing output arrays.
+    progress: show a progress bar (stderr) with Mpixel/s.
+    process_index: this process's share of the blocks; default `jax.process_index()`.
+    process_count: number of shares; default `jax.process_count()`.
+    devices: devices to shard tiles over; default this process's devices.
+
+  Returns:
+    A `SegmentationResult`.
+
+  Raises:
+    InferenceError: a flag value the model or volume cannot take (missing channel,
+      tile not a multiple of the size multiple, wrong number of classes, ...).
+    store.OutputError: the output exists and is complete, belongs to another run, or
+      is something else.
+    VolumeError: the volume cannot be opened.
+  """
+  if not isinstance(volume, volume_lib.Volume):
+    volume = volume_lib.open_volume(volume, check_labels=False)
+  process_index = jax.process_index() if process_index is None else int(process_index)
+  process_count = jax.process_count() if process_count is None else int(process_count)
+  channels = tuple(channels)
+  classes = tuple(volume.classes if classes is None else classes)
+
+  # Everything a user can get wrong is checked before anything is compiled or written.
+  if slices < 1 or slices % 2 == 0:
+    raise InferenceError(f"slices={slices} must be odd (the model's slab depth)")
+  tiling.check_tiling(tile, overlap, size_multiple)
+  if block < 1 or (block > CHUNK_YX and block % CHUNK_YX):
+    raise InferenceError(f"--block={block} must be at most {CHUNK_YX} or a multiple of it")
+  if not classes:
+    raise InferenceError("classes: the model's class names are unknown (empty)")
+  channel_indices = volume.channel_indices(channels, flag="the model's channels")
+  offset, scale = volume.normalization(channels)
+  predictor = predict.TilePredictor(
+    model,
+    variables,
+    offset=offset,
+    scale=scale,
+    overlap=overlap,
+    window=window,
+    batch=batch,
+    devices=devices,
+  )
+  probe_tile = (min(tile, size_multiple * 4), min(tile, size_multiple * 4))
+  out_shape = predictor.output_shape(slices, probe_tile, len(channels))
+  if out_shape[1:3] != probe_tile:
+    raise InferenceError(
+      f"model maps tiles of {probe_tile} to {out_shape[1:3]}; segmentation needs logits "
+      "[batch, y, x, classes] of the input's y and x"
+    )
+  if out_shape[-1] != len(classes):
+    raise InferenceError(
+      f"model predicts {out_shape[-1]} classes but {len(classes)} class names were given "
+      f"({list(classes)})"
+    )
+
+  run = {
+    "source": store.source_id(volume.root),
+    "shape": list(volume.shape),
+    "classes": list(classes),
+    "channels": list(channels),
+    "slices": int(slices),
+    "checkpoint": checkpoint,
+    "tile": int(tile),
+    "overlap": int(overlap),
+    "window": window,
+    "block": int(block),
+    "probabilities": probabilities is not None,
+    "voxel_size_nm": list(volume.metadata.voxel_size_nm),
+  }
+  blocks = tiling.plan_blocks(volume.shape, block)
+  mine = tiling.assign_blocks(blocks, process_index, process_count)
+  plan = store.plan_output(
+    output,
+    probabilities,
+    run=run,
+    all_keys=[b.key for b in blocks],
+    source=volume.root,
+    overwrite=overwrite,
+  )
+  out = None
+  if process_index == 0:
+    out = store.open_output(
+      output,
+      probabilities,
+      plan=plan,
+      shape=volume.shape,
+      classes=classes,
+      run=run,
+      chunk_yx=min(block, CHUNK_YX),
+    )
+  _barrier("fibseg_jax.infer.output_created")
+  if out is None:
+    out = store.open_output(
+      output,
+      probabilities,
+      plan=plan,
+      shape=volume.shape,
+      classes=classes,
+      run=run,
+      chunk_yx=min(block, CHUNK_YX),
+      may_delete=False,
+    )
+  todo = [b for b in mine if b.key not in out.done]
+  skipped = len(mine) - len(todo)
+
+  start = time.perf_counter()
+  bar = tqdm(
+    total=sum(b.pixels for b in todo) / 1e6,
+    unit="Mpx",
+    disable=not progress,
+    desc=f"segment {volume_lib.describe(output)}",
+    bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]",
+  )
+  in_flight: list[tuple[Block, list[ts.Future]]] = []
+
+  def finish(keep: int) -> None:
+    while len(in_flight) > keep:
+      done_block, futures = in_flight.pop(0)
+      for f in futures:
+        f.result()
+      out.mark_done(done_block.key).result()
+      bar.update(done_block.pixels / 1e6)
+
+  reader = SlabReader(
+    volume,
+    todo,
+    channel_indices=channel_indices,
+    slices=slices,
+    halo=overlap,
+    tile=tile,
+    size_multiple=size_multiple,
+  )
+  try:
+    for blk, geom, slab in reader:
+      probs = blend_region(predictor, slab, geom.tile_yx, overlap)
+      cy, cx = geom.crop
+      probs = probs[cy : cy + blk.y1 - blk.y0, cx : cx + blk.x1 - blk.x0]
+      labels = np.argmax(probs, axis=-1).astype(np.uint8)
+      futures = [out.labels[blk.z, blk.y0 : blk.y1, blk.x0 : blk.x1].write(labels)]
+      if out.probabilities is not None:
+        futures.append(
+          out.probabilities[blk.z, blk.y0 : blk.y1, blk.x0 : blk.x1].write(
+            _to_uint8_probabilities(probs)
+          )
+        )
+      in_flight.append((blk, futures))
+      finish(keep=_WRITES_IN_FLIGHT)
+    finish(keep=0)
+  finally:
+    reader.close()
+    bar.close()
+  seconds = time.perf_counter() - start
+  complete = {b.key for b in blocks} <= out.finished_keys()
+  return SegmentationResult(
+    output=output,
+    probabilities=probabilities,
+    blocks_total=len(blocks),
+    blocks_assigned=len(mine),
+    blocks_skipped=skipped,
+    blocks_done=len(todo),
+    complete=complete,
+    seconds=seconds,
+    mpixels=sum(b.pixels for b in todo) / 1e6,
+  )
+
+
+def segment_from_checkpoint(
+  checkpoint: str, volume: volume_lib.Volume | Any, *, output: Any, **kwargs: Any
+) -> SegmentationResult:
+  """`segment_volume` with the model, channels, slab depth and classes of a checkpoint.
+
+  Args:
+    checkpoint: a training workdir, its checkpoints/ directory or one step directory
+      (the best checkpoint by validation mIoU of a workdir is used).
+    volume: an opened `Volume` or its root.
+    output: path of the labels array.
+    **kwargs: the other keyword arguments of `segment_volume` (probabilities, tile,
+      overlap, batch, block, window, overwrite, progress, ...).
+
+  Raises:
+    checkpoint.CheckpointError: not a checkpoint.
+    InferenceError: the volume lacks a channel the model needs, or the checkpoint
+      records no class names.
+    See `segment_volume` for the rest.
+  """
+  restored = checkpoint_lib.load(checkpoint)
+  if not isinstance(volume, volume_lib.Volume):
+    volume = volume_lib.open_volume(volume, check_labels=False)
+  missing = [c for c in restored.channels if c not in volume.channels]
+  if missing:
+    raise InferenceError(
+      f"--input={volume_lib.describe(volume.root)} lacks channel(s) {missing} that the model "
+      f"of {restored.path} needs (it takes {list(restored.channels)}; the volume has "
+      f"{list(volume.channels)})"
+    )
+  if not restored.classes:
+    raise InferenceError(f"checkpoint {restored.path} records no class names (data.classes)")
+  return segment_volume(
+    volume,
+    restored.model,
+    restored.variables,
+    channels=restored.channels,
+    slices=restored.slices,
+    classes=restored.classes,
+    size_multiple=restored.size_multiple,
+    checkpoint=f"{restored.path}",
+    output=output,
+    **kwargs,
+  )

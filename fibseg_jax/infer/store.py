@@ -1,0 +1,357 @@
+"""The output arrays of a segmentation run, and which of their blocks are finished.
+
+`--output` is one zarr v3 array (``seg.zarr/zarr.json`` is an array's metadata):
+labels [z, y, x] uint8, fill value 255 = not segmented yet. `--probabilities` is a
+second array [z, y, x, classes] uint8 holding round(255 * p). Both carry in their
+attributes the class names (``classes``) and the run that wrote them
+(``fibseg_segmentation``: source volume, checkpoint, channels, slices, tiling), so the
+numbers in them mean something on their own.
+
+A block is finished when the marker key ``fibseg_done/<z>.<y0>.<x0>`` exists next to
+the labels array's chunks. The marker is written only after the block's label (and
+probability) writes have completed, so a rerun after an interruption skips exactly the
+blocks whose data is on disk.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+import tensorstore as ts
+
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.infer.tiling import InferenceError
+
+FORMAT_VERSION = 1
+ATTRIBUTE = "fibseg_segmentation"
+DONE_PREFIX = "fibseg_done/"
+NOT_SEGMENTED = volume_lib.IGNORE_LABEL
+# Fields of the run record that must agree before an existing output is resumed.
+RUN_FIELDS = (
+  "source",
+  "shape",
+  "classes",
+  "channels",
+  "slices",
+  "checkpoint",
+  "tile",
+  "overlap",
+  "window",
+  "block",
+  "probabilities",
+)
+# Streaming reads and writes bypass the shared chunk cache: segmentation reads every
+# slice about once (`SlabReader` keeps what it reuses) and writes every chunk once, so a
+# cache would only grow with the volume, up to its limit. A child of the shared
+# context, so memory:// stores stay visible.
+STREAM_CONTEXT = ts.Context(
+  ts.Context.Spec({"cache_pool": {"total_bytes_limit": 0}}), parent=volume_lib.CONTEXT
+)
+
+
+class OutputError(InferenceError):
+  """An output path that exists, belongs to another run, or cannot be written."""
+
+
+def source_id(root: Any) -> str:
+  """A stable name for a volume root: absolute for local paths, as given otherwise."""
+  path = volume_lib.local_path(root)
+  return path if path is not None else volume_lib.describe(root)
+
+
+def read_array_metadata(path: Any) -> dict[str, Any] | None:
+  """The zarr.json of an array or group at `path`, or None when nothing is there.
+
+  Raises:
+    OutputError: `path` is a file, or a non-empty directory without zarr.json, or its
+      zarr.json is not JSON.
+  """
+  where = volume_lib.describe(path)
+  local = volume_lib.local_path(path)
+  if local is not None:
+    if os.path.isfile(local):
+      raise OutputError(f"{where} is a file, not a zarr array directory")
+    if not os.path.exists(local):
+      return None
+  kv = ts.KvStore.open(volume_lib.kvstore_spec(path), context=volume_lib.CONTEXT).result()
+  result = kv.read("zarr.json").result()
+  if result.state != "value":
+    if local is not None and os.listdir(local):
+      raise OutputError(
+        f"{where} exists and is not a zarr array (no zarr.json); choose another path or "
+        "remove it yourself"
+      )
+    if local is None and kv.list().result():
+      raise OutputError(f"{where} holds data but no zarr.json; choose another path")
+    return None
+  try:
+    return json.loads(result.value)
+  except json.JSONDecodeError as e:
+    raise OutputError(f"{where}/zarr.json is not valid JSON: {e}") from e
+
+
+def read_attributes(path: Any) -> dict[str, Any]:
+  """The attributes of the zarr v3 array at `path` ({} for an array without any).
+
+  Raises:
+    OutputError: nothing at `path`, or it is not a zarr v3 array.
+  """
+  meta = read_array_metadata(path)
+  where = volume_lib.describe(path)
+  if meta is None:
+    raise OutputError(f"{where}: no such array")
+  if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+    raise OutputError(f"{where} is not a zarr v3 array (it is a {meta.get('node_type')})")
+  return dict(meta.get("attributes", {}))
+
+
+def open_array(path: Any) -> ts.TensorStore:
+  """Opens an existing zarr v3 array read-only-in-spirit (no create, no delete)."""
+  where = volume_lib.describe(path)
+  try:
+    return ts.open(
+      {"driver": "zarr3", "kvstore": volume_lib.kvstore_spec(path)},
+      open=True,
+      context=volume_lib.CONTEXT,
+    ).result()
+  except ValueError as e:
+    raise OutputError(f"{where}: cannot open zarr v3 array: {e}") from e
+
+
+def _spec(path: Any, shape, chunks, dimension_names, attributes, mode: str) -> dict[str, Any]:
+  """A zarr3 spec; mode "replace" deletes what is there, "open" requires an array, and
+  "open_or_create" creates one only if nothing is there."""
+  if mode == "open":
+    return {"driver": "zarr3", "kvstore": volume_lib.kvstore_spec(path), "open": True}
+  return {
+    "driver": "zarr3",
+    "kvstore": volume_lib.kvstore_spec(path),
+    "metadata": {
+      "shape": list(shape),
+      "data_type": "uint8",
+      "fill_value": NOT_SEGMENTED,
+      "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": list(chunks)}},
+      "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 3}}],
+      "dimension_names": list(dimension_names),
+      "attributes": attributes,
+    },
+    "create": True,
+    "open": mode == "open_or_create",
+    "delete_existing": mode == "replace",
+  }
+
+
+@dataclasses.dataclass
+class SegmentationOutput:
+  """The opened output arrays of a run.
+
+  Attributes:
+    labels: tensorstore [z, y, x] uint8.
+    probabilities: tensorstore [z, y, x, classes] uint8, or None.
+    done: marker keys of the blocks finished when the output was opened.
+  """
+
+  labels: ts.TensorStore
+  probabilities: ts.TensorStore | None
+  done: set[str]
+  _markers: ts.KvStore
+
+  def mark_done(self, key: str) -> ts.Future:
+    """Records a block as finished; call only after its data writes completed."""
+    return self._markers.write(DONE_PREFIX + key, b"")
+
+  def finished_keys(self) -> set[str]:
+    """Marker keys of every finished block, read now from the store."""
+    return list_done(self._markers)
+
+
+def list_done(kv: ts.KvStore) -> set[str]:
+  rng = ts.KvStore.KeyRange(inclusive_min=DONE_PREFIX, exclusive_max=DONE_PREFIX[:-1] + "0")
+  keys = kv.list(rng, strip_prefix_length=len(DONE_PREFIX)).result()
+  return {k.decode() for k in keys}
+
+
+@dataclasses.dataclass(frozen=True)
+class OutputPlan:
+  """What `prepare_output` decided from what is at the output paths."""
+
+  action: str  # "create" (nothing there, or --overwrite) or "resume"
+  done: frozenset[str]
+
+
+def _same_root(a: Any, b: Any) -> bool:
+  return volume_lib.kvstore_spec(a) == volume_lib.kvstore_spec(b)
+
+
+def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> bool:
+  """True when a fibseg array of the same run is at `path`; False when nothing is there."""
+  where = volume_lib.describe(path)
+  meta = read_array_metadata(path)
+  if meta is None:
+    return False
+  if meta.get("node_type") != "array":
+    raise OutputError(
+      f"{flag}={where} is a zarr group (a volume?), not a segmentation array; choose another path"
+    )
+  info = meta.get("attributes", {}).get(ATTRIBUTE)
+  if not isinstance(info, Mapping) or info.get("kind") != kind:
+    raise OutputError(
+      f"{flag}={where} exists and is not a {kind} array written by segment.py; "
+      "pass --overwrite to replace it"
+    )
+  old = info.get("run", {})
+  differ = [f for f in RUN_FIELDS if _jsonable(old.get(f)) != _jsonable(run.get(f))]
+  if differ:
+    detail = ", ".join(f"{f}: {old.get(f)!r} != {run.get(f)!r}" for f in differ)
+    raise OutputError(
+      f"{flag}={where} exists and belongs to a different run ({detail}); "
+      "pass --overwrite to replace it or choose another path"
+    )
+  return True
+
+
+def _jsonable(value: Any) -> Any:
+  return json.loads(json.dumps(value))
+
+
+def plan_output(
+  output: Any,
+  probabilities: Any | None,
+  *,
+  run: Mapping[str, Any],
+  all_keys: Iterable[str],
+  source: Any,
+  overwrite: bool,
+) -> OutputPlan:
+  """Decides, without changing anything, whether to create or resume the output.
+
+  Every process of a run reaches the same decision from the same store, so errors are
+  raised everywhere before any process deletes or creates.
+
+  Raises:
+    OutputError: the output is the input volume, exists as something else, belongs to a
+      different run, or is complete, each without --overwrite where that would help.
+  """
+  if _same_root(output, source):
+    raise OutputError(f"--output={volume_lib.describe(output)} is the input volume")
+  if probabilities is not None and (
+    _same_root(probabilities, output) or _same_root(probabilities, source)
+  ):
+    raise OutputError(
+      f"--probabilities={volume_lib.describe(probabilities)} must differ from --output and --input"
+    )
+  for path, flag in ((output, "--output"), (probabilities, "--probabilities")):
+    local = volume_lib.local_path(path) if path is not None else None
+    if local is not None and not os.path.isdir(os.path.dirname(local) or "."):
+      raise OutputError(f"{flag}={path}: parent directory {os.path.dirname(local)} does not exist")
+  if overwrite:
+    for path, flag in ((output, "--output"), (probabilities, "--probabilities")):
+      meta = read_array_metadata(path) if path is not None else None
+      if meta is not None and meta.get("node_type") != "array":
+        raise OutputError(
+          f"{flag}={volume_lib.describe(path)} is a zarr group (a volume?), not a "
+          "segmentation array; --overwrite replaces only arrays"
+        )
+    return OutputPlan("create", frozenset())
+  has_labels = _check_existing(output, "labels", run, "--output")
+  has_probs = probabilities is not None and _check_existing(
+    probabilities, "probabilities", run, "--probabilities"
+  )
+  if not has_labels:
+    if has_probs:
+      raise OutputError(
+        f"--probabilities={volume_lib.describe(probabilities)} exists; pass --overwrite"
+      )
+    return OutputPlan("create", frozenset())
+  kv = ts.KvStore.open(volume_lib.kvstore_spec(output), context=volume_lib.CONTEXT).result()
+  done = list_done(kv)
+  if probabilities is not None and not has_probs and done:
+    raise OutputError(
+      f"--probabilities={volume_lib.describe(probabilities)} is missing but --output "
+      f"{volume_lib.describe(output)} has finished blocks; pass --overwrite"
+    )
+  if set(all_keys) <= done:
+    raise OutputError(
+      f"--output={volume_lib.describe(output)} exists and is complete; pass --overwrite to "
+      "segment again"
+    )
+  return OutputPlan("resume", frozenset(done))
+
+
+def open_output(
+  output: Any,
+  probabilities: Any | None,
+  *,
+  plan: OutputPlan,
+  shape: Sequence[int],
+  classes: Sequence[str],
+  run: Mapping[str, Any],
+  chunk_yx: int,
+  may_delete: bool = True,
+) -> SegmentationOutput:
+  """Creates (or reopens) the output arrays as `plan` says.
+
+  Args:
+    output: labels array path.
+    probabilities: probabilities array path or None.
+    plan: from `plan_output`.
+    shape: (z, y, x) of the volume.
+    classes: class names; label i is classes[i].
+    run: the run record stored in the attributes.
+    chunk_yx: y-x chunk side; blocks are multiples of it, so no chunk has two writers.
+    may_delete: whether this process replaces existing arrays (only process 0 does,
+      the others open what it created).
+  """
+  z, y, x = (int(s) for s in shape)
+  chunks = (1, min(chunk_yx, y), min(chunk_yx, x))
+  common = {"format": FORMAT_VERSION, "run": dict(run), "not_segmented": NOT_SEGMENTED}
+  label_attrs = {
+    "classes": list(classes),
+    ATTRIBUTE: {
+      **common,
+      "kind": "labels",
+      "probabilities": None if probabilities is None else source_id(probabilities),
+    },
+  }
+  if not may_delete:
+    mode = "open_or_create"
+  else:
+    mode = "replace" if plan.action == "create" else "open"
+  try:
+    labels = ts.open(
+      _spec(output, (z, y, x), chunks, ("z", "y", "x"), label_attrs, mode),
+      context=STREAM_CONTEXT,
+    ).result()
+    probs = None
+    if probabilities is not None:
+      prob_attrs = {
+        "classes": list(classes),
+        ATTRIBUTE: {
+          **common,
+          "kind": "probabilities",
+          "labels": source_id(output),
+          "encoding": "uint8 = round(255 * probability)",
+        },
+      }
+      probs = ts.open(
+        _spec(
+          probabilities,
+          (z, y, x, len(classes)),
+          (*chunks, len(classes)),
+          ("z", "y", "x", "class"),
+          prob_attrs,
+          mode,
+        ),
+        context=STREAM_CONTEXT,
+      ).result()
+  except ValueError as e:
+    raise OutputError(f"cannot create output arrays: {e}") from e
+  markers = ts.KvStore.open(volume_lib.kvstore_spec(output), context=volume_lib.CONTEXT).result()
+  done = set(plan.done) if plan.action == "resume" else set()
+  if not may_delete:
+    done = list_done(markers)
+  return SegmentationOutput(labels=labels, probabilities=probs, done=done, _markers=markers)

@@ -1,0 +1,200 @@
+"""2D building blocks shared by the U-Net and Sensor-3D: conv blocks, upsampling, widths.
+
+The blocks follow MONAI's BasicUNet (``TwoConv``, ``UpCat``) so that a U-Net configured
+like it has the same layers and parameter count: each convolution is followed by norm,
+dropout, activation in that order, and the decoder concatenates [skip, upsampled].
+
+Every block reads its hyperparameters from the model config (`UNetConfig` or
+`Sensor3DConfig`, which share the backbone fields) and computes in `config.dtype` with
+float32 parameters.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+# PyTorch's InstanceNorm / BatchNorm / GroupNorm epsilon, so MONAI ports match numerically.
+NORM_EPSILON = 1e-5
+
+
+class BackboneConfig(Protocol):
+  """The config fields the 2D blocks read (both model configs have them)."""
+
+  depth: int
+  features: tuple[int, ...]
+  norm: str
+  norm_groups: int
+  activation: str
+  negative_slope: float
+  upsample: str
+  dropout: float
+  conv_bias: bool
+  dtype: str
+
+
+def compute_dtype(config: BackboneConfig) -> jnp.dtype:
+  """The dtype the model computes in (parameters stay float32)."""
+  return jnp.dtype(config.dtype)
+
+
+def activation_fn(config: BackboneConfig) -> Callable[[jax.Array], jax.Array]:
+  """The activation named by `config.activation`."""
+  if config.activation == "leaky_relu":
+    return functools.partial(nn.leaky_relu, negative_slope=config.negative_slope)
+  return {"relu": nn.relu, "elu": nn.elu, "gelu": nn.gelu, "silu": nn.silu}[config.activation]
+
+
+def decoder_widths(config: BackboneConfig) -> list[tuple[int, int]]:
+  """(upsampled width, output width) of each decoder level, index 0 = top level.
+
+  The decoder at level l upsamples the map from level l + 1, concatenates the encoder
+  skip of width `features[l]` and applies a conv block of the output width. The upsample
+  halves the channels of its input (Ronneberger et al.; MONAI ``UpCat(halves=True)``).
+  With `depth + 2` features the top level outputs `features[-1]` and its upsample keeps
+  the channels, which is MONAI BasicUNet's ``upcat_1(halves=False)``.
+
+  Args:
+    config: model config.
+
+  Returns:
+    `depth` pairs (up_width, out_width), index l for decoder level l.
+  """
+  depth, features = config.depth, config.features
+  outs = list(features[:depth])
+  top_width = len(features) == depth + 2
+  if top_width:
+    outs[0] = features[-1]
+  widths = []
+  for level in range(depth):
+    in_width = features[depth] if level == depth - 1 else outs[level + 1]
+    up = in_width if (level == 0 and top_width) else max(in_width // 2, 1)
+    widths.append((up, outs[level]))
+  return widths
+
+
+class Norm(nn.Module):
+  """The normalisation named by `config.norm` over a `[batch, y, x, channels]` map.
+
+  Attributes:
+    config: model config.
+  """
+
+  config: Any
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Normalises `x: [batch, y, x, channels]`; returns the same shape and dtype."""
+    cfg = self.config
+    dtype = compute_dtype(cfg)
+    if cfg.norm == "batch":
+      return nn.BatchNorm(
+        use_running_average=not train, momentum=0.9, epsilon=NORM_EPSILON, dtype=dtype
+      )(x)
+    if cfg.norm == "instance":
+      return nn.InstanceNorm(epsilon=NORM_EPSILON, dtype=dtype)(x)
+    if cfg.norm == "group":
+      return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=NORM_EPSILON, dtype=dtype)(x)
+    return x
+
+
+class ConvBlock(nn.Module):
+  """Two 3x3 convolutions, each followed by norm, dropout, activation (MONAI ``TwoConv``).
+
+  Attributes:
+    config: model config.
+    features: output channels of both convolutions.
+  """
+
+  config: Any
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: `[batch, y, x, channels]`.
+      train: use batch statistics and dropout.
+
+    Returns:
+      `[batch, y, x, features]` in the compute dtype.
+    """
+    cfg = self.config
+    act = activation_fn(cfg)
+    for i in range(2):
+      x = nn.Conv(
+        self.features,
+        (3, 3),
+        padding="SAME",
+        use_bias=cfg.conv_bias,
+        dtype=compute_dtype(cfg),
+        name=f"conv{i}",
+      )(x)
+      x = Norm(cfg, name=f"norm{i}")(x, train)
+      x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
+      x = act(x)
+    return x
+
+
+class Upsample(nn.Module):
+  """Doubles y and x: a 2x2 stride-2 transposed conv, or bilinear resize then 3x3 conv.
+
+  Resize-then-convolve avoids the checkerboard artefacts of transposed convolutions
+  (Odena et al. 2016) at the cost of a 3x3 conv at the higher resolution.
+
+  Attributes:
+    config: model config; `config.upsample` picks the method.
+    features: output channels.
+  """
+
+  config: Any
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Upsamples `x: [batch, y, x, channels]` to `[batch, 2y, 2x, features]`."""
+    cfg = self.config
+    dtype = compute_dtype(cfg)
+    if cfg.upsample == "transpose":
+      return nn.ConvTranspose(
+        self.features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, name="conv"
+      )(x)
+    batch, y, x_size, channels = x.shape
+    x = jax.image.resize(x, (batch, 2 * y, 2 * x_size, channels), method="bilinear")
+    return nn.Conv(self.features, (3, 3), padding="SAME", dtype=dtype, name="conv")(x)
+
+
+class UpBlock(nn.Module):
+  """Upsample, concatenate [skip, upsampled], conv block (MONAI ``UpCat``).
+
+  Attributes:
+    config: model config.
+    up_features: channels after upsampling.
+    features: output channels.
+  """
+
+  config: Any
+  up_features: int
+  features: int
+
+  @nn.compact
+  def __call__(self, x: jax.Array, skip: jax.Array, train: bool) -> jax.Array:
+    """Applies the block.
+
+    Args:
+      x: `[batch, y, x, channels]` from the level below.
+      skip: `[batch, 2y, 2x, skip_channels]` from the encoder at this level.
+      train: use batch statistics and dropout.
+
+    Returns:
+      `[batch, 2y, 2x, features]`.
+    """
+    up = Upsample(self.config, self.up_features, name="up")(x)
+    x = jnp.concatenate([skip, up.astype(skip.dtype)], axis=-1)
+    return ConvBlock(self.config, self.features, name="convs")(x, train)

@@ -1,0 +1,1 @@
+"""Training: state, losses, train and evaluation steps, the loop and checkpoints."""

@@ -1,0 +1,282 @@
+"""The training loop: checks, data-parallel steps, validation, checkpoints, resume.
+
+`train_and_evaluate(config, workdir)` is what experiments/train.py calls. Every check
+of the user's config and data runs before anything is compiled. Restarting with the
+same workdir resumes from the latest checkpoint and ends at the same step count; the
+data stream is a pure function of (seed, step), so a resumed run sees the same batches
+as one that never stopped.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import time
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+from tqdm import tqdm
+
+from fibseg_jax import checkpoint, models
+from fibseg_jax.data import loader as loader_lib
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import losses, metrics_writer, parallel
+from fibseg_jax.train import state as state_lib
+
+
+class ConfigError(ValueError):
+  """A user mistake in the experiment config or workdir, caught before compiling."""
+
+
+@dataclasses.dataclass
+class Experiment:
+  """A checked config with the objects built from it."""
+
+  config: ml_collections.ConfigDict
+  volume: volume_lib.Volume
+  loader_config: loader_lib.LoaderConfig
+
+
+def prepare(config: ml_collections.ConfigDict) -> Experiment:
+  """Checks the config against the volume and fills in what the volume decides.
+
+  Fills config.model.num_classes (when -1) and config.data.classes.
+
+  Raises:
+    ConfigError: naming the --config.* flag and the expected value.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  d, t = config.data, config.train
+  if not d.path:
+    raise ConfigError("--config.data.path is required: the volume to train on (e.g. vol.zarr)")
+  try:
+    volume = volume_lib.open_volume(d.path)
+    channels = config_lib.parse_names(d.channels, "--config.data.channels")
+    volume.channel_indices(channels, "--config.data.channels")
+    eval_slices = config_lib.parse_ints(d.eval_slices, "--config.data.eval_slices")
+  except ValueError as e:
+    raise ConfigError(str(e) if "--config" in str(e) else f"--config.data.path: {e}") from None
+  num_classes = len(volume.classes)
+  if config.model.num_classes in (-1, None):
+    config.model.num_classes = num_classes
+  elif config.model.num_classes != num_classes:
+    raise ConfigError(
+      f"--config.model.num_classes={config.model.num_classes} but volume {d.path} has "
+      f"{num_classes} classes {list(volume.classes)}; use -1 to take them from the volume"
+    )
+  d.classes = tuple(volume.classes)
+  for name, value, low in (
+    ("train.steps", t.steps, 1),
+    ("train.eval_every", t.eval_every, 1),
+    ("train.log_every", t.log_every, 1),
+    ("train.keep", t.keep, 1),
+  ):
+    if int(value) < low:
+      raise ConfigError(f"--config.{name}={value} must be at least {low}")
+  if not 0 < d.val_fraction < 1:
+    raise ConfigError(f"--config.data.val_fraction={d.val_fraction} must be in (0, 1)")
+  try:
+    model = models.build(config.model)
+    del model
+    multiple = models.size_multiple(config.model)
+    models.check_input_shape(config.model, int(d.slices), int(d.patch), int(d.patch))
+  except ValueError as e:
+    raise ConfigError(f"--config.model / --config.data: {e}") from None
+  try:
+    parallel.check_batch_size(int(t.batch_size))
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
+  loader_config = loader_lib.LoaderConfig(
+    channels=channels,
+    slices=int(d.slices),
+    patch=int(d.patch),
+    batch_size=int(t.batch_size),
+    val_fraction=float(d.val_fraction),
+    val_block=int(d.val_block),
+    eval_slices=eval_slices,
+    augment=bool(d.augment),
+    flips=bool(d.flips),
+    rot90=bool(d.flips),
+    gain=float(d.gain),
+    offset=float(d.offset),
+    gamma=float(d.gamma),
+    reverse_slab=bool(d.reverse_slab),
+    workers=int(d.workers),
+    seed=int(t.seed),
+    prefetch=int(d.prefetch),
+    size_multiple=multiple,
+  )
+  return Experiment(config=config, volume=volume, loader_config=loader_config)
+
+
+# Fields that make two runs the same experiment: a workdir's checkpoints are only
+# resumed by a config that agrees on all of them.
+_IDENTITY = ("model", "data.channels", "data.slices", "data.classes", "data.patch")
+
+
+def _field(cfg: dict, dotted: str):
+  for part in dotted.split("."):
+    cfg = cfg.get(part, None) if isinstance(cfg, dict) else None
+  return json.loads(json.dumps(cfg))  # tuples and lists compare equal
+
+
+def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+  """Returns the latest checkpoint step of `workdir` (None if fresh).
+
+  Raises:
+    ConfigError: the workdir holds checkpoints of a different experiment.
+  """
+  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    if os.path.isfile(workdir):
+      raise ConfigError(f"--workdir={workdir} is a file; expected a directory")
+    return None
+  mngr = checkpoint.manager(directory, read_only=True)
+  latest = mngr.latest_step()
+  if latest is None:
+    return None
+  saved = checkpoint.read_config(mngr, latest)
+  mine = config.to_dict()
+  for key in _IDENTITY:
+    if _field(saved, key) != _field(mine, key):
+      raise ConfigError(
+        f"--workdir={workdir} holds checkpoints of a different experiment: {key} is "
+        f"{_field(saved, key)} there but {_field(mine, key)} now. Use a new --workdir "
+        "(or the same config to resume)"
+      )
+  return latest
+
+
+def _validate(eval_step, state, loader, batch_sharding, classes) -> dict[str, float]:
+  k = len(classes)
+  cm = np.zeros((k, k), np.int64)
+  loss_sum, count = 0.0, 0
+  for local in loader.validation_batches():
+    batch = parallel.global_batch(_as_model_batch(local), batch_sharding)
+    c, loss, n = jax.device_get(eval_step(state, batch))
+    cm += np.asarray(c, np.int64)
+    loss_sum += float(loss)
+    count += int(n)
+  iou, miou = losses.iou_from_confusion(cm)
+  iou = np.asarray(iou)
+  metrics = {
+    "val_loss": loss_sum / max(count, 1),
+    "val_miou": float(miou),
+    "val_accuracy": float(np.trace(cm) / max(cm.sum(), 1)),
+  }
+  metrics.update({f"val_iou/{name}": float(iou[i]) for i, name in enumerate(classes)})
+  return metrics
+
+
+def _as_model_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+  return {"image": local["image"], "labels": local["labels"].astype(np.int32)}
+
+
+def train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+) -> dict[str, Any]:
+  """Trains (or resumes) the experiment in `workdir`.
+
+  Args:
+    config: experiment config (see fibseg_jax.train.config.base_config).
+    workdir: where checkpoints, metrics.jsonl, TensorBoard events and curves go.
+    progress: show a progress bar on process 0.
+
+  Returns:
+    Summary: final step, best step and its validation metrics, last train loss.
+  """
+  exp = prepare(config)
+  config = exp.config
+  start = check_workdir(config, workdir) or 0
+  t = config.train
+  is_main = jax.process_index() == 0
+  loader = loader_lib.SlabLoader(exp.volume, exp.loader_config)
+  weights = None
+  if t.class_weights:
+    weights = loader_lib.class_weights(loader.class_counts())
+  classes = tuple(config.data.classes)
+
+  mesh = parallel.make_mesh()
+  replicated, batch_sharding = parallel.shardings(mesh)
+  model = models.build(config.model)
+  tx, schedule = state_lib.make_optimizer(config)
+  lc = exp.loader_config
+  sample = jnp.zeros((1, lc.slices, lc.patch, lc.patch, len(lc.channels)), jnp.float32)
+  rng = jax.random.PRNGKey(int(t.seed))
+  init = lambda r: state_lib.create_state(model, tx, r, sample)  # noqa: E731
+  abstract = jax.eval_shape(init, rng)
+  state_sharding = jax.tree.map(lambda _: replicated, abstract)
+
+  mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=int(t.keep))
+  if start:
+    target = jax.tree.map(
+      lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
+    )
+    state, _, loader_state = checkpoint.restore(mngr, start, target)
+    start = int(loader_state.get("step", start))
+  else:
+    state = jax.jit(init, out_shardings=state_sharding)(rng)
+  if is_main:
+    n_params = models.count_params(state.params)
+    print(
+      f"{config.model.name}: {n_params:,} parameters; {jax.device_count()} device(s) on "
+      f"{jax.process_count()} process(es); "
+      + (f"resuming from step {start}" if start else "starting from scratch")
+    )
+
+  train_step, eval_step = state_lib.jit_steps(
+    state_lib.make_train_step(model, tx, schedule, weights, float(t.dice_weight)),
+    state_lib.make_eval_step(model, len(classes), weights, float(t.dice_weight)),
+    state_sharding,
+    batch_sharding,
+  )
+  writer = metrics_writer.MetricWriter(workdir, enabled=is_main, resume_step=start)
+  steps = int(t.steps)
+  best = {"step": mngr.best_step(), "val_miou": None}
+  last_loss = None
+  batches = loader.batches(start_step=start)
+  bar = tqdm(
+    total=steps, initial=start, desc="train", unit="step", disable=not (progress and is_main)
+  )
+  tick, tick_step = time.perf_counter(), start
+  try:
+    for step in range(start, steps):
+      batch = parallel.global_batch(_as_model_batch(next(batches)), batch_sharding)
+      state, metrics = train_step(state, batch)
+      done = step + 1
+      if done % int(t.log_every) == 0 or done == steps:
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.perf_counter()
+        metrics["patches_per_s"] = (done - tick_step) * lc.batch_size / max(now - tick, 1e-9)
+        tick, tick_step = now, done
+        last_loss = metrics["loss"]
+        writer.write(done, metrics)
+        bar.set_postfix(loss=f"{last_loss:.4f}", patches_s=f"{metrics['patches_per_s']:.1f}")
+      if done % int(t.eval_every) == 0 or done == steps:
+        val = _validate(eval_step, state, loader, batch_sharding, classes)
+        writer.write(done, val)
+        checkpoint.save(mngr, done, state, config, {"step": done, "seed": int(t.seed)}, val)
+        if best["val_miou"] is None or val["val_miou"] > best["val_miou"]:
+          best = {"step": done, **val}
+        bar.set_postfix(
+          loss=f"{last_loss:.4f}" if last_loss is not None else "-",
+          val_miou=f"{val['val_miou']:.3f}",
+        )
+      bar.update(1)
+  finally:
+    bar.close()
+    loader.close()
+    writer.close()
+  best_step = mngr.best_step()
+  if best_step is not None and best_step != best.get("step"):
+    best = {"step": best_step}  # found by an earlier run of this workdir
+  curves = metrics_writer.plot_curves(workdir) if is_main else None
+  summary = {"step": steps, "best": best, "last_loss": last_loss, "curves": curves}
+  if is_main:
+    print(f"done: step {steps}; best step {best['step']}; curves {curves}")
+  return summary

@@ -1,0 +1,176 @@
+"""Segmentation losses and pixel counts: cross-entropy, soft Dice, confusion matrix, IoU.
+
+Every function takes logits `[batch, y, x, classes]` and integer labels `[batch, y, x]` in
+which `IGNORE_LABEL` (255) marks pixels that carry no label (unannotated, validation blocks
+in a training batch, padding). Ignored pixels contribute neither to a loss nor to its
+gradient, and a batch with no labelled pixel at all gives a loss of 0 with finite (zero)
+gradients, so a step on such a batch is a no-op for the weights rather than a NaN.
+
+The losses are pure `jax.numpy` and work under `jax.jit`. They compute in float32 whatever
+the logits' dtype, so a bfloat16 model still gets a float32 loss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from fibseg_jax.data.volume import IGNORE_LABEL
+
+
+def _valid_and_safe(labels: jax.Array, ignore: int) -> tuple[jax.Array, jax.Array]:
+  """(valid mask [b, y, x] bool, labels with ignored pixels set to class 0)."""
+  labels = jnp.asarray(labels).astype(jnp.int32)
+  valid = labels != ignore
+  return valid, jnp.where(valid, labels, 0)
+
+
+def _safe_ratio(num: jax.Array, den: jax.Array) -> jax.Array:
+  """num / den, or 0 where den == 0, without a NaN in either branch's gradient."""
+  positive = den > 0
+  return jnp.where(positive, num / jnp.where(positive, den, 1.0), 0.0)
+
+
+def cross_entropy(
+  logits: jax.Array,
+  labels: jax.Array,
+  class_weights: jax.Array | np.ndarray | None = None,
+  ignore: int = IGNORE_LABEL,
+) -> jax.Array:
+  """Weighted mean softmax cross-entropy over the labelled pixels.
+
+  The mean is normalised by the sum of the weights of the labelled pixels, so with uniform
+  weights it is the plain mean over labelled pixels, and re-weighting changes the balance
+  between classes rather than the overall scale.
+
+  Args:
+    logits: [batch, y, x, classes], any float dtype.
+    labels: [batch, y, x] integer class indices; `ignore` marks unlabelled pixels. Values
+      other than 0..classes-1 and `ignore` are not checked here (the loader checks them).
+    class_weights: optional [classes] weight per class, e.g. from `class_weights`.
+    ignore: the label value to leave out.
+
+  Returns:
+    A float32 scalar; 0 when no pixel is labelled (or all labelled pixels weigh 0).
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  valid, safe = _valid_and_safe(labels, ignore)
+  log_p = jax.nn.log_softmax(logits, axis=-1)
+  nll = -jnp.take_along_axis(log_p, safe[..., None], axis=-1)[..., 0]
+  weight = valid.astype(jnp.float32)
+  if class_weights is not None:
+    weight = weight * jnp.asarray(class_weights, jnp.float32)[safe]
+  return _safe_ratio(jnp.sum(weight * nll), jnp.sum(weight))
+
+
+def soft_dice(
+  logits: jax.Array,
+  labels: jax.Array,
+  ignore: int = IGNORE_LABEL,
+  eps: float = 1e-6,
+) -> jax.Array:
+  """1 - mean soft Dice coefficient over the classes present in the batch's labels.
+
+  Dice is pooled over the whole batch (all samples and pixels together) rather than per
+  sample, so a class that fills a few pixels of one patch does not dominate the mean.
+  Classes absent from the labels are left out of the mean: their Dice would be ~0 for any
+  prediction and would only add a constant. Softmax probabilities of ignored pixels are
+  masked out of both the intersection and the denominator.
+
+  Args:
+    logits: [batch, y, x, classes].
+    labels: [batch, y, x] integer class indices, `ignore` = unlabelled.
+    ignore: the label value to leave out.
+    eps: smoothing added to numerator and denominator.
+
+  Returns:
+    A float32 scalar in [0, 1]; 0 when no pixel is labelled.
+  """
+  logits = jnp.asarray(logits, jnp.float32)
+  num_classes = logits.shape[-1]
+  valid, safe = _valid_and_safe(labels, ignore)
+  mask = valid[..., None].astype(jnp.float32)
+  prob = jax.nn.softmax(logits, axis=-1) * mask
+  truth = jax.nn.one_hot(safe, num_classes, dtype=jnp.float32) * mask
+  axes = tuple(range(logits.ndim - 1))
+  intersection = jnp.sum(prob * truth, axis=axes)
+  denominator = jnp.sum(prob, axis=axes) + jnp.sum(truth, axis=axes)
+  dice = (2.0 * intersection + eps) / (denominator + eps)
+  present = (jnp.sum(truth, axis=axes) > 0).astype(jnp.float32)
+  mean_dice = _safe_ratio(jnp.sum(present * dice), jnp.sum(present))
+  return jnp.where(jnp.sum(present) > 0, 1.0 - mean_dice, 0.0)
+
+
+def segmentation_loss(
+  logits: jax.Array,
+  labels: jax.Array,
+  class_weights: jax.Array | np.ndarray | None = None,
+  dice_weight: float = 1.0,
+  ignore: int = IGNORE_LABEL,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """Cross-entropy plus `dice_weight` times soft Dice loss.
+
+  Args:
+    logits: [batch, y, x, classes].
+    labels: [batch, y, x] integer class indices, `ignore` = unlabelled.
+    class_weights: optional [classes] weights for the cross-entropy term (Dice is already
+      balanced across classes).
+    dice_weight: weight of the Dice term; 0 gives pure cross-entropy.
+    ignore: the label value to leave out.
+
+  Returns:
+    (loss scalar, {"ce": cross-entropy scalar, "dice": Dice loss scalar}).
+  """
+  ce = cross_entropy(logits, labels, class_weights, ignore)
+  dice = soft_dice(logits, labels, ignore)
+  return ce + dice_weight * dice, {"ce": ce, "dice": dice}
+
+
+def confusion_matrix(
+  logits: jax.Array,
+  labels: jax.Array,
+  num_classes: int | None = None,
+  ignore: int = IGNORE_LABEL,
+) -> jax.Array:
+  """Pixel counts of (true class, predicted class) over the labelled pixels.
+
+  Jittable as is (`num_classes` defaults to the logits' last axis, a static shape). The
+  counts are int32: sum batches into an int64 numpy array when counting a whole volume.
+
+  Args:
+    logits: [batch, y, x, classes] (or any [..., classes]).
+    labels: [batch, y, x] integer class indices, `ignore` = unlabelled.
+    num_classes: number of classes; defaults to logits.shape[-1].
+    ignore: the label value to leave out.
+
+  Returns:
+    [num_classes, num_classes] int32; rows are the true class, columns the prediction.
+  """
+  k = logits.shape[-1] if num_classes is None else int(num_classes)
+  valid, safe = _valid_and_safe(labels, ignore)
+  pred = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  index = (safe * k + pred).reshape(-1)
+  counts = jnp.bincount(index, weights=valid.reshape(-1).astype(jnp.int32), length=k * k)
+  return counts.astype(jnp.int32).reshape(k, k)
+
+
+def iou_from_confusion(confusion: np.ndarray | jax.Array) -> tuple[np.ndarray, float]:
+  """Per-class intersection over union and its mean.
+
+  Args:
+    confusion: [classes, classes] counts, rows truth, columns prediction.
+
+  Returns:
+    (iou [classes] float64 with NaN for a class absent from both truth and prediction,
+    mean IoU over the non-NaN classes; NaN if every class is NaN).
+  """
+  cm = np.asarray(confusion, np.float64)
+  if cm.ndim != 2 or cm.shape[0] != cm.shape[1]:
+    raise ValueError(f"confusion matrix must be square [classes, classes], got {cm.shape}")
+  tp = np.diag(cm)
+  union = cm.sum(0) + cm.sum(1) - tp
+  iou = np.full(tp.shape, np.nan)
+  np.divide(tp, union, out=iou, where=union > 0)
+  present = ~np.isnan(iou)
+  return iou, float(iou[present].mean()) if present.any() else float("nan")

@@ -1,0 +1,400 @@
+"""Whole-volume segmentation: tiling, blending, coverage, resume, processes, devices, memory."""
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import tensorstore as ts
+import zarr
+
+from fibseg_jax import infer
+from fibseg_jax.data import volume
+from fibseg_jax.infer import store, tiling
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import segment_child  # noqa: E402 - the tiny models shared with the subprocess tests
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CHILD = os.path.join(REPO, "tests", "segment_child.py")
+SEGMENT = os.path.join(REPO, "experiments", "segment.py")
+CLASSES = ("pore", "solid", "grain")
+CHANNELS = ("ICE", "TLD")
+# Not multiples of the tile (16) or block (32) on any axis.
+SHAPE = (5, 70, 45)
+
+
+def make_volume(root, shape=SHAPE, channels=CHANNELS, seed=0):
+  rng = np.random.default_rng(seed)
+  z, y, x = shape
+  yy, xx = np.mgrid[:y, :x]
+  with volume.create_volume(
+    root,
+    shape=shape,
+    dtype="uint16",
+    channels=channels,
+    classes=CLASSES,
+    voxel_size_nm=(50, 25, 25),
+    overwrite=True,
+  ) as w:
+    for k in range(z):
+      smooth = [np.sin(xx / (5 + c) + k) + np.cos(yy / (4 + c) - k) for c in range(len(channels))]
+      image = 3000 + 1000 * np.stack(smooth, -1) + rng.normal(0, 200, (y, x, len(channels)))
+      w.write_slice(k, image.clip(0, 65535).astype(np.uint16))
+    w.commit()
+  return root
+
+
+def memory_root(name):
+  return f"memory://{name}-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.fixture(scope="module")
+def vol():
+  return volume.open_volume(make_volume(memory_root("vol")))
+
+
+@pytest.fixture(scope="module")
+def pixel():
+  return segment_child.pixel_model(3, len(CHANNELS))
+
+
+def whole_image_probabilities(model, variables, vol, z, *, slices=3, pad=0, multiple=1):
+  """The model on the whole slice at once: the reference that tiling must reproduce.
+
+  The slice is reflect-padded by `pad` (and up to a multiple of `multiple`) as the tiled
+  runner pads the volume border. Returns [y, x, classes] float32.
+  """
+  depth, y, x = vol.shape
+  ey = tiling.round_up(y + 2 * pad, multiple) - y - pad
+  ex = tiling.round_up(x + 2 * pad, multiple) - x - pad
+  zs = tiling.slab_indices(z, slices, depth)
+  ys = tiling.reflect_indices(-pad, y + ey, y)
+  xs = tiling.reflect_indices(-pad, x + ex, x)
+  image = vol.read_image(slice(None)).astype(np.float32)[zs][:, ys][:, :, xs]
+  offset, scale = vol.normalization(CHANNELS)
+  logits = model.apply(variables, jnp.asarray((image - offset) * scale)[None], train=False)
+  probs = np.asarray(jax.nn.softmax(logits, -1))[0]
+  return probs[pad : pad + y, pad : pad + x]
+
+
+def segment(vol, model_and_vars, output, **kwargs):
+  model, variables = model_and_vars
+  defaults = dict(
+    channels=CHANNELS, slices=3, tile=16, overlap=4, block=32, batch=3, progress=False
+  )
+  defaults.update(kwargs)
+  return infer.segment_volume(vol, model, variables, output=output, **defaults)
+
+
+def read(path):
+  return infer.open_array(path).read().result()
+
+
+# --- geometry -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("size", [1, 2, 3, 7])
+def test_reflect_indices_match_numpy_pad(size):
+  values = np.arange(size)
+  expected = np.pad(values, 9, mode="reflect")
+  np.testing.assert_array_equal(tiling.reflect_indices(-9, size + 9, size), expected)
+
+
+def test_slab_indices_reflect_at_stack_ends():
+  np.testing.assert_array_equal(tiling.slab_indices(0, 3, 5), [1, 0, 1])
+  np.testing.assert_array_equal(tiling.slab_indices(4, 5, 5), [2, 3, 4, 3, 2])
+  np.testing.assert_array_equal(tiling.slab_indices(2, 3, 5), [1, 2, 3])
+  np.testing.assert_array_equal(tiling.slab_indices(0, 3, 1), [0, 0, 0])
+
+
+@pytest.mark.parametrize("size,tile,overlap", [(70, 16, 4), (45, 16, 0), (33, 32, 8), (16, 16, 4)])
+def test_tiles_cover_every_pixel_with_the_overlap(size, tile, overlap):
+  starts = tiling.tile_starts(size, tile, overlap)
+  cover = np.zeros(size, int)
+  for s in starts:
+    cover[s : s + tile] += 1
+  assert cover.min() >= 1 and starts[-1] + tile == size and starts[0] == 0
+  gaps = [a + tile - b for a, b in zip(starts, starts[1:], strict=False)]
+  assert all(g >= overlap for g in gaps)
+
+
+@pytest.mark.parametrize("kind", ["cosine", "gaussian"])
+def test_window_is_positive_everywhere(kind):
+  w = tiling.blend_window((16, 24), 4, kind)
+  assert w.shape == (16, 24)
+  assert w.min() > 0 and np.isclose(w.max(), 1.0)
+
+
+def test_cosine_windows_of_neighbours_sum_to_one():
+  w = tiling.window_1d(16, 4, "cosine")
+  total = np.zeros(28)
+  total[:16] += w
+  total[12:] += w
+  np.testing.assert_allclose(total[4:24], 1.0, atol=1e-6)
+
+
+def test_blocks_partition_the_volume_and_processes_split_them():
+  shape = (3, 70, 45)
+  blocks = tiling.plan_blocks(shape, 32)
+  count = np.zeros(shape, int)
+  for b in blocks:
+    count[b.z, b.y0 : b.y1, b.x0 : b.x1] += 1
+  np.testing.assert_array_equal(count, 1)
+  assert len({b.key for b in blocks}) == len(blocks)
+  for n in (1, 2, 3, 7):
+    shares = [tiling.assign_blocks(blocks, i, n) for i in range(n)]
+    assert sorted(b.key for s in shares for b in s) == sorted(b.key for b in blocks)
+
+
+def test_tile_must_fit_the_model():
+  with pytest.raises(infer.InferenceError, match=r"--tile=30 is not a multiple of 16.*16 or 32"):
+    tiling.check_tiling(30, 4, 16)
+  with pytest.raises(infer.InferenceError, match=r"--overlap=32 must be in \[0, --tile=32\)"):
+    tiling.check_tiling(32, 32, 16)
+
+
+def test_small_region_is_padded_to_a_valid_size():
+  block = tiling.Block(0, 0, 5, 0, 9)
+  geom = tiling.region_geometry(block, (5, 9), halo=2, tile=64, size_multiple=8)
+  assert geom.tile_yx == (16, 16) and geom.shape == (16, 16)
+  assert geom.y_index.max() < 5 and geom.x_index.max() < 9
+  np.testing.assert_array_equal(geom.y_index[:4], [2, 1, 0, 1])
+
+
+# --- segmentation ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("window", ["cosine", "gaussian"])
+def test_tiled_labels_equal_whole_image_labels(vol, pixel, window):
+  """A per-pixel model: tiles cannot matter, so every label must equal the reference."""
+  out, probs = memory_root("seg"), memory_root("probs")
+  result = segment(vol, pixel, out, probabilities=probs, window=window)
+  assert result.complete and result.blocks_done == result.blocks_total == 5 * 3 * 2
+  labels, p8 = read(out), read(probs)
+  assert labels.shape == SHAPE and p8.shape == (*SHAPE, 3)
+  for z in range(SHAPE[0]):
+    ref = whole_image_probabilities(*pixel, vol, z)
+    # Every voxel, the last row, column and slice included, is written and right.
+    np.testing.assert_array_equal(labels[z], ref.argmax(-1))
+    assert np.abs(p8[z].astype(int) - np.rint(ref * 255)).max() <= 1
+
+
+def test_output_is_a_zarr_array_that_names_its_classes(vol, pixel, tmp_path):
+  out = str(tmp_path / "seg.zarr")
+  segment(vol, pixel, out)
+  with open(os.path.join(out, "zarr.json")) as f:
+    meta = json.load(f)
+  assert meta["node_type"] == "array" and meta["shape"] == list(SHAPE)
+  arr = zarr.open_array(out, mode="r")
+  assert arr.dtype == np.uint8 and arr.chunks == (1, 32, 32)
+  assert arr.attrs["classes"] == list(CLASSES)
+  run = arr.attrs["fibseg_segmentation"]["run"]
+  assert run["source"] == vol.root and run["channels"] == list(CHANNELS)
+  assert set(np.unique(arr[:])) <= {0, 1, 2}
+
+
+def test_two_processes_each_write_their_own_blocks(vol, pixel):
+  out = memory_root("seg")
+  reference = memory_root("ref")
+  segment(vol, pixel, reference)
+  first = segment(vol, pixel, out, process_index=0, process_count=2)
+  assert not first.complete and first.blocks_done == first.blocks_total // 2
+  labels = read(out)
+  mine = tiling.assign_blocks(tiling.plan_blocks(SHAPE, 32), 0, 2)
+  written = np.zeros(SHAPE, bool)
+  for b in mine:
+    written[b.z, b.y0 : b.y1, b.x0 : b.x1] = True
+  assert np.all(labels[written] != 255) and np.all(labels[~written] == 255)
+  second = segment(vol, pixel, out, process_index=1, process_count=2)
+  assert second.complete and second.blocks_skipped == 0
+  assert first.blocks_done + second.blocks_done == first.blocks_total
+  np.testing.assert_array_equal(read(out), read(reference))
+
+
+def test_rerun_after_interruption_redoes_only_unfinished_blocks(vol, pixel):
+  out = memory_root("seg")
+  segment(vol, pixel, out)
+  reference = read(out)
+  # An interruption: three blocks never got their data written nor their marker.
+  lost = tiling.plan_blocks(SHAPE, 32)[4:7]
+  arr = infer.open_array(out)
+  kv = ts.KvStore.open(volume.kvstore_spec(out), context=volume.CONTEXT).result()
+  for b in lost:
+    arr[b.z, b.y0 : b.y1, b.x0 : b.x1].write(
+      np.full((b.y1 - b.y0, b.x1 - b.x0), 255, np.uint8)
+    ).result()
+    key = store.DONE_PREFIX + b.key
+    kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+  assert np.count_nonzero(read(out) == 255) > 0
+  result = segment(vol, pixel, out)
+  assert result.blocks_done == 3 and result.blocks_skipped == result.blocks_total - 3
+  assert result.complete
+  np.testing.assert_array_equal(read(out), reference)
+
+
+def test_existing_outputs(vol, pixel, tmp_path):
+  out = memory_root("seg")
+  segment(vol, pixel, out)
+  with pytest.raises(store.OutputError, match="exists and is complete; pass --overwrite"):
+    segment(vol, pixel, out)
+  with pytest.raises(store.OutputError, match=r"different run \(tile: 16 != 32"):
+    segment(vol, pixel, out, tile=32)
+  again = segment(vol, pixel, out, overwrite=True, tile=32)
+  assert again.blocks_done == again.blocks_total
+  with pytest.raises(store.OutputError, match="is the input volume"):
+    segment(vol, pixel, vol.root)
+  other = make_volume(str(tmp_path / "other.zarr"), shape=(1, 8, 8))
+  with pytest.raises(store.OutputError, match="zarr group"):
+    segment(vol, pixel, other, overwrite=True)
+  (tmp_path / "notes").mkdir()
+  (tmp_path / "notes" / "a.txt").write_text("x")
+  with pytest.raises(store.OutputError, match="not a zarr array"):
+    segment(vol, pixel, str(tmp_path / "notes"))
+  with pytest.raises(store.OutputError, match="parent directory"):
+    segment(vol, pixel, str(tmp_path / "missing" / "seg.zarr"))
+
+
+def test_user_mistakes_are_named(vol, pixel):
+  out = memory_root("seg")
+  with pytest.raises(volume.VolumeError, match=r"channel\(s\) \['BSE'\] not in volume"):
+    segment(vol, pixel, out, channels=("ICE", "BSE"))
+  with pytest.raises(infer.InferenceError, match="predicts 3 classes but 2 class names"):
+    segment(vol, pixel, out, classes=("a", "b"))
+  with pytest.raises(infer.InferenceError, match="--tile=20 is not a multiple of 8"):
+    segment(vol, pixel, out, tile=20, size_multiple=8)
+  with pytest.raises(infer.InferenceError, match="--block=600"):
+    segment(vol, pixel, out, block=600)
+  with pytest.raises(infer.InferenceError, match="--window='hann'"):
+    segment(vol, pixel, out, window="hann")
+  with pytest.raises(infer.InferenceError, match="slices=2 must be odd"):
+    segment(vol, pixel, out, slices=2)
+
+
+def test_unet_blended_probabilities_are_close_to_whole_image(vol):
+  """A real U-Net sees past a tile edge, so tiles change it a little; blending hides it."""
+  models = pytest.importorskip("fibseg_jax.models")
+  config = {"name": "unet", "num_classes": 3, "depth": 2, "features": (8, 8, 16), "norm": "batch"}
+  model = models.build(config)
+  variables = model.init(jax.random.key(1), jnp.zeros((1, 3, 16, 16, 2)), train=False)
+  multiple = models.size_multiple(config)
+  out = memory_root("seg")
+  segment(vol, (model, variables), out, tile=32, overlap=8, block=512, size_multiple=multiple)
+  labels = read(out)
+  worst, agree = 0.0, []
+  for z in range(SHAPE[0]):
+    ref = whole_image_probabilities(model, variables, vol, z, pad=8, multiple=multiple)
+    offset, scale = vol.normalization(CHANNELS)
+    predictor = infer.TilePredictor(model, variables, offset=offset, scale=scale, overlap=8)
+    geom = tiling.region_geometry(
+      tiling.Block(z, 0, SHAPE[1], 0, SHAPE[2]), SHAPE[1:], halo=8, tile=32, size_multiple=multiple
+    )
+    image = vol.read_image(slice(None))
+    slab = [image[k][np.ix_(geom.y_index, geom.x_index)] for k in tiling.slab_indices(z, 3, 5)]
+    blended = infer.blend_region(predictor, slab, geom.tile_yx, 8)[8 : 8 + 70, 8 : 8 + 45]
+    worst = max(worst, float(np.abs(blended - ref).max()))
+    np.testing.assert_array_equal(labels[z], blended.argmax(-1))
+    agree.append(np.mean(labels[z] == ref.argmax(-1)))
+  assert worst < 0.05, worst
+  assert np.mean(agree) > 0.98, agree
+
+
+# --- subprocesses ---------------------------------------------------------------------
+
+
+def run_child(*args, env=None):
+  proc = subprocess.run(
+    [sys.executable, CHILD, *args], capture_output=True, text=True, env=env, timeout=300
+  )
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_tiles_are_sharded_over_all_devices(tmp_path):
+  root = make_volume(str(tmp_path / "vol.zarr"), shape=(3, 40, 72))
+  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4")
+  env["JAX_PLATFORMS"] = "cpu"
+  got = run_child("devices", root, str(tmp_path / "seg.zarr"), env=env)
+  assert got["devices"] == 4 and got["padded_batch"] == 4 and got["output_devices"] == 4
+  assert got["labels_equal"] and got["max_prob_diff"] <= 1 and got["complete"]
+
+
+def test_peak_memory_does_not_grow_with_the_volume(tmp_path):
+  """Peak RSS of a 4x larger stack stays within 15% of the small one's."""
+  side, depth = 512, 10
+  small = make_volume(str(tmp_path / "small.zarr"), shape=(depth, side, side))
+  large = make_volume(str(tmp_path / "large.zarr"), shape=(4 * depth, side, side))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  a = run_child("memory", small, str(tmp_path / "a.zarr"), env=env)
+  b = run_child("memory", large, str(tmp_path / "b.zarr"), env=env)
+  assert a["complete"] and b["complete"]
+  # The test can fail: holding the extra slices as float32 would add more than 15%.
+  extra_mb = 3 * depth * side * side * len(CHANNELS) * 4 / 2**20
+  assert extra_mb > 0.15 * a["peak_rss_mb"], (extra_mb, a)
+  assert b["peak_rss_mb"] < 1.15 * a["peak_rss_mb"], (a, b)
+
+
+# --- the script -----------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+  """A workdir with one checkpoint of a tiny U-Net, saved as training saves it."""
+  checkpoint = pytest.importorskip("fibseg_jax.checkpoint")
+  models = pytest.importorskip("fibseg_jax.models")
+  from fibseg_jax.train import config as config_lib  # noqa: PLC0415 - test setup only
+
+  workdir = tmp_path_factory.mktemp("run")
+  config = config_lib.base_config()
+  config.model.update({"name": "unet", "num_classes": 3, "depth": 2, "features": (4, 8, 8)})
+  config.model.norm = "batch"
+  config.data.classes = CLASSES
+  model = models.build(config.model)
+  variables = model.init(jax.random.key(0), jnp.zeros((1, 3, 16, 16, 2)), train=False)
+  mngr = checkpoint.manager(str(workdir / "checkpoints"))
+  checkpoint.save(mngr, 1, dict(variables), config, {"position": 0})
+  return str(workdir)
+
+
+def run_segment(*flags):
+  return subprocess.run(
+    [sys.executable, SEGMENT, *flags],
+    capture_output=True,
+    text=True,
+    timeout=300,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+
+
+def test_segment_script(trained, tmp_path):
+  vol_path = make_volume(str(tmp_path / "vol.zarr"), shape=(3, 40, 36))
+  out, probs = str(tmp_path / "seg.zarr"), str(tmp_path / "probs.zarr")
+  flags = [f"--workdir={trained}", f"--input={vol_path}", f"--output={out}", "--tile=16"]
+  proc = run_segment(*flags, f"--probabilities={probs}", "--overlap=4", "--batch=2")
+  assert proc.returncode == 0, proc.stderr[-3000:]
+  assert f"labels:        {out}" in proc.stdout and probs in proc.stdout
+  labels = zarr.open_array(out, mode="r")
+  assert labels.shape == (3, 40, 36) and labels.attrs["classes"] == list(CLASSES)
+  assert labels.attrs["fibseg_segmentation"]["run"]["checkpoint"].startswith(trained)
+  assert int(np.max(labels[:])) < 3
+  assert zarr.open_array(probs, mode="r").shape == (3, 40, 36, 3)
+
+  proc = run_segment(*flags, "--overlap=4", f"--probabilities={probs}")
+  assert proc.returncode == 1
+  assert proc.stderr.strip().splitlines() == [
+    f"error: --output={out} exists and is complete; pass --overwrite to segment again"
+  ]
+
+  proc = run_segment(f"--checkpoint={tmp_path / 'nothing'}", *flags[1:])
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert f"--checkpoint={tmp_path / 'nothing'}: no such directory" in proc.stderr
+
+  ice_only = make_volume(str(tmp_path / "ice.zarr"), shape=(3, 40, 36), channels=("ICE",))
+  proc = run_segment(f"--workdir={trained}", f"--input={ice_only}", f"--output={out}x")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert "lacks channel(s) ['TLD'] that the model" in proc.stderr

@@ -1,0 +1,295 @@
+"""Training: data parallelism over devices and processes, checkpoints, resume, user mistakes."""
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+
+from fibseg_jax import checkpoint
+from fibseg_jax.data import volume
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import loop, metrics_writer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TRAIN = os.path.join(REPO, "experiments", "train.py")
+UNET_CONFIG = os.path.join(REPO, "experiments", "configs", "unet.py")
+CLASSES = ("pore", "solid", "grain")
+# A tiny U-Net: 2 poolings, so patches are multiples of 4.
+TINY_MODEL = {"name": "unet", "depth": 2, "features": (4, 8, 8), "norm": "batch"}
+TINY_FLAGS = ["--config.model.depth=2", "--config.model.features=(4,8,8)"]
+
+
+def make_volume(root, shape=(6, 48, 48), annotated=(1, 3, 4), seed=0):
+  """A volume whose labels follow the image (three intensity bands), so a model can learn."""
+  rng = np.random.default_rng(seed)
+  z, y, x = shape
+  with volume.create_volume(
+    root,
+    shape=shape,
+    dtype="uint16",
+    channels=("ICE", "TLD"),
+    classes=CLASSES,
+    voxel_size_nm=(50, 25, 25),
+    overwrite=True,
+  ) as w:
+    for k in range(z):
+      truth = rng.integers(0, 3, (y // 8, x // 8)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+      ice = 1000 + 4000.0 * truth + rng.normal(0, 800, (y, x))
+      tld = 3000 + 2000.0 * (truth == 2) + rng.normal(0, 500, (y, x))
+      image = np.stack([ice, tld], -1).clip(0, 65535).astype(np.uint16)
+      w.write_slice(k, image, truth if k in annotated else None)
+    w.commit()
+  return root
+
+
+def tiny_config(path, **train):
+  config = config_lib.base_config()
+  config.model.update(TINY_MODEL)
+  config.data.path = path
+  config.data.patch = 16
+  config.data.val_block = 16
+  config.data.prefetch = 1
+  config.train.batch_size = 4
+  config.train.steps = 4
+  config.train.eval_every = 2
+  config.train.log_every = 1
+  config.train.warmup_steps = 1
+  config.train.update(train)
+  return config
+
+
+def _env(devices=1):
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = f"--xla_force_host_platform_device_count={devices}"
+  env["JAX_PLATFORMS"] = "cpu"
+  return env
+
+
+def _losses(workdir):
+  rows = metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  return {r["step"]: r["loss"] for r in rows if "loss" in r}
+
+
+def _train_cmd(path, workdir, *extra, steps=4):
+  return [
+    sys.executable,
+    TRAIN,
+    f"--config={UNET_CONFIG}",
+    f"--workdir={workdir}",
+    f"--config.data.path={path}",
+    "--config.data.patch=16",
+    "--config.data.val_block=16",
+    "--config.model.norm=batch",
+    "--config.train.batch_size=4",
+    f"--config.train.steps={steps}",
+    "--config.train.eval_every=2",
+    "--config.train.log_every=1",
+    "--config.train.warmup_steps=1",
+    "--progress=false",
+    *TINY_FLAGS,
+    *extra,
+  ]
+
+
+STEPS = 6
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+  """One uninterrupted single-device run that the parallel and resumed runs must match."""
+  root = tmp_path_factory.mktemp("reference")
+  path = make_volume(str(root / "vol.zarr"))
+  workdir = str(root / "run")
+  done = subprocess.run(_train_cmd(path, workdir, steps=STEPS), env=_env(1), cwd=REPO, **_capture())
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "1 device(s) on 1 process(es)" in done.stdout
+  return path, workdir
+
+
+def _capture():
+  return {"capture_output": True, "text": True, "check": False}
+
+
+def test_four_devices_give_the_same_losses_as_one(reference, tmp_path):
+  path, ref = reference
+  workdir = str(tmp_path / "four")
+  done = subprocess.run(_train_cmd(path, workdir, steps=STEPS), env=_env(4), cwd=REPO, **_capture())
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "4 device(s) on 1 process(es)" in done.stdout
+  one, four = _losses(ref), _losses(workdir)
+  assert sorted(one) == sorted(four) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([four[s] for s in one], [one[s] for s in one], rtol=2e-4)
+  assert one[1] != one[STEPS]  # the model trains: a frozen one would repeat its loss
+
+
+def _free_port():
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+
+def test_two_processes_agree_and_only_process_0_writes(reference, tmp_path):
+  path, ref = reference
+  port = _free_port()
+  workdir = str(tmp_path / "multi")  # shared, as on a cluster file system
+  procs = []
+  for pid in range(2):
+    cmd = _train_cmd(
+      path,
+      workdir,
+      f"--coordinator_address=127.0.0.1:{port}",
+      "--num_processes=2",
+      f"--process_id={pid}",
+      steps=STEPS,
+    )
+    procs.append(
+      subprocess.Popen(
+        cmd, env=_env(1), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+      )
+    )
+  outs = [p.communicate(timeout=300) for p in procs]
+  assert [p.returncode for p in procs] == [0, 0], [o[1][-2000:] for o in outs]
+  assert "2 device(s) on 2 process(es)" in outs[0][0]
+  assert "parameters" not in outs[1][0]  # only process 0 reports
+  rows = metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert [r["step"] for r in rows if "loss" in r] == list(range(1, STEPS + 1))  # written once
+  assert len(os.listdir(os.path.join(workdir, "tb"))) == 1
+  # Two processes with one device each see the same global batch as one device alone.
+  multi, one = _losses(workdir), _losses(ref)
+  np.testing.assert_allclose([multi[s] for s in one], [one[s] for s in one], rtol=2e-4)
+  assert checkpoint.load(workdir, best=False).step == STEPS
+
+
+def test_sigkill_mid_training_resumes_to_the_same_end(reference, tmp_path):
+  path, ref = reference
+  workdir = str(tmp_path / "killed")
+  proc = subprocess.Popen(
+    _train_cmd(path, workdir, steps=STEPS),
+    env=_env(),
+    cwd=REPO,
+    stdout=subprocess.DEVNULL,
+    stderr=subprocess.DEVNULL,
+  )
+  first = os.path.join(workdir, "checkpoints", "2")
+  deadline = time.time() + 180
+  while not os.path.isdir(first) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  assert os.path.isdir(first), "no checkpoint appeared before the kill"
+  steps_at_kill = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
+  assert max(steps_at_kill.all_steps()) < STEPS, "killed too late to test resuming"
+
+  done = subprocess.run(_train_cmd(path, workdir, steps=STEPS), env=_env(), cwd=REPO, **_capture())
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resuming from step" in done.stdout
+  resumed, one = _losses(workdir), _losses(ref)
+  assert sorted(resumed) == list(range(1, STEPS + 1))  # no step twice, none missing
+  np.testing.assert_allclose([resumed[s] for s in one], [one[s] for s in one], rtol=1e-5)
+  a, b = checkpoint.load(workdir, best=False), checkpoint.load(ref, best=False)
+  assert a.step == b.step == STEPS
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.variables, b.variables
+  )
+  # A finished run restarted does nothing more and still ends at the same step.
+  again = subprocess.run(_train_cmd(path, workdir, steps=STEPS), env=_env(), cwd=REPO, **_capture())
+  assert again.returncode == 0 and f"done: step {STEPS}" in again.stdout
+
+
+def test_checkpoint_load_predicts_and_outputs(tmp_path):
+  path = make_volume(str(tmp_path / "vol.zarr"))
+  workdir = str(tmp_path / "run")
+  summary = loop.train_and_evaluate(tiny_config(path), workdir, progress=False)
+  assert summary["step"] == 4
+  restored = checkpoint.load(workdir)
+  assert restored.channels == ("ICE", "TLD") and restored.slices == 3
+  assert restored.classes == CLASSES and restored.size_multiple == 4
+  assert restored.step in (2, 4)
+  x = np.zeros((2, 3, 16, 16, 2), np.float32)
+  logits = restored.model.apply(restored.variables, x, train=False)
+  assert logits.shape == (2, 16, 16, 3)
+  rows = metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  val = [r for r in rows if "val_miou" in r]
+  assert [r["step"] for r in val] == [2, 4]
+  assert all(0 <= r["val_miou"] <= 1 for r in val)
+  assert {f"val_iou/{c}" for c in CLASSES} <= set(val[0])
+  assert os.path.exists(os.path.join(workdir, "training_curves.png"))
+  assert any(f.startswith("events") for f in os.listdir(os.path.join(workdir, "tb")))
+  # One step directory, loaded directly.
+  step_dir = os.path.join(workdir, "checkpoints", "4")
+  assert checkpoint.load(step_dir).step == 4
+
+
+def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
+  (tmp_path / "notes").mkdir()
+  with pytest.raises(checkpoint.CheckpointError, match="is not a checkpoint"):
+    checkpoint.load(str(tmp_path / "notes"))
+  with pytest.raises(checkpoint.CheckpointError, match="no such checkpoint"):
+    checkpoint.load(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize(
+  "change, message",
+  [
+    ({"data.channels": "ICE,BSE"}, r"--config.data.channels: channel\(s\) \['BSE'\] not in"),
+    ({"data.slices": 4}, r"even|odd"),
+    ({"data.patch": 18}, r"multiple of 4"),
+    ({"data.patch": 64}, r"--config.data.patch=64"),
+    ({"model.num_classes": 5}, r"--config.model.num_classes=5 but volume .* has 3 classes"),
+    ({"data.path": ""}, r"--config.data.path is required"),
+    ({"data.eval_slices": "1,3,4"}, r"no annotated slices"),
+  ],
+)
+def test_user_mistakes_caught_before_compiling(tmp_path, change, message):
+  path = make_volume(f"memory://mistakes_{abs(hash(str(change)))}")
+  config = tiny_config(path)
+  for key, value in change.items():
+    section, field = key.split(".")
+    config[section][field] = value
+  with pytest.raises(ValueError, match=message):
+    exp = loop.prepare(config)
+    from fibseg_jax.data import loader  # noqa: PLC0415
+
+    loader.SlabLoader(exp.volume, exp.loader_config).close()
+
+
+def test_workdir_of_another_experiment_is_refused(tmp_path):
+  path = make_volume(str(tmp_path / "vol.zarr"))
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config(path, steps=2), workdir, progress=False)
+  other = tiny_config(path, steps=4)
+  other.data.channels = "ICE"
+  with pytest.raises(loop.ConfigError, match="holds checkpoints of a different experiment"):
+    loop.train_and_evaluate(other, workdir, progress=False)
+
+
+def test_bad_flags_give_one_line_errors(tmp_path):
+  path = make_volume(str(tmp_path / "vol.zarr"))
+  cmd = _train_cmd(path, str(tmp_path / "run"), "--config.data.channels=ICE,XYZ")
+  done = subprocess.run(cmd, env=_env(), cwd=REPO, **_capture())
+  assert done.returncode != 0
+  assert "--config.data.channels" in done.stderr and "XYZ" in done.stderr
+  assert "Traceback" not in done.stderr
+  assert not os.path.exists(tmp_path / "run" / "checkpoints")
+  cmd = _train_cmd(path, str(tmp_path / "run"), "--config.train.batch_size=6")
+  done = subprocess.run(cmd, env=_env(4), cwd=REPO, **_capture())
+  assert done.returncode != 0
+  assert "--config.train.batch_size=6 must be a positive multiple of the device count (4" in (
+    done.stderr
+  )
+
+
+def test_config_parsers():
+  assert config_lib.parse_ints("3, 7", "--x") == (3, 7)
+  assert config_lib.parse_ints("", "--x") == ()
+  assert config_lib.parse_names("ICE,TLD", "--c") == ("ICE", "TLD")
+  with pytest.raises(ValueError, match="--x=a: expected comma-separated integers"):
+    config_lib.parse_ints("a", "--x")
+  assert isinstance(config_lib.base_config(), ml_collections.ConfigDict)
