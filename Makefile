@@ -21,7 +21,7 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff format --check fibseg_jax experiments tests
 
 test: lint
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(VENV)/.installed
 	bash experiments/demo.sh $(DEMO_DIR)

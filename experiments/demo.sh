@@ -15,6 +15,7 @@ STEPS=${DEMO_STEPS:-600}
 PATCH=${DEMO_PATCH:-128}
 BATCH=${DEMO_BATCH:-8}
 TILE=${DEMO_TILE:-256}
+OVERLAP=${DEMO_OVERLAP:-64}
 MODEL=${DEMO_MODEL:-unet}
 EXTRA=${DEMO_TRAIN_FLAGS:-}
 
@@ -36,7 +37,7 @@ echo "== 3/5 train $MODEL -> $OUT/run"
   --config.train.eval_every=$(( STEPS > 4 ? STEPS / 4 : 1 )) $EXTRA
 echo "== 4/5 segment the whole stack -> $OUT/seg.zarr"
 "$PY" experiments/segment.py --workdir="$OUT/run" --input="$OUT/vol.zarr" \
-  --output="$OUT/seg.zarr" --probabilities="$OUT/probs.zarr" --tile="$TILE"
+  --output="$OUT/seg.zarr" --probabilities="$OUT/probs.zarr" --tile="$TILE" --overlap="$OVERLAP"
 echo "== 5/5 evaluate slice $EVAL_SLICE -> $OUT/report"
 "$PY" experiments/evaluate.py --prediction="$OUT/seg.zarr" --truth="$OUT/vol.zarr" \
   --slices="$EVAL_SLICE" --out="$OUT/report"

@@ -12,7 +12,7 @@ where it stopped; with --distributed, each process segments its own blocks.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 from fibseg_jax import checkpoint, infer
 from fibseg_jax.data import volume
@@ -47,6 +47,8 @@ def main(argv):
   for flag in (_INPUT, _OUTPUT):
     if not flag.value:
       sys.exit(f"error: --{flag.name} is required")
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)  # orbax logs every step of a restore at INFO
   model_path = _WORKDIR.value or _CHECKPOINT.value
   which = "--workdir" if _WORKDIR.value else "--checkpoint"
   if not os.path.exists(model_path):

@@ -12,7 +12,7 @@ add --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every ho
 
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 from ml_collections import config_flags
 
 from fibseg_jax.train import loop, parallel
@@ -26,6 +26,8 @@ _PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar.")
 
 
 def main(argv):
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # orbax logs every file it writes at INFO
   if len(argv) > 1:
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if _CONFIG.value is None:

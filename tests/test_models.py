@@ -2,6 +2,7 @@
 
 import dataclasses
 import functools
+from typing import Any
 
 import chex
 import jax
@@ -18,29 +19,23 @@ SLAB = (2, 3, 32, 32, 2)  # [batch, slices, y, x, channels]
 
 
 def slab(shape=SLAB, seed=0):
-  return jax.random.normal(jax.random.key(seed), shape, jnp.float32)
+  """A random slab batch `[batch, slices, y, x, channels]`, made on the host.
 
-
-def init(model, x, seed=0):
-  """Real, jitted init.
-
-  The default (partitionable) threefry is unrolled once per parameter and takes ~20 s
-  to compile on 2 CPU cores; the non-partitionable one compiles in ~3 s. The model code
-  is the same either way.
+  Inputs and comparisons stay in numpy: every eager jnp op on a new shape is one more
+  XLA compile, seconds each on a busy 2-core machine.
   """
-  with jax.threefry_partitionable(False):
-    return jax.jit(functools.partial(model.init, train=False))(jax.random.key(seed), x)
+  return np.random.default_rng(seed).standard_normal(shape, np.float32)
 
 
-def loss_fn(params, other, model, x, dropout_key):
-  logits, updates = model.apply(
-    {"params": params, **other},
-    x,
-    train=True,
-    mutable=["batch_stats"],
-    rngs={"dropout": dropout_key},
-  )
-  return jnp.mean(jax.nn.log_softmax(logits)[..., 0] ** 2), (logits, updates)
+def max_abs(a, b=0.0):
+  return float(np.abs(np.asarray(a, np.float64) - np.asarray(b, np.float64)).max())
+
+
+def shifted(x, s, by=3.0):
+  """`x` with slice `s` brightened by `by`."""
+  x = np.array(x)
+  x[:, s] += by
+  return x
 
 
 # --- parameter counts --------------------------------------------------------------
@@ -109,7 +104,12 @@ OPTIONS = [
   {"features": (4, 8, 16, 6)},
   {"depth": 3, "features": (4, 8, 8, 16)},
 ]
+# The 2D blocks are shared, so Sensor-3D is traced with the options that change its own
+# code paths (norm state, dtype through the LSTMs, widths, LSTM placement).
 SENSOR3D_OPTIONS = [
+  {},
+  {"dtype": "bfloat16", "norm": "batch", "upsample": "resize"},
+  {"features": (4, 8, 16, 6)},
   {"lstm_levels": ()},
   {"lstm_levels": (0, 1, 2)},
   {"lstm_levels": (-2,), "lstm_kernel": 1},
@@ -118,7 +118,7 @@ SENSOR3D_OPTIONS = [
 
 @pytest.mark.parametrize(
   "config",
-  [{**UNET, **o} for o in OPTIONS] + [{**SENSOR3D, **o} for o in OPTIONS + SENSOR3D_OPTIONS],
+  [{**UNET, **o} for o in OPTIONS] + [{**SENSOR3D, **o} for o in SENSOR3D_OPTIONS],
   ids=lambda c: c["name"] + "-" + "-".join(f"{k}={v}" for k, v in c.items() if k != "name"),
 )
 def test_output_shapes_and_dtypes(config):
@@ -166,103 +166,180 @@ def test_sensor3d_all_slices_shape():
 
 
 # --- real computation ----------------------------------------------------------------
+# XLA compiles take most of this file's time on 2 CPU cores, so the tests below share
+# two small models and their compiled functions.
+
+UNET_RUN = {
+  **UNET,
+  "depth": 1,
+  "features": (4, 8),
+  "norm": "batch",
+  "dropout": 0.2,
+  "upsample": "resize",
+}
+SENSOR3D_RUN = {
+  "name": "sensor3d",
+  "num_classes": 3,
+  "depth": 1,
+  "features": (4, 8),
+  "dropout": 0.2,
+}
 
 
-@pytest.mark.parametrize(
-  "config",
-  [
-    {**UNET, "norm": "batch", "dropout": 0.2, "upsample": "resize"},
-    {**SENSOR3D, "dropout": 0.2},
-  ],
-  ids=["unet-batch-dropout-resize", "sensor3d-instance-dropout"],
-)
-def test_training_gradients_finite_and_deterministic(config):
+@dataclasses.dataclass
+class Compiled:
+  """A model, its initialised variables and jitted init / evaluate / training step."""
+
+  model: Any
+  x: np.ndarray
+  variables: Any
+  init: Any
+  evaluate: Any
+  step: Any
+
+
+def loss_fn(params, other, model, x, dropout_key):
+  logits, updates = model.apply(
+    {"params": params, **other},
+    x,
+    train=True,
+    mutable=["batch_stats"],
+    rngs={"dropout": dropout_key},
+  )
+  return jnp.mean(jax.nn.log_softmax(logits)[..., 0] ** 2), (logits, updates)
+
+
+def fast_prng(fn):
+  """`fn` with random bits from the non-partitionable threefry.
+
+  The default (partitionable) threefry is unrolled once per parameter and per dropout
+  layer; on 2 busy CPU cores it adds 10-50 s of XLA compile time even for these tiny
+  models. The model code and what the tests check are the same either way.
+  """
+
+  @functools.wraps(fn)
+  def wrapped(*args, **kwargs):
+    with jax.threefry_partitionable(False):
+      return fn(*args, **kwargs)
+
+  return wrapped
+
+
+def compiled(config, shape):
   model = models.build(config)
-  x = slab()
-  variables = init(model, x)
-  params, other = variables["params"], {k: v for k, v in variables.items() if k != "params"}
-  step = jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)
+  x = slab(shape)
+  init = fast_prng(jax.jit(functools.partial(model.init, train=False)))
+  return Compiled(
+    model=model,
+    x=x,
+    variables=init(jax.random.key(0), x),
+    init=init,
+    evaluate=jax.jit(model.apply, static_argnames=("train", "all_slices")),
+    step=fast_prng(jax.jit(jax.value_and_grad(loss_fn, has_aux=True), static_argnums=2)),
+  )
 
-  (loss, (logits, updates)), grads = step(params, other, model, x, jax.random.key(1))
-  assert np.isfinite(float(loss))
-  chex.assert_tree_all_finite(grads)
-  # Every parameter (LSTMs and both norm params included) takes part in the loss.
+
+@pytest.fixture(scope="module")
+def unet_run():
+  return compiled(UNET_RUN, (2, 3, 16, 16, 2))
+
+
+@pytest.fixture(scope="module")
+def sensor3d_run():
+  return compiled(SENSOR3D_RUN, (2, 5, 16, 16, 2))
+
+
+@pytest.mark.parametrize("run_name", ["unet_run", "sensor3d_run"])
+def test_training_gradients_finite_and_deterministic(run_name, request):
+  run = request.getfixturevalue(run_name)
+  params = run.variables["params"]
+  other = {k: v for k, v in run.variables.items() if k != "params"}
+
+  (loss, (logits, updates)), grads = jax.device_get(
+    run.step(params, other, run.model, run.x, jax.random.key(1))
+  )
+  assert np.isfinite(loss)
+  # Every parameter (LSTMs and norm parameters included) takes part in the loss.
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    assert float(jnp.abs(g).max()) > 0, jax.tree_util.keystr(path)
+    assert np.isfinite(g).all() and max_abs(g) > 0, jax.tree_util.keystr(path)
 
-  if config.get("norm") == "batch":
+  if run.model.config.norm == "batch":
     moved = jax.tree_util.tree_map(
-      lambda a, b: float(jnp.abs(a - b).max()), updates["batch_stats"], other["batch_stats"]
+      max_abs, updates["batch_stats"], jax.device_get(other["batch_stats"])
     )
     assert min(jax.tree_util.tree_leaves(moved)) > 0
   else:
     assert updates == {}
 
   # Same keys: bitwise the same; another dropout key: other logits.
-  (loss2, (logits2, _)), grads2 = step(params, other, model, x, jax.random.key(1))
+  (_, (logits2, _)), grads2 = jax.device_get(
+    run.step(params, other, run.model, run.x, jax.random.key(1))
+  )
   np.testing.assert_array_equal(logits, logits2)
   chex.assert_trees_all_equal(grads, grads2)
-  (_, (logits3, _)), _ = step(params, other, model, x, jax.random.key(2))
-  assert float(jnp.abs(logits - logits3).max()) > 1e-3
+  (_, (logits3, _)), _ = run.step(params, other, run.model, run.x, jax.random.key(2))
+  assert max_abs(logits, logits3) > 1e-3
 
-  # Evaluation ignores dropout: no rng needed, same result twice.
-  evaluate = jax.jit(functools.partial(model.apply, train=False))
-  np.testing.assert_array_equal(evaluate(variables, x), evaluate(variables, x))
-
-
-def test_init_is_deterministic_in_the_key():
-  model = models.build(UNET)
-  a, b, c = init(model, slab(), 0), init(model, slab(), 0), init(model, slab(), 1)
-  chex.assert_trees_all_equal(a, b)
-  assert (
-    float(
-      jnp.abs(
-        a["params"]["down0"]["conv0"]["kernel"] - c["params"]["down0"]["conv0"]["kernel"]
-      ).max()
-    )
-    > 0
-  )
+  # Evaluation ignores dropout (no rng needed) and repeats exactly.
+  first = run.evaluate(run.variables, run.x, train=False)
+  chex.assert_shape(first, (2, 16, 16, 3))
+  np.testing.assert_array_equal(first, run.evaluate(run.variables, run.x, train=False))
 
 
-@pytest.mark.parametrize("base", [UNET, SENSOR3D], ids=["unet", "sensor3d"])
-def test_bfloat16_compute_close_to_float32(base):
-  x = slab()
-  model32 = models.build(base)
-  model16 = models.build({**base, "dtype": "bfloat16"})
-  variables = init(model32, x)
-  logits32 = jax.jit(model32.apply)(variables, x)
-  logits16 = jax.jit(model16.apply)(variables, x)  # the same float32 params
+def test_init_is_deterministic_in_the_key(unet_run):
+  again = unet_run.init(jax.random.key(0), unet_run.x)
+  other = unet_run.init(jax.random.key(1), unet_run.x)
+  chex.assert_trees_all_equal(unet_run.variables, again)
+  kernel = lambda v: v["params"]["down0"]["conv0"]["kernel"]  # noqa: E731
+  assert max_abs(kernel(unet_run.variables), kernel(other)) > 0
+
+
+@pytest.mark.parametrize("run_name", ["unet_run", "sensor3d_run"])
+def test_bfloat16_compute_close_to_float32(run_name, request):
+  run = request.getfixturevalue(run_name)
+  model16 = models.build(dataclasses.replace(run.model.config, dtype="bfloat16"))
+  logits32 = run.evaluate(run.variables, run.x, train=False)
+  logits16 = jax.jit(model16.apply)(run.variables, run.x)  # the same float32 params
   assert logits16.dtype == jnp.float32
-  scale = float(jnp.abs(logits32).max())
-  error = float(jnp.abs(logits16 - logits32).max())
+  scale = max_abs(logits32)
+  error = max_abs(logits16, logits32)
   # bfloat16 keeps 8 bits of mantissa: errors of a few percent, not zero, not garbage.
   assert 0 < error < 0.1 * scale
 
 
-def test_sensor3d_central_slice_and_slice_coupling():
-  x = slab((1, 5, 16, 16, 2))
-  # Change only slice 0, far from the central slice 2.
-  x_other = x.at[:, 0].add(3.0)
+def test_unet_uses_every_slice(unet_run):
+  base = unet_run.evaluate(unet_run.variables, unet_run.x, train=False)
+  for s in (0, 2):  # the slices either side of the central one
+    changed = unet_run.evaluate(unet_run.variables, shifted(unet_run.x, s), train=False)
+    assert max_abs(changed, base) > 1e-3
 
-  model = models.build(SENSOR3D)
-  variables = init(model, x)
-  central = jax.jit(model.apply)(variables, x)
-  every = jax.jit(functools.partial(model.apply, all_slices=True))(variables, x)
+
+def test_sensor3d_central_slice_and_slice_coupling(sensor3d_run):
+  run = sensor3d_run
+  x, variables = run.x, run.variables
+  # Change only slice 0, two slices from the central slice 2.
+  x_other = shifted(x, 0)
+
+  central = run.evaluate(variables, x, train=False)
+  every = run.evaluate(variables, x, train=False, all_slices=True)
+  chex.assert_shape(every, (2, 5, 16, 16, 3))
   np.testing.assert_allclose(central, every[:, 2], atol=1e-6)
   # The LSTMs carry slice 0 to the central slice.
-  assert float(jnp.abs(jax.jit(model.apply)(variables, x_other) - central).max()) > 1e-4
+  assert max_abs(run.evaluate(variables, x_other, train=False), central) > 1e-4
 
-  # Without LSTMs every slice is segmented on its own by the shared 2D network.
-  plain = models.build({**SENSOR3D, "lstm_levels": ()})
-  plain_vars = init(plain, x)
-  every = jax.jit(functools.partial(plain.apply, all_slices=True))(plain_vars, x)
-  every_other = jax.jit(functools.partial(plain.apply, all_slices=True))(plain_vars, x_other)
+  # Without LSTMs the shared 2D network segments every slice on its own.
+  plain = models.build(dataclasses.replace(run.model.config, lstm_levels=()))
+  plain_vars = {"params": {k: v for k, v in variables["params"].items() if "lstm" not in k}}
+  apply_all = jax.jit(functools.partial(plain.apply, all_slices=True))
+  every = apply_all(plain_vars, x)
+  every_other = apply_all(plain_vars, x_other)
   np.testing.assert_array_equal(every[:, 1:], every_other[:, 1:])
-  assert float(jnp.abs(every[:, 0] - every_other[:, 0]).max()) > 1e-4
-  # Shared weights: a slice gives the same logits wherever it sits in the slab.
-  x_swap = x.at[:, 3].set(x[:, 1])
-  every_swap = jax.jit(functools.partial(plain.apply, all_slices=True))(plain_vars, x_swap)
-  np.testing.assert_allclose(every_swap[:, 3], every[:, 1], atol=1e-5)
+  assert max_abs(every[:, 0], every_other[:, 0]) > 1e-4
+  # Shared weights: a slice gets the same logits wherever it sits in the slab.
+  moved = np.array(x)
+  moved[:, 3] = x[:, 1]
+  every_moved = apply_all(plain_vars, moved)
+  np.testing.assert_allclose(every_moved[:, 3], every[:, 1], atol=1e-5)
 
 
 # --- input checks ------------------------------------------------------------------

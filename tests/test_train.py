@@ -225,6 +225,11 @@ def test_checkpoint_load_predicts_and_outputs(tmp_path):
   # One step directory, loaded directly.
   step_dir = os.path.join(workdir, "checkpoints", "4")
   assert checkpoint.load(step_dir).step == 4
+  # The workdir refuses a different experiment before anything is compiled.
+  other = tiny_config(path)
+  other.data.channels = "ICE"
+  with pytest.raises(loop.ConfigError, match="holds checkpoints of a different experiment"):
+    loop.train_and_evaluate(other, workdir, progress=False)
 
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -258,16 +263,6 @@ def test_user_mistakes_caught_before_compiling(tmp_path, change, message):
     from fibseg_jax.data import loader  # noqa: PLC0415
 
     loader.SlabLoader(exp.volume, exp.loader_config).close()
-
-
-def test_workdir_of_another_experiment_is_refused(tmp_path):
-  path = make_volume(str(tmp_path / "vol.zarr"))
-  workdir = str(tmp_path / "run")
-  loop.train_and_evaluate(tiny_config(path, steps=2), workdir, progress=False)
-  other = tiny_config(path, steps=4)
-  other.data.channels = "ICE"
-  with pytest.raises(loop.ConfigError, match="holds checkpoints of a different experiment"):
-    loop.train_and_evaluate(other, workdir, progress=False)
 
 
 def test_bad_flags_give_one_line_errors(tmp_path):

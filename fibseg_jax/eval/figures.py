@@ -16,6 +16,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
 import numpy as np  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from fibseg_jax.data import synth  # noqa: E402
@@ -136,29 +137,30 @@ def fractions_figure(
   colors = class_colors(len(classes))
   fig, ax = plt.subplots(figsize=(7, 3.8))
   z = np.asarray(z)
+  handles = []
   for i, name in enumerate(classes):
-    ax.plot(z, 100 * fractions[:, i], color=colors[i], lw=1.6, label=f"{name} (predicted)")
+    (line,) = ax.plot(z, 100 * fractions[:, i], color=colors[i], lw=1.6, label=name)
+    handles.append(line)
     if truth:
       tz = sorted(truth)
-      ax.plot(
-        tz,
-        [100 * truth[k][i] for k in tz],
-        "o",
-        color=colors[i],
-        mec="k",
-        ms=6,
-        label=f"{name} (truth)",
-      )
+      ax.plot(tz, [100 * truth[k][i] for k in tz], "o", color=colors[i], mec="k", ms=6)
+  if truth:
+    handles.append(
+      Line2D([], [], ls="", marker="o", color="w", mec="k", ms=6, label="truth (annotated)")
+    )
+  top = float(np.nanmax(fractions)) * 100 if fractions.size else 100.0
+  if truth:
+    top = max(top, 100 * max(float(np.nanmax(v)) for v in truth.values()))
+  ax.set_ylim(0, min(100.0, 1.15 * top + 2))
   ax.set_xlabel("slice z")
   ax.set_ylabel("volume fraction (%)")
-  ax.set_ylim(0, 100)
   ax.grid(alpha=0.3)
-  ax.set_title("phase fractions along z")
+  ax.set_title("predicted phase fractions along z")
   if voxel_size_nm and len(z):
     dz = float(voxel_size_nm[0]) / 1000.0
     top = ax.secondary_xaxis("top", functions=(lambda v: v * dz, lambda v: v / dz))
     top.set_xlabel("depth (µm)")
-  ax.legend(fontsize=8, ncol=2 if truth else 1, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
   plt.close(fig)

@@ -18,6 +18,8 @@ hundred MB.
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import dataclasses
 import queue
 import threading
@@ -120,7 +122,12 @@ class SlabReader:
   def _region(self, data: np.ndarray, geom: RegionGeometry) -> np.ndarray:
     ys = geom.y_index - geom.y_index.min()
     xs = geom.x_index - geom.x_index.min()
-    return np.ascontiguousarray(data[np.ix_(ys, xs, self._channels)])
+    # Inside the volume nothing is reflected: use the read as is, without a copy.
+    if not (_is_range(ys, data.shape[0]) and _is_range(xs, data.shape[1])):
+      data = data[np.ix_(ys, xs)]
+    if not _is_range(self._channels, data.shape[2]):
+      data = data[..., self._channels]
+    return data
 
   def _run(self) -> None:
     cache: dict[int, np.ndarray] = {}
@@ -178,6 +185,63 @@ class SlabReader:
       self._thread.join(timeout=10)
 
 
+def _is_range(index: np.ndarray, n: int) -> bool:
+  return len(index) == n and np.array_equal(index, np.arange(n))
+
+
+class RegionBlender:
+  """Blends overlapping tiles of a region, reusing its buffers across regions of one size.
+
+  Blocks of one footprint come one after another (z innermost), so the accumulator
+  [y, x, classes] and the summed window [y, x] are allocated once per footprint instead
+  of once per block.
+  """
+
+  def __init__(self, predictor: predict.TilePredictor, overlap: int):
+    self._predictor = predictor
+    self._overlap = overlap
+    self._key = None
+    self._acc: np.ndarray | None = None
+    self._weights: np.ndarray | None = None
+
+  def __call__(self, slab: Sequence[np.ndarray], tile_yx: Sequence[int]) -> np.ndarray:
+    """Blended probabilities [y, x, classes] float32 of a region; see `blend_region`.
+
+    The result is a buffer of this blender, overwritten by the next call.
+    """
+    shape_yx = tuple(slab[0].shape[:2])
+    ty, tx = (int(t) for t in tile_yx)
+    starts = tiling.tile_grid(shape_yx, (ty, tx), self._overlap)
+    predictor = self._predictor
+    if self._key != (shape_yx, ty, tx):
+      self._key, self._acc = (shape_yx, ty, tx), None
+      self._weights = tiling.weight_sum(shape_yx, (ty, tx), starts, predictor.window((ty, tx)))
+    pending = None
+
+    def accumulate(out: jax.Array, positions: Sequence[tuple[int, int]]) -> None:
+      out = np.asarray(out)
+      if self._acc is None or self._acc.shape[-1] != out.shape[-1]:
+        self._acc = np.zeros((*shape_yx, out.shape[-1]), np.float32)
+      for k, (y, x) in enumerate(positions):
+        self._acc[y : y + ty, x : x + tx] += out[k]
+
+    if self._acc is not None:
+      self._acc.fill(0)
+    for i in range(0, len(starts), predictor.batch):
+      positions = starts[i : i + predictor.batch]
+      # [n, slices, ty, tx, channels], cut from the slices without stacking the region.
+      tiles = np.stack(
+        [np.stack([s[y : y + ty, x : x + tx] for s in slab]) for y, x in positions], axis=0
+      )
+      out = predictor(tiles)  # asynchronous: the host blends the previous batch meanwhile
+      if pending is not None:
+        accumulate(*pending)
+      pending = (out, positions)
+    accumulate(*pending)
+    self._acc /= self._weights[..., None]
+    return self._acc
+
+
 def blend_region(
   predictor: predict.TilePredictor,
   slab: Sequence[np.ndarray],
@@ -196,34 +260,28 @@ def blend_region(
     [y, x, classes] float32: sum over tiles of window * softmax, divided by the sum of
     windows. The window is positive everywhere, so every pixel has weight.
   """
-  shape_yx = slab[0].shape[:2]
-  ty, tx = (int(t) for t in tile_yx)
-  starts = tiling.tile_grid(shape_yx, (ty, tx), overlap)
-  acc = None
-  pending = None
+  return RegionBlender(predictor, overlap)(slab, tile_yx)
 
-  def accumulate(out: jax.Array, positions: Sequence[tuple[int, int]]) -> None:
-    nonlocal acc
-    out = np.asarray(out)
-    if acc is None:
-      acc = np.zeros((*shape_yx, out.shape[-1]), np.float32)
-    for k, (y, x) in enumerate(positions):
-      acc[y : y + ty, x : x + tx] += out[k]
 
-  for i in range(0, len(starts), predictor.batch):
-    positions = starts[i : i + predictor.batch]
-    # [n, slices, ty, tx, channels], cut from the slices without stacking the region.
-    tiles = np.stack(
-      [np.stack([s[y : y + ty, x : x + tx] for s in slab]) for y, x in positions], axis=0
-    )
-    out = predictor(tiles)  # asynchronous: the host blends the previous batch meanwhile
-    if pending is not None:
-      accumulate(*pending)
-    pending = (out, positions)
-  accumulate(*pending)
-  weights = tiling.weight_sum(shape_yx, (ty, tx), starts, predictor.window((ty, tx)))
-  acc /= weights[..., None]
-  return acc
+def _load_malloc_trim():
+  try:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").malloc_trim
+  except (OSError, AttributeError):  # not glibc
+    return None
+
+
+_MALLOC_TRIM = _load_malloc_trim()
+
+
+def _release_free_memory() -> None:
+  """Hands memory freed by the last block back to the OS (glibc only).
+
+  Each block allocates and frees arrays of tens of MB; glibc keeps much of that in its
+  heaps once its adaptive mmap threshold has grown, and resident memory then creeps up
+  by hundreds of MB over a large stack although the working set does not change.
+  """
+  if _MALLOC_TRIM is not None:
+    _MALLOC_TRIM(0)
 
 
 def _to_uint8_probabilities(probs: np.ndarray) -> np.ndarray:
@@ -413,9 +471,10 @@ def segment_volume(
     tile=tile,
     size_multiple=size_multiple,
   )
+  blend = RegionBlender(predictor, overlap)
   try:
     for blk, geom, slab in reader:
-      probs = blend_region(predictor, slab, geom.tile_yx, overlap)
+      probs = blend(slab, geom.tile_yx)
       cy, cx = geom.crop
       probs = probs[cy : cy + blk.y1 - blk.y0, cx : cx + blk.x1 - blk.x0]
       labels = np.argmax(probs, axis=-1).astype(np.uint8)
@@ -428,6 +487,7 @@ def segment_volume(
         )
       in_flight.append((blk, futures))
       finish(keep=_WRITES_IN_FLIGHT)
+      _release_free_memory()
     finish(keep=0)
   finally:
     reader.close()

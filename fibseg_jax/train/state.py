@@ -121,7 +121,7 @@ def make_train_step(model, tx, schedule, class_weights: np.ndarray | None, dice_
       "loss": loss,
       "ce": aux["ce"],
       "dice": aux["dice"],
-      "grad_norm": optax.global_norm(grads),
+      "grad_norm": optax.tree.norm(grads),
       "lr": schedule(state.step),
     }
     return new_state, metrics
