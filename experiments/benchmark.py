@@ -232,11 +232,11 @@ class MemoryMeter:
     self._thread: threading.Thread | None = None
     self._start = self._peak = self._end = 0
     self._maxrss_start = 0
+    self._process = psutil.Process() if psutil is not None else None
 
-  @staticmethod
-  def rss() -> int:
+  def rss(self) -> int:
     """Current resident set in bytes (0 without psutil)."""
-    return psutil.Process().memory_info().rss if psutil is not None else 0
+    return self._process.memory_info().rss if self._process is not None else 0
 
   @staticmethod
   def maxrss() -> int:
@@ -356,9 +356,9 @@ def as_features_first(image: np.ndarray) -> np.ndarray:
 def init_key(seed: int = 0) -> jax.Array:
   """The key the parameters are drawn from: the same initializers, another bit generator.
 
-  XLA:CPU takes minutes to compile a whole network's threefry draws on a small machine
-  (38 s for a 3-level U-Net of width 8 here); the "rbg" generator compiles ~6x faster and
-  the step being timed does not depend on which bits the weights got.
+  XLA:CPU is slow to compile a whole network's threefry draws (38 s for a 2-level U-Net
+  of width 8 on the 2-core build machine); the "rbg" generator compiles about 6x faster,
+  and the step being timed does not depend on which bits the weights got.
   """
   return jax.random.key(seed, impl="rbg")
 

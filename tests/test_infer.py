@@ -168,6 +168,16 @@ def test_small_region_is_padded_to_a_valid_size():
   np.testing.assert_array_equal(geom.y_index[:4], [2, 1, 0, 1])
 
 
+def test_small_batches_are_padded_to_few_shapes(pixel):
+  predictor = infer.TilePredictor(*pixel, offset=[0, 0], scale=[1, 1], overlap=4, batch=6)
+  assert predictor.batch == 6
+  assert [predictor.padded_size(n) for n in (1, 2, 3, 5, 6)] == [1, 2, 4, 6, 6]
+  out = predictor(np.ones((3, 3, 16, 16, 2), np.uint16))
+  assert out.shape == (4, 16, 16, 3)
+  # Softmax times the window: the class probabilities of a pixel sum to its weight.
+  np.testing.assert_allclose(np.asarray(out).sum(-1)[0], predictor.window((16, 16)), rtol=1e-5)
+
+
 # --- segmentation ---------------------------------------------------------------------
 
 

@@ -177,13 +177,8 @@ UNET_RUN = {
   "dropout": 0.2,
   "upsample": "resize",
 }
-SENSOR3D_RUN = {
-  "name": "sensor3d",
-  "num_classes": 3,
-  "depth": 1,
-  "features": (4, 8),
-  "dropout": 0.2,
-}
+# Dropout layers are exercised by the U-Net run; in this one they would double the compile.
+SENSOR3D_RUN = {"name": "sensor3d", "num_classes": 3, "depth": 1, "features": (4, 8)}
 
 
 @dataclasses.dataclass
@@ -259,9 +254,16 @@ def test_training_gradients_finite_and_deterministic(run_name, request):
     run.step(params, other, run.model, run.x, jax.random.key(1))
   )
   assert np.isfinite(loss)
-  # Every parameter (LSTMs and norm parameters included) takes part in the loss.
+  chex.assert_tree_all_finite(grads)
+  scale = max(max_abs(g) for g in jax.tree_util.tree_leaves(grads))
   for path, g in jax.tree_util.tree_leaves_with_path(grads):
-    assert np.isfinite(g).all() and max_abs(g) > 0, jax.tree_util.keystr(path)
+    keys = [k.key for k in path]
+    if keys[-2:] in (["conv0", "bias"], ["conv1", "bias"]):
+      # The norm right after these convolutions removes any per-channel constant.
+      assert max_abs(g) < 1e-5 * scale, jax.tree_util.keystr(path)
+    else:
+      # Every other parameter, LSTMs and norm parameters included, drives the loss.
+      assert max_abs(g) > 1e-5 * scale, jax.tree_util.keystr(path)
 
   if run.model.config.norm == "batch":
     moved = jax.tree_util.tree_map(
@@ -271,14 +273,14 @@ def test_training_gradients_finite_and_deterministic(run_name, request):
   else:
     assert updates == {}
 
-  # Same keys: bitwise the same; another dropout key: other logits.
+  # Same keys: bitwise the same; another dropout key: other logits (with dropout).
   (_, (logits2, _)), grads2 = jax.device_get(
     run.step(params, other, run.model, run.x, jax.random.key(1))
   )
   np.testing.assert_array_equal(logits, logits2)
   chex.assert_trees_all_equal(grads, grads2)
   (_, (logits3, _)), _ = run.step(params, other, run.model, run.x, jax.random.key(2))
-  assert max_abs(logits, logits3) > 1e-3
+  assert (max_abs(logits, logits3) > 1e-3) == (run.model.config.dropout > 0)
 
   # Evaluation ignores dropout (no rng needed) and repeats exactly.
   first = run.evaluate(run.variables, run.x, train=False)
@@ -290,8 +292,8 @@ def test_init_is_deterministic_in_the_key(unet_run):
   again = unet_run.init(jax.random.key(0), unet_run.x)
   other = unet_run.init(jax.random.key(1), unet_run.x)
   chex.assert_trees_all_equal(unet_run.variables, again)
-  kernel = lambda v: v["params"]["down0"]["conv0"]["kernel"]  # noqa: E731
-  assert max_abs(kernel(unet_run.variables), kernel(other)) > 0
+  kernels = [v["params"]["down0"]["conv0"]["kernel"] for v in (unet_run.variables, other)]
+  assert max_abs(*kernels) > 0
 
 
 @pytest.mark.parametrize("run_name", ["unet_run", "sensor3d_run"])

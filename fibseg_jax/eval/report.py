@@ -165,7 +165,9 @@ def open_truth(spec: str | os.PathLike) -> Truth:
   try:
     vol = volume_lib.open_volume(spec, check_labels=False)
   except volume_lib.VolumeError as e:
-    raise EvaluationError(f"--truth: {e}") from e
+    raise EvaluationError(
+      f"--truth: {e} (or give a glob of label images, e.g. 'labels/*.tif')"
+    ) from e
   return Truth(
     description=volume_lib.describe(spec),
     shape=vol.shape,

@@ -26,7 +26,7 @@ class TilePredictor:
 
   Tiles go to the devices in their stored dtype (uint16 is half the bytes of float32)
   and are normalised there with the volume's (offset, scale), the same normalisation
-  the training loader applies. Compiles once per tile shape.
+  the training loader applies. Compiles once per tile shape and batch size.
 
   Attributes:
     batch: tiles per device call, a multiple of the device count.
@@ -105,6 +105,17 @@ class TilePredictor:
     out = jax.eval_shape(lambda v, t: self._model.apply(v, t, train=False), self._variables, x)
     return tuple(out.shape)
 
+  def padded_size(self, n: int) -> int:
+    """Rows of the device batch for n tiles: the device count times a power of two.
+
+    A region with fewer tiles than `batch` (small slices) then costs about what it
+    needs, and at most log2(batch / devices) + 1 batch shapes are ever compiled.
+    """
+    size = len(self.devices)
+    while size < n:
+      size *= 2
+    return min(size, self.batch)
+
   def __call__(self, tiles: np.ndarray) -> jax.Array:
     """Starts the forward pass of up to `batch` tiles; returns without waiting.
 
@@ -112,15 +123,15 @@ class TilePredictor:
       tiles: [n, slices, y, x, channels] raw tiles (any numeric dtype), n <= batch.
 
     Returns:
-      [batch, y, x, classes] float32 softmax probabilities times the blending window;
-      rows n.. are padding.
+      [padded_size(n), y, x, classes] float32 softmax probabilities times the blending
+      window; rows n.. are padding.
     """
     n = tiles.shape[0]
     if n > self.batch:
       raise ValueError(f"{n} tiles exceed the batch of {self.batch}")
-    if n < self.batch:
-      # Every call has the same shape, so nothing recompiles for the last batch.
-      pad = np.zeros((self.batch - n, *tiles.shape[1:]), tiles.dtype)
+    size = self.padded_size(n)
+    if n < size:
+      pad = np.zeros((size - n, *tiles.shape[1:]), tiles.dtype)
       tiles = np.concatenate([tiles, pad], axis=0)
     _, window = self._device_window(tiles.shape[2:4])
     batch = jax.device_put(tiles, self._sharded)

@@ -110,7 +110,11 @@ def read_attributes(path: Any) -> dict[str, Any]:
 
 
 def open_array(path: Any) -> ts.TensorStore:
-  """Opens an existing zarr v3 array read-only-in-spirit (no create, no delete)."""
+  """Opens an existing zarr v3 array (never creates or deletes anything).
+
+  Raises:
+    OutputError: no zarr v3 array at `path`.
+  """
   where = volume_lib.describe(path)
   try:
     return ts.open(

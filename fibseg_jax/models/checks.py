@@ -6,6 +6,7 @@ sentence naming the field (``model.<field>``) and the values that would be accep
 
 from __future__ import annotations
 
+import numbers
 from collections.abc import Sequence
 
 NORMS = ("batch", "instance", "group", "none")
@@ -28,9 +29,14 @@ def check_choice(field: str, value: object, choices: Sequence[str]) -> None:
     raise ModelConfigError(f"model.{field}={value!r} is not one of {tuple(choices)}")
 
 
+def is_int(value: object) -> bool:
+  """True for Python and numpy integers, False for bools."""
+  return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_positive_int(field: str, value: object) -> None:
-  """Raises ModelConfigError unless `value` is an int >= 1 (bools are not ints here)."""
-  if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+  """Raises ModelConfigError unless `value` is an integer >= 1."""
+  if not is_int(value) or value < 1:
     raise ModelConfigError(f"model.{field}={value!r} must be a positive integer")
 
 
@@ -85,7 +91,7 @@ def check_backbone(
       )
   check_choice("activation", activation, ACTIVATIONS)
   check_choice("upsample", upsample, UPSAMPLES)
-  if isinstance(dropout, bool) or not isinstance(dropout, int | float) or not 0 <= dropout < 1:
+  if isinstance(dropout, bool) or not isinstance(dropout, numbers.Real) or not 0 <= dropout < 1:
     raise ModelConfigError(f"model.dropout={dropout!r} must be a rate in [0, 1)")
   check_choice("dtype", dtype, DTYPES)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable
-from typing import Any, Protocol
+from typing import Protocol
 
 import flax.linen as nn
 import jax
@@ -78,29 +78,27 @@ def decoder_widths(config: BackboneConfig) -> list[tuple[int, int]]:
   return widths
 
 
-class Norm(nn.Module):
-  """The normalisation named by `config.norm` over a `[batch, y, x, channels]` map.
+def norm_layer(config: BackboneConfig, train: bool, name: str) -> nn.Module | None:
+  """The normalisation named by `config.norm`, channels last, or None for "none".
 
-  Attributes:
+  Args:
     config: model config.
+    train: batch norm normalises with batch statistics (and updates the running ones).
+    name: the layer's name in the params tree.
+
+  Returns:
+    A flax layer mapping `[batch, y, x, channels]` to the same shape, or None.
   """
-
-  config: Any
-
-  @nn.compact
-  def __call__(self, x: jax.Array, train: bool) -> jax.Array:
-    """Normalises `x: [batch, y, x, channels]`; returns the same shape and dtype."""
-    cfg = self.config
-    dtype = compute_dtype(cfg)
-    if cfg.norm == "batch":
-      return nn.BatchNorm(
-        use_running_average=not train, momentum=0.9, epsilon=NORM_EPSILON, dtype=dtype
-      )(x)
-    if cfg.norm == "instance":
-      return nn.InstanceNorm(epsilon=NORM_EPSILON, dtype=dtype)(x)
-    if cfg.norm == "group":
-      return nn.GroupNorm(num_groups=cfg.norm_groups, epsilon=NORM_EPSILON, dtype=dtype)(x)
-    return x
+  dtype = compute_dtype(config)
+  if config.norm == "batch":
+    return nn.BatchNorm(
+      use_running_average=not train, momentum=0.9, epsilon=NORM_EPSILON, dtype=dtype, name=name
+    )
+  if config.norm == "instance":
+    return nn.InstanceNorm(epsilon=NORM_EPSILON, dtype=dtype, name=name)
+  if config.norm == "group":
+    return nn.GroupNorm(num_groups=config.norm_groups, epsilon=NORM_EPSILON, dtype=dtype, name=name)
+  return None
 
 
 class ConvBlock(nn.Module):
@@ -111,7 +109,7 @@ class ConvBlock(nn.Module):
     features: output channels of both convolutions.
   """
 
-  config: Any
+  config: BackboneConfig
   features: int
 
   @nn.compact
@@ -136,7 +134,9 @@ class ConvBlock(nn.Module):
         dtype=compute_dtype(cfg),
         name=f"conv{i}",
       )(x)
-      x = Norm(cfg, name=f"norm{i}")(x, train)
+      norm = norm_layer(cfg, train, f"norm{i}")
+      if norm is not None:
+        x = norm(x)
       x = nn.Dropout(cfg.dropout, deterministic=not train)(x)
       x = act(x)
     return x
@@ -153,7 +153,7 @@ class Upsample(nn.Module):
     features: output channels.
   """
 
-  config: Any
+  config: BackboneConfig
   features: int
 
   @nn.compact
@@ -179,7 +179,7 @@ class UpBlock(nn.Module):
     features: output channels.
   """
 
-  config: Any
+  config: BackboneConfig
   up_features: int
   features: int
 

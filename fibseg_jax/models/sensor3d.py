@@ -84,7 +84,7 @@ class Sensor3DConfig:
       )
     levels = range(-self.depth - 1, self.depth + 1)
     for level in self.lstm_levels:
-      if isinstance(level, bool) or not isinstance(level, int) or level not in levels:
+      if not checks.is_int(level) or level not in levels:
         raise checks.ModelConfigError(
           f"model.lstm_levels={self.lstm_levels} has {level!r}; levels of depth {self.depth} "
           f"are 0..{self.depth} ({self.depth} or -1 is the bottleneck)"
@@ -101,7 +101,7 @@ class Sensor3DConfig:
         f"model.lstm_levels: level(s) {odd} have odd widths {[widths[k] for k in odd]}; "
         "each LSTM direction gets half of the width, so those widths must be even"
       )
-    if isinstance(self.lstm_kernel, bool) or self.lstm_kernel not in range(1, 100, 2):
+    if not checks.is_int(self.lstm_kernel) or self.lstm_kernel < 1 or self.lstm_kernel % 2 == 0:
       raise checks.ModelConfigError(
         f"model.lstm_kernel={self.lstm_kernel!r} must be an odd positive integer"
       )
