@@ -2,7 +2,8 @@
 
 Class colours are the same everywhere (`class_colors`): the synthetic phantom's
 palette first (pore near black, C-S-H grey-green, portlandite blue, clinker orange),
-then matplotlib's tab10. Written with the Agg backend, so no display is needed.
+then matplotlib's tab10. Figures are drawn on their own `Figure` objects (no pyplot), so
+no display is needed and importing this module leaves the caller's matplotlib backend alone.
 """
 
 from __future__ import annotations
@@ -12,15 +13,13 @@ import os
 from collections.abc import Mapping, Sequence
 
 import matplotlib
+import numpy as np
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+from matplotlib.patches import Patch
 
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402 - after choosing the backend
-import numpy as np  # noqa: E402
-from matplotlib.lines import Line2D  # noqa: E402
-from matplotlib.patches import Patch  # noqa: E402
-
-from fibseg_jax.data import synth  # noqa: E402
-from fibseg_jax.data import volume as volume_lib  # noqa: E402
+from fibseg_jax.data import synth
+from fibseg_jax.data import volume as volume_lib
 
 NOT_ANNOTATED_COLOR = (1.0, 1.0, 1.0)
 CORRECT_COLOR = (0.78, 0.78, 0.78)
@@ -32,10 +31,10 @@ MAX_DISPLAY_PX = 1024
 def class_colors(n: int) -> np.ndarray:
   """RGB colours [n, 3] in [0, 1] for class indices 0..n-1, the same in every figure."""
   palette = [tuple(c) for c in synth.CLASS_COLORS]
-  tab = plt.get_cmap("tab10").colors
+  tab = matplotlib.colormaps["tab10"].colors
   palette += [tuple(c) for c in tab if tuple(c) not in palette]
   while len(palette) < n:
-    palette += [tuple(c) for c in plt.get_cmap("tab20b").colors]
+    palette += [tuple(c) for c in matplotlib.colormaps["tab20b"].colors]
   return np.asarray(palette[:n], np.float64)
 
 
@@ -90,9 +89,8 @@ def slice_figure(
     ("error map", error_map(truth[::s, ::s], prediction[::s, ::s]), None),
   ]
   aspect = truth.shape[0] / truth.shape[1]
-  fig, axes = plt.subplots(
-    1, len(panels), figsize=(3.2 * len(panels), 3.2 * aspect + 1.1), squeeze=False
-  )
+  fig = Figure(figsize=(3.2 * len(panels), 3.2 * aspect + 1.1))
+  axes = fig.subplots(1, len(panels), squeeze=False)
   for ax, (name, data, cmap) in zip(axes[0], panels, strict=True):
     if cmap:
       ax.imshow(data, cmap=cmap, vmin=-1, vmax=1, interpolation="nearest")
@@ -112,7 +110,6 @@ def slice_figure(
     fig.suptitle(title, fontsize=11)
   fig.tight_layout(rect=(0, 0.08, 1, 0.95 if title else 1))
   fig.savefig(path, dpi=120)
-  plt.close(fig)
 
 
 def fractions_figure(
@@ -135,7 +132,8 @@ def fractions_figure(
     voxel_size_nm: (z, y, x); adds the depth in micrometres on a top axis.
   """
   colors = class_colors(len(classes))
-  fig, ax = plt.subplots(figsize=(7, 3.8))
+  fig = Figure(figsize=(7, 3.8))
+  ax = fig.subplots()
   z = np.asarray(z)
   handles = []
   for i, name in enumerate(classes):
@@ -163,4 +161,3 @@ def fractions_figure(
   ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
   fig.tight_layout()
   fig.savefig(path, dpi=120)
-  plt.close(fig)

@@ -21,6 +21,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
+# Training and inference must reflect slabs identically: one definition, in data.
+from fibseg_jax.data.loader import slab_indices  # noqa: F401 - re-exported
+
 WINDOWS = ("cosine", "gaussian")
 # sigma of the Gaussian window as a fraction of the tile side (as in MONAI's
 # sliding_window_inference), which leaves exp(-8) ~ 3e-4 at the tile edge.
@@ -51,21 +54,6 @@ def reflect_indices(start: int, stop: int, size: int) -> np.ndarray:
   period = 2 * (size - 1)
   idx = np.mod(idx, period)
   return np.where(idx >= size, period - idx, idx)
-
-
-def slab_indices(z: int, slices: int, depth: int) -> np.ndarray:
-  """The z indices of the slab centred on slice `z`, reflected at the stack ends.
-
-  Args:
-    z: central slice.
-    slices: odd slab depth.
-    depth: number of slices in the stack.
-
-  Returns:
-    int64 [slices] slice indices, e.g. z=0, slices=3 -> [1, 0, 1].
-  """
-  r = slices // 2
-  return reflect_indices(z - r, z + r + 1, depth)
 
 
 def tile_starts(size: int, tile: int, overlap: int) -> list[int]:

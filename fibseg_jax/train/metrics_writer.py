@@ -86,16 +86,14 @@ def plot_curves(workdir: str, out: str | None = None) -> str | None:
   if not os.path.exists(path):
     return None
   rows = read_metrics(path)
-  import matplotlib  # noqa: PLC0415
-
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415 - only when plotting
 
   def series(key):
     pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
 
-  fig, (ax_loss, ax_iou) = plt.subplots(1, 2, figsize=(11, 4))
+  fig = Figure(figsize=(11, 4))
+  ax_loss, ax_iou = fig.subplots(1, 2)
   for key, label in (("loss", "train loss"), ("val_loss", "validation loss")):
     s = series(key)
     if s:
@@ -122,5 +120,4 @@ def plot_curves(workdir: str, out: str | None = None) -> str | None:
   fig.tight_layout()
   out = out or os.path.join(workdir, CURVES_FILE)
   fig.savefig(out, dpi=100)
-  plt.close(fig)
   return out
