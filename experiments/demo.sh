@@ -11,13 +11,15 @@ PY=${PYTHON:-.venv/bin/python}
 SHAPE=${DEMO_SHAPE:-24,384,384}
 ANNOTATE=${DEMO_ANNOTATE:-5,11,17,20}
 EVAL_SLICE=${DEMO_EVAL_SLICE:-20}
-STEPS=${DEMO_STEPS:-600}
+STEPS=${DEMO_STEPS:-400}
 PATCH=${DEMO_PATCH:-128}
 BATCH=${DEMO_BATCH:-8}
 TILE=${DEMO_TILE:-256}
 OVERLAP=${DEMO_OVERLAP:-64}
 MODEL=${DEMO_MODEL:-unet}
-EXTRA=${DEMO_TRAIN_FLAGS:-}
+# Half the BasicUNet widths (a quarter of the FLOPs) so the demo trains in minutes on a
+# laptop CPU; drop this override on an accelerator.
+EXTRA=${DEMO_TRAIN_FLAGS:---config.model.features=(16,16,32,64,128,16)}
 
 rm -rf "$OUT"
 mkdir -p "$OUT"

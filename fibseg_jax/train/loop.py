@@ -251,6 +251,9 @@ def train_and_evaluate(
     for step in range(start, steps):
       batch = parallel.global_batch(_as_model_batch(next(batches)), batch_sharding)
       state, metrics = train_step(state, batch)
+      # Wait for the step so the progress bar tells the truth; the loader's prefetch
+      # thread keeps reading meanwhile, so little is lost.
+      metrics["loss"].block_until_ready()
       done = step + 1
       if done % int(t.log_every) == 0 or done == steps:
         metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
