@@ -225,6 +225,19 @@ def test_checkpoint_load_predicts_and_outputs(tmp_path):
   # One step directory, loaded directly.
   step_dir = os.path.join(workdir, "checkpoints", "4")
   assert checkpoint.load(step_dir).step == 4
+  # Fine-tuning starts from the saved weights: with a zero learning rate they stay put.
+  tuned = str(tmp_path / "tuned")
+  config = tiny_config(path, steps=2, learning_rate=0.0, init_from=workdir)
+  loop.train_and_evaluate(config, tuned, progress=False)
+  jax.tree.map(
+    np.testing.assert_array_equal,
+    checkpoint.load(tuned, best=False).variables["params"],
+    restored.variables["params"],
+  )
+  wrong = tiny_config(path, steps=2, init_from=workdir)
+  wrong.model.features = (4, 8, 16)
+  with pytest.raises(loop.ConfigError, match=r"init_from=.*its model differs in \['features'\]"):
+    loop.train_and_evaluate(wrong, str(tmp_path / "wrong"), progress=False)
   # The workdir refuses a different experiment before anything is compiled.
   other = tiny_config(path)
   other.data.channels = "ICE"

@@ -49,6 +49,9 @@ def base_config() -> ml_collections.ConfigDict:
   config.train.class_weights = True  # inverse-sqrt label frequency of the training area
   config.train.eval_every = 200  # validation, and a checkpoint, every N steps
   config.train.keep = 3  # latest checkpoints kept (the best one is kept too)
+  # Fine-tuning: start from the weights of another run (its workdir or a checkpoint step
+  # directory) instead of a random init; the optimizer starts afresh.
+  config.train.init_from = ""
   config.train.log_every = 20
   return config
 

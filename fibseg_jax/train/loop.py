@@ -152,6 +152,30 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
   return latest
 
 
+def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainState:
+  """Replaces freshly initialised weights by those of another run (fine-tuning)."""
+  try:
+    restored = checkpoint.load(source)
+  except checkpoint.CheckpointError as e:
+    raise ConfigError(f"--config.train.init_from: {e}") from None
+  theirs = json.loads(json.dumps(restored.config.model.to_dict()))
+  mine = json.loads(json.dumps(config.model.to_dict()))
+  if theirs != mine:
+    diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+    raise ConfigError(
+      f"--config.train.init_from={source}: its model differs in {diff} "
+      f"({[theirs.get(k) for k in diff]} there, {[mine.get(k) for k in diff]} here)"
+    )
+  params = jax.device_put(restored.variables["params"], replicated)
+  batch_stats = jax.device_put(restored.variables.get("batch_stats", {}), replicated)
+  shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
+  if shapes(params) != shapes(state.params):
+    raise ConfigError(f"--config.train.init_from={source}: parameters do not fit this model")
+  if jax.process_index() == 0:
+    print(f"fine-tuning from {restored.path} (step {restored.step})")
+  return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+
+
 def _validate(eval_step, state, loader, batch_sharding, classes) -> dict[str, float]:
   k = len(classes)
   cm = np.zeros((k, k), np.int64)
@@ -224,6 +248,8 @@ def train_and_evaluate(
     # slower on CPU; init is replicated, so the non-partitionable stream loses nothing.
     with jax.threefry_partitionable(False):
       state = jax.jit(init, out_shardings=state_sharding)(rng)
+    if t.init_from:
+      state = _init_from(state, config, tx, str(t.init_from), replicated)
   if is_main:
     n_params = models.count_params(state.params)
     print(
