@@ -5,6 +5,7 @@ import functools
 from typing import Any
 
 import chex
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -12,6 +13,7 @@ import numpy as np
 import pytest
 
 from fibseg_jax import models
+from fibseg_jax.models import layers
 
 UNET = {"name": "unet", "num_classes": 3, "depth": 2, "features": (4, 8, 16)}
 SENSOR3D = {"name": "sensor3d", "num_classes": 3, "depth": 2, "features": (4, 8, 16)}
@@ -461,3 +463,17 @@ def test_count_params_ignores_batch_stats():
   variables = jax.eval_shape(lambda x: model.init(jax.random.key(0), x), slab())
   assert models.count_params(variables) == models.count_params(variables["params"])
   assert models.count_params(variables["batch_stats"]) > 0
+
+
+def test_transposed_conv_2x2_equals_flax_conv_transpose():
+  x = jax.random.normal(jax.random.PRNGKey(0), (2, 5, 7, 6))
+  reference = nn.ConvTranspose(4, (2, 2), strides=(2, 2), padding="VALID")
+  variables = reference.init(jax.random.PRNGKey(1), x)
+  variables = jax.tree.map(lambda a: a + 0.1, variables)  # a non-zero bias too
+  ours = layers.TransposedConv2x2(4)
+  assert jax.tree.map(jnp.shape, ours.init(jax.random.PRNGKey(2), x)) == jax.tree.map(
+    jnp.shape, variables
+  )
+  np.testing.assert_allclose(
+    ours.apply(variables, x), reference.apply(variables, x), rtol=1e-5, atol=1e-5
+  )

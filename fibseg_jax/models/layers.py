@@ -142,6 +142,37 @@ class ConvBlock(nn.Module):
     return x
 
 
+class TransposedConv2x2(nn.Module):
+  """`nn.ConvTranspose(features, (2, 2), strides=(2, 2), padding="VALID")`, as an einsum.
+
+  A stride-2 2x2 transposed conv has no overlap between output blocks: each input pixel
+  writes its own 2x2 block. Written as one einsum and a reshape it gives the same
+  outputs and parameters (`kernel` [2, 2, in, out], `bias` [out], so checkpoints are
+  interchangeable), but XLA:CPU computes its weight gradient ~20x faster than for the
+  lhs-dilated convolution flax lowers ConvTranspose to (see BUILD_NOTES.md).
+
+  Attributes:
+    features: output channels.
+    dtype: compute dtype; parameters are float32.
+  """
+
+  features: int
+  dtype: jnp.dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Maps `x: [batch, y, x, in]` to `[batch, 2y, 2x, features]`."""
+    kernel = self.param(
+      "kernel", nn.linear.default_kernel_init, (2, 2, x.shape[-1], self.features), jnp.float32
+    )
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.features,), jnp.float32)
+    x, kernel, bias = nn.dtypes.promote_dtype(x, kernel, bias, dtype=self.dtype)
+    batch, y, x_size, _ = x.shape
+    # ConvTranspose (transpose_kernel=False) applies the spatially flipped kernel.
+    out = jnp.einsum("bhwc,klco->bhkwlo", x, kernel[::-1, ::-1])
+    return out.reshape(batch, 2 * y, 2 * x_size, self.features) + bias
+
+
 class Upsample(nn.Module):
   """Doubles y and x: a 2x2 stride-2 transposed conv, or bilinear resize then 3x3 conv.
 
@@ -162,9 +193,7 @@ class Upsample(nn.Module):
     cfg = self.config
     dtype = compute_dtype(cfg)
     if cfg.upsample == "transpose":
-      return nn.ConvTranspose(
-        self.features, (2, 2), strides=(2, 2), padding="VALID", dtype=dtype, name="conv"
-      )(x)
+      return TransposedConv2x2(self.features, dtype=dtype, name="conv")(x)
     batch, y, x_size, channels = x.shape
     x = jax.image.resize(x, (batch, 2 * y, 2 * x_size, channels), method="bilinear")
     return nn.Conv(self.features, (3, 3), padding="SAME", dtype=dtype, name="conv")(x)
