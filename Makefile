@@ -28,7 +28,7 @@ demo: $(VENV)/.installed
 
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0 monai==1.6.1 psutil
-	$(PY) experiments/benchmark.py
+	$(PY) experiments/benchmark.py --out=bench.json
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
