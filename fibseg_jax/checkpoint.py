@@ -127,7 +127,11 @@ class Restored:
 
   @property
   def channels(self) -> tuple[str, ...]:
-    return tuple(c.strip() for c in str(self.config.data.channels).split(",") if c.strip())
+    channels = self.config.data.channels
+    # "ICE,TLD" from the command line, a list when a config file gave a tuple.
+    if isinstance(channels, str):
+      channels = channels.split(",")
+    return tuple(str(c).strip() for c in channels if str(c).strip())
 
   @property
   def slices(self) -> int:

@@ -97,6 +97,18 @@ def test_memory_kvstore_output(tmp_path):
   assert volume.open_volume("memory://ingest_test").shape == (4, 24, 20)
 
 
+def test_kvstore_prefix_holding_other_data_is_not_taken(tmp_path):
+  # A failed write deletes its whole prefix, so a prefix that already holds anything
+  # (not only a volume) must be refused up front.
+  _make_stack(str(tmp_path))
+  root = "memory://ingest_not_empty"
+  kv = volume.ts.KvStore.open(volume.kvstore_spec(root), context=volume.CONTEXT).result()
+  kv.write("notes.txt", b"keep me").result()
+  with pytest.raises(ingest.IngestError, match=r"already exists; pass --overwrite"):
+    _run(str(tmp_path), root)
+  assert kv.read("notes.txt").result().value == b"keep me"
+
+
 def _expect_error(tmp_path, match, out=None, **overrides):
   out = out or str(tmp_path / "out.zarr")
   with pytest.raises(ingest.IngestError, match=match):
@@ -211,3 +223,14 @@ def test_script_end_to_end_and_error_message(tmp_path):
 
 def _quiet():
   return {"capture_output": True, "text": True, "check": False}
+
+
+def test_intensity_statistics_memory_does_not_grow_with_the_stack(monkeypatch):
+  monkeypatch.setattr(volume, "_STATS_SAMPLES_PER_SLICE", 256)
+  monkeypatch.setattr(volume, "_STATS_MAX_SAMPLES", 1000)
+  stats = volume._ChannelStats(1)
+  for z in range(100):
+    stats.add(np.full((32, 32, 1), z, np.uint16))  # slice z holds the value z only
+    assert sum(len(s) for s in stats._samples) <= 1000
+  # Every slice keeps the same weight, so the median is that of 0..99.
+  assert stats.result(["ICE"])["ICE"]["p50"] == pytest.approx(49.5, abs=1)

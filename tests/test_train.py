@@ -301,3 +301,11 @@ def test_config_parsers():
   with pytest.raises(ValueError, match="--x=a: expected comma-separated integers"):
     config_lib.parse_ints("a", "--x")
   assert isinstance(config_lib.base_config(), ml_collections.ConfigDict)
+
+
+def test_restored_channels_from_a_string_or_a_list():
+  # A config file may give the channels as a tuple; the checkpoint's JSON holds a list.
+  for channels in ("ICE, TLD", ["ICE", "TLD"]):
+    config = ml_collections.ConfigDict({"data": {"channels": channels}})
+    restored = checkpoint.Restored(model=None, variables={}, config=config, step=0, path="")
+    assert restored.channels == ("ICE", "TLD")

@@ -33,6 +33,8 @@ PERCENTILES = (0.5, 1.0, 50.0, 99.0, 99.5)
 # annotated slice reads exactly S slices; see BUILD_NOTES.md for the benchmark.
 DEFAULT_CHUNK_YX = 256
 _STATS_SAMPLES_PER_SLICE = 1 << 16
+# Samples kept per channel over the whole stack (64 MiB of float32 a channel).
+_STATS_MAX_SAMPLES = 1 << 24
 
 # One context for the process, so `memory://` stores persist between opens and every
 # open shares the chunk cache and thread pools.
@@ -344,17 +346,28 @@ class _ChannelStats:
 
   The sample (64 Ki pixels a slice) keeps memory flat for any slice size; percentiles
   of it are within a small fraction of a grey level of the exact ones for real stacks.
+  Past `_STATS_MAX_SAMPLES` the kept samples of every slice are halved (and so are
+  those of later slices), so memory stays flat for any stack depth too and every slice
+  keeps the same weight.
   """
 
   def __init__(self, num_channels: int, seed: int = 0):
     self._rng = np.random.default_rng(seed)
     self._samples: list[np.ndarray] = []
+    self._per_slice = _STATS_SAMPLES_PER_SLICE
+    self._count = 0
 
   def add(self, image_slice: np.ndarray) -> None:
     flat = image_slice.reshape(-1, image_slice.shape[-1])
-    n = min(_STATS_SAMPLES_PER_SLICE, flat.shape[0])
+    n = min(self._per_slice, flat.shape[0])
     idx = self._rng.choice(flat.shape[0], size=n, replace=False)
     self._samples.append(flat[idx].astype(np.float32))
+    self._count += n
+    while self._count > _STATS_MAX_SAMPLES and self._per_slice > 1:
+      # The samples are in random order, so every other one is a random half.
+      self._samples = [s[::2] for s in self._samples]
+      self._per_slice //= 2
+      self._count = sum(len(s) for s in self._samples)
 
   def result(self, channels: Sequence[str]) -> dict[str, dict[str, float]]:
     samples = np.concatenate(self._samples, 0).astype(np.float64)
@@ -423,7 +436,9 @@ class VolumeWriter:
       self._tmp = None
       self.kvstore = kvstore_spec(root)
       kv = ts.KvStore.open(dict(self.kvstore), context=CONTEXT).result()
-      if kv.read("zarr.json").result().state == "value":
+      # Any key under the prefix, not only a volume's zarr.json: `abort()` deletes the
+      # whole prefix, which must never take data that was there before.
+      if kv.list().result():
         if not overwrite:
           raise VolumeError(f"{where} already exists; pass --overwrite to replace it")
         kv.delete_range(ts.KvStore.KeyRange()).result()
