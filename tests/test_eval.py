@@ -278,3 +278,24 @@ def test_evaluate_script(dataset):
   assert proc.stderr.strip().splitlines() == [
     "error: --slices: [60] out of range; the stack has slices 0..5"
   ]
+
+
+def test_label_glob_follows_the_instruments_slice_numbers(tmp_path):
+  """Instruments number from 1: labels_0003.tif belongs to the z ingest gave image 3."""
+  from fibseg_jax.data import ingest  # noqa: PLC0415
+
+  rng = np.random.default_rng(3)
+  truth = rng.integers(0, 4, (4, 16, 16)).astype(np.uint8)
+  for d in ("ICE", "labels"):
+    (tmp_path / d).mkdir()
+  for number in range(1, 5):  # files 1..4 -> z 0..3
+    tifffile.imwrite(tmp_path / "ICE" / f"img_{number:04d}.tif", truth[number - 1] * 50)
+  tifffile.imwrite(tmp_path / "labels" / "labels_0003.tif", truth[2])
+  root = str(tmp_path / "vol.zarr")
+  plan = ingest.plan_ingest({"ICE": str(tmp_path / "ICE" / "*.tif")}, None, CLASSES)
+  ingest.ingest(plan, root, voxel_size_nm=(1, 1, 1), progress=False)
+  pred_path = str(tmp_path / "seg.zarr")
+  write_prediction(pred_path, truth, CLASSES, source=root)
+  report = evaluation.evaluate(pred_path, str(tmp_path / "labels" / "*.tif"))
+  assert list(report.slices) == [2]
+  assert report.overall.accuracy == 1.0

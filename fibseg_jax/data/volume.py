@@ -180,6 +180,12 @@ def _write_group_attrs(kvstore: Mapping[str, Any], attrs: Mapping[str, Any]) -> 
   kv.write("zarr.json", json.dumps(doc, indent=1).encode()).result()
 
 
+def group_attributes(root: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
+  """All attributes of a volume's group, including ones beyond `VolumeMetadata` (e.g. the
+  instrument's `slice_numbers` written by ingest)."""
+  return _read_group_attrs(kvstore_spec(root), describe(root))
+
+
 @dataclasses.dataclass(frozen=True)
 class Volume:
   """An opened volume.

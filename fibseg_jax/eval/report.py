@@ -126,8 +126,14 @@ def _is_glob(spec: str) -> bool:
   return any(ch in spec for ch in "*?[") or spec.lower().endswith(ingest.IMAGE_EXTENSIONS)
 
 
-def open_truth(spec: str | os.PathLike) -> Truth:
+def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = None) -> Truth:
   """Opens the truth: a volume root, or a glob of label images.
+
+  Args:
+    spec: volume root or glob.
+    slice_numbers: for a glob, the instrument slice number of each z (ingest stores them
+      in the volume as `slice_numbers`), so `labels_0001.tif` lands on the z that ingest
+      gave image slice 1; default: the number in the file name is z.
 
   Raises:
     EvaluationError: naming --truth and what is wrong.
@@ -139,6 +145,15 @@ def open_truth(spec: str | os.PathLike) -> Truth:
       first = files[min(files)].read()
     except ingest.IngestError as e:
       raise EvaluationError(str(e)) from e
+    if slice_numbers is not None:
+      z_of = {int(n): z for z, n in enumerate(slice_numbers)}
+      unknown = sorted(set(files) - set(z_of))
+      if unknown:
+        raise EvaluationError(
+          f"--truth: {files[unknown[0]].describe()} has slice number {unknown[0]}, which no "
+          f"image slice of the segmented volume has ({slice_numbers[0]}..{slice_numbers[-1]})"
+        )
+      files = {z_of[n]: f for n, f in files.items()}
 
     def read(z: int) -> np.ndarray:
       f = files[z]
@@ -317,6 +332,17 @@ def _image_volume(
   return None
 
 
+def _slice_numbers(truth: Any, prediction: Prediction) -> list[int] | None:
+  """The instrument slice numbers of the prediction's source volume, for a label glob."""
+  if not _is_glob(os.fspath(truth)) or not prediction.source:
+    return None
+  try:
+    numbers = volume_lib.group_attributes(prediction.source).get("slice_numbers")
+  except volume_lib.VolumeError:
+    return None  # moved or deleted: fall back to file number = z
+  return [int(n) for n in numbers] if numbers else None
+
+
 def evaluate(
   prediction: Any,
   truth: Any,
@@ -341,7 +367,7 @@ def evaluate(
       classes disagree, or the prediction is unfinished on an evaluated slice.
   """
   pred = prediction if isinstance(prediction, Prediction) else open_prediction(prediction)
-  tru = truth if isinstance(truth, Truth) else open_truth(truth)
+  tru = truth if isinstance(truth, Truth) else open_truth(truth, _slice_numbers(truth, pred))
   depth, height, width = pred.shape
   if tru.shape[0] is not None and tuple(tru.shape) != pred.shape:
     raise EvaluationError(
