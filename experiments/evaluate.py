@@ -35,6 +35,12 @@ def main(argv):
   for flag in (_PREDICTION, _TRUTH, _OUT):
     if not flag.value:
       sys.exit(f"error: --{flag.name} is required")
+  if not _SLICES.value:
+    print(
+      "note: scoring every labelled slice, including any the model was trained on; pass "
+      "--slices with the held-out slices (config.data.eval_slices) for an honest score",
+      file=sys.stderr,
+    )
   try:
     slices = evaluation.parse_slices(_SLICES.value)
     report = evaluation.evaluate(_PREDICTION.value, _TRUTH.value, slices, image=_IMAGE.value)

@@ -37,7 +37,7 @@ echo "$RUNS" | while read -r name model channels slices; do
     --config.data.path="$VOL" --config.data.channels="$channels" --config.data.slices="$slices" \
     --config.data.patch="$PATCH" --config.data.eval_slices="$EVAL" \
     --config.train.batch_size="$BATCH" --config.train.steps="$STEPS" \
-    --config.train.eval_every=$(( STEPS / 4 )) --progress=false "${extra[@]}"
+    --config.train.eval_every=$(( STEPS > 4 ? STEPS / 4 : 1 )) --progress=false "${extra[@]}"
   "$PY" experiments/segment.py --workdir="$OUT/$name/run" --input="$VOL" \
     --output="$OUT/$name/seg.zarr" --tile=256 --overwrite
   "$PY" experiments/evaluate.py --prediction="$OUT/$name/seg.zarr" --truth="$VOL" \
@@ -53,6 +53,7 @@ for name in sorted(os.listdir(out)):
   if not os.path.exists(path):
     continue
   overall = json.load(open(path))["overall"]
-  iou = ", ".join(f"{c} {v['iou']:.3f}" for c, v in overall["per_class"].items())
-  print(f"| {name} | {overall['accuracy']:.4f} | {overall['mean_iou']:.4f} | {iou} |")
+  fmt = lambda v: "n/a" if v is None else f"{v:.4f}"  # noqa: E731
+  iou = ", ".join(f"{c} {fmt(v['iou'])}" for c, v in overall["per_class"].items())
+  print(f"| {name} | {fmt(overall['accuracy'])} | {fmt(overall['mean_iou'])} | {iou} |")
 PYEOF

@@ -242,7 +242,9 @@ class Volume:
         )
       lo, hi = float(stats["p0.5"]), float(stats["p99.5"])
       offsets.append((lo + hi) / 2)
-      scales.append(2.0 / max(hi - lo, 1e-6))
+      # A (nearly) constant channel carries no contrast: centre it, do not blow it up.
+      spread = hi - lo
+      scales.append(2.0 / spread if spread > 1e-6 * max(1.0, abs(hi)) else 1.0)
     return np.asarray(offsets, np.float32), np.asarray(scales, np.float32)
 
   def read_image(self, z: slice | int, y: slice = slice(None), x: slice = slice(None)):
