@@ -430,3 +430,12 @@ def test_class_weights_inverse_sqrt_frequency():
   np.testing.assert_allclose(weights, [1, 1])
   with pytest.raises(ValueError, match="no labelled training pixels"):
     loader_lib.class_weights([0, 0])
+
+
+def test_split_seed_fixes_the_split_across_training_seeds(volume):
+  def blocks(**kw):
+    with SlabLoader(volume, _config(**kw)) as ld:
+      return ld.validation_blocks()
+
+  assert blocks(seed=1, split_seed=5) == blocks(seed=2, split_seed=5)
+  assert blocks(seed=1, split_seed=5) != blocks(seed=1, split_seed=6)

@@ -107,7 +107,9 @@ class LoaderConfig:
     offset: per-channel additive jitter on the normalised image, from [-offset, offset].
     gamma: per-channel gamma jitter; exponent drawn from [1 - gamma, 1 + gamma].
     reverse_slab: randomly reverse the order of the slices of a slab.
-    seed: seed of the split and of the training stream.
+    seed: seed of the training stream (and of the split unless `split_seed` is set).
+    split_seed: seed of the validation split; None uses `seed`. Fix it to compare
+      models or seeds on the same held-out blocks.
     prefetch: batches read ahead by a background thread; 0 reads in the caller's thread.
     workers: threads that cast, normalise and augment the patches of a batch in parallel
       (numpy releases the GIL); 1 does it in the reading thread.
@@ -129,6 +131,7 @@ class LoaderConfig:
   gamma: float = 0.2
   reverse_slab: bool = True
   seed: int = 0
+  split_seed: int | None = None
   prefetch: int = 2
   workers: int = 4
   size_multiple: int = 1
@@ -490,7 +493,8 @@ class SlabLoader:
     val = np.zeros(areas.shape, bool)
     if config.val_fraction > 0:
       target = config.val_fraction * total
-      rng = np.random.default_rng([config.seed, _SPLIT_STREAM])
+      split_seed = config.seed if config.split_seed is None else config.split_seed
+      rng = np.random.default_rng([split_seed, _SPLIT_STREAM])
       taken = 0
       for i in rng.permutation(np.flatnonzero(areas > 0)):
         a = areas.flat[i]

@@ -22,6 +22,7 @@ def base_config() -> ml_collections.ConfigDict:
   config.data.patch = 192  # y-x side of a training patch
   config.data.val_fraction = 0.25  # of the annotated area, in square blocks
   config.data.val_block = 128  # side of a validation block in pixels
+  config.data.split_seed = 0  # seed of the validation split, independent of train.seed
   config.data.eval_slices = ""  # comma-separated z of slices kept for evaluation only
   config.data.classes = ()  # filled from the volume at the start of training
   config.data.augment = True

@@ -108,6 +108,7 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     reverse_slab=bool(d.reverse_slab),
     workers=int(d.workers),
     seed=int(t.seed),
+    split_seed=int(d.split_seed),
     prefetch=int(d.prefetch),
     size_multiple=multiple,
   )
