@@ -40,6 +40,24 @@ def check_positive_int(field: str, value: object) -> None:
     raise ModelConfigError(f"model.{field}={value!r} must be a positive integer")
 
 
+BACKBONE_FIELDS = (
+  "num_classes",
+  "depth",
+  "features",
+  "norm",
+  "norm_groups",
+  "activation",
+  "upsample",
+  "dropout",
+  "dtype",
+)
+
+
+def check_backbone_config(config: object) -> None:
+  """`check_backbone` on the shared fields of a model config dataclass."""
+  check_backbone(**{name: getattr(config, name) for name in BACKBONE_FIELDS})
+
+
 def check_backbone(
   *,
   num_classes: object,

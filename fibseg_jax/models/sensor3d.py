@@ -67,17 +67,7 @@ class Sensor3DConfig:
   lstm_kernel: int = 3
 
   def __post_init__(self):
-    checks.check_backbone(
-      num_classes=self.num_classes,
-      depth=self.depth,
-      features=self.features,
-      norm=self.norm,
-      norm_groups=self.norm_groups,
-      activation=self.activation,
-      upsample=self.upsample,
-      dropout=self.dropout,
-      dtype=self.dtype,
-    )
+    checks.check_backbone_config(self)
     if not isinstance(self.lstm_levels, tuple):
       raise checks.ModelConfigError(
         f"model.lstm_levels={self.lstm_levels!r} must be a tuple of levels"

@@ -55,17 +55,7 @@ class UNetConfig:
   dtype: str = "float32"
 
   def __post_init__(self):
-    checks.check_backbone(
-      num_classes=self.num_classes,
-      depth=self.depth,
-      features=self.features,
-      norm=self.norm,
-      norm_groups=self.norm_groups,
-      activation=self.activation,
-      upsample=self.upsample,
-      dropout=self.dropout,
-      dtype=self.dtype,
-    )
+    checks.check_backbone_config(self)
 
   @property
   def size_multiple(self) -> int:
