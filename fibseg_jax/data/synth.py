@@ -33,7 +33,6 @@ import math
 import os
 import shutil
 import statistics
-import uuid
 from collections.abc import Sequence
 from typing import Any, NamedTuple
 
@@ -554,7 +553,7 @@ def _prepare_destination(path: str, overwrite: bool) -> str:
   parent = os.path.dirname(path)
   if not os.path.isdir(parent):
     raise ValueError(f"out: parent directory {parent} does not exist")
-  tmp = os.path.join(parent, f".{os.path.basename(path)}.partial-{uuid.uuid4().hex[:8]}")
+  tmp = volume_lib.partial_sibling(path)
   os.mkdir(tmp)
   return tmp
 

@@ -149,6 +149,12 @@ def child_spec(kvstore: Mapping[str, Any], name: str) -> dict[str, Any]:
   return spec
 
 
+def partial_sibling(path: str) -> str:
+  """A hidden, unique sibling of `path` to write into before renaming onto `path`."""
+  parent, name = os.path.split(os.path.abspath(path))
+  return os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+
+
 def local_path(root: str | os.PathLike | Mapping[str, Any]) -> str | None:
   """The local directory of a root on the file driver, else None."""
   spec = kvstore_spec(root)
@@ -437,8 +443,7 @@ class VolumeWriter:
       parent = os.path.dirname(self._final) or "."
       if not os.path.isdir(parent):
         raise VolumeError(f"{where}: parent directory {parent} does not exist")
-      name = os.path.basename(self._final)
-      self._tmp = os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+      self._tmp = partial_sibling(self._final)
       self.kvstore = kvstore_spec(self._tmp)
     else:
       self._tmp = None

@@ -121,6 +121,21 @@ def nearest_multiples(size: int, multiple: int) -> tuple[int, ...]:
   return (below, above) if below > 0 else (above,)
 
 
+def check_slab_batch(depth: int, shape: tuple[int, ...]) -> tuple[int, int, int, int, int]:
+  """Checks a slab batch's shape for a model; returns (batch, slices, y, x, channels).
+
+  Raises:
+    InputShapeError: not 5-D, or sizes that do not fit (see `check_slab_shape`).
+  """
+  if len(shape) != 5:
+    raise InputShapeError(
+      f"expected a slab batch [batch, slices, y, x, channels], got shape {tuple(shape)}"
+    )
+  batch, slices, y, x, channels = shape
+  check_slab_shape(depth, slices, y, x)
+  return batch, slices, y, x, channels
+
+
 def check_slab_shape(depth: int, slices: int, y: int, x: int) -> None:
   """Checks the sizes of a slab batch `[batch, slices, y, x, channels]` for a model.
 

@@ -141,12 +141,7 @@ class Sensor3D(nn.Module):
       InputShapeError: `x` is not 5-D or its sizes do not fit the config.
     """
     cfg = self.config
-    if x.ndim != 5:
-      raise checks.InputShapeError(
-        f"expected a slab batch [batch, slices, y, x, channels], got shape {x.shape}"
-      )
-    batch, slices, y, x_size, channels = x.shape
-    checks.check_slab_shape(cfg.depth, slices, y, x_size)
+    batch, slices, y, x_size, channels = checks.check_slab_batch(cfg.depth, x.shape)
     dtype = layers.compute_dtype(cfg)
     lstm_levels = cfg.resolved_lstm_levels
 

@@ -89,12 +89,7 @@ class UNet(nn.Module):
       InputShapeError: `x` is not 5-D or its sizes do not fit the config.
     """
     cfg = self.config
-    if x.ndim != 5:
-      raise checks.InputShapeError(
-        f"expected a slab batch [batch, slices, y, x, channels], got shape {x.shape}"
-      )
-    batch, slices, y, x_size, channels = x.shape
-    checks.check_slab_shape(cfg.depth, slices, y, x_size)
+    batch, slices, y, x_size, channels = checks.check_slab_batch(cfg.depth, x.shape)
     # Fold slices into features, slice-major: feature s * channels + c.
     h = jnp.transpose(x, (0, 2, 3, 1, 4)).reshape(batch, y, x_size, slices * channels)
     h = h.astype(layers.compute_dtype(cfg))
