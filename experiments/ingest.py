@@ -5,8 +5,10 @@ r"""Turns folders of per-slice detector images and a few labelled slices into a 
     --classes=pore,csh,portlandite,clinker --voxel_size_nm=50,25,25 --out=vol.zarr
 
 Slices are ordered by the last integer in each file name; a label file belongs to the
-image slice with the same number (255 = not annotated). A channel may also be a single
-multi-page TIFF. The volume is written to a temporary path and renamed on success.
+image slice with the same number (255 = not annotated; indexed-colour PNGs give their
+indices). A channel, or the labels, may also be a single multi-page TIFF. A jump in the
+numbering (1, 2, 4) is refused unless --allow_missing_slices. The volume is written to
+a temporary path and renamed on success.
 """
 
 import sys
@@ -18,13 +20,18 @@ from fibseg_jax.data import ingest, volume
 _CHANNEL = flags.DEFINE_multi_string(
   "channel", [], "NAME=GLOB of one detector signal, in order, e.g. ICE='data/ice/*.tif'."
 )
-_LABELS = flags.DEFINE_string("labels", None, "Glob of label images (TIFF/PNG, integer values).")
+_LABELS = flags.DEFINE_string(
+  "labels", None, "Glob of label images (TIFF/PNG of class indices, 255 = not annotated)."
+)
 _CLASSES = flags.DEFINE_list(
   "classes", None, "Class names, one per label value 0, 1, ...; default class0, class1, ..."
 )
 _VOXEL = flags.DEFINE_list("voxel_size_nm", None, "Voxel size z,y,x in nm, e.g. 50,25,25.")
 _OUT = flags.DEFINE_string("out", None, "Output volume (a directory, or memory://, gs://, s3://).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_ALLOW_MISSING = flags.DEFINE_bool(
+  "allow_missing_slices", False, "Stack the slices as numbered even where numbers are missing."
+)
 
 
 def _parse_channels(values: list[str]) -> dict[str, str]:
@@ -59,7 +66,9 @@ def main(argv):
   channels = _parse_channels(_CHANNEL.value)
   voxel_size = _parse_voxel_size(_VOXEL.value)
   try:
-    plan = ingest.plan_ingest(channels, _LABELS.value, _CLASSES.value)
+    plan = ingest.plan_ingest(
+      channels, _LABELS.value, _CLASSES.value, allow_missing_slices=_ALLOW_MISSING.value
+    )
     meta = ingest.ingest(plan, _OUT.value, voxel_size_nm=voxel_size, overwrite=_OVERWRITE.value)
   except (ingest.IngestError, volume.VolumeError) as e:
     sys.exit(f"error: {e}")

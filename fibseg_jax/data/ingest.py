@@ -3,12 +3,19 @@
 A dual-beam instrument writes one image file per slice and detector, e.g.
 ``ICE/slice_0001.tif``, ``TLD/slice_0001.tif``. Slices are ordered by the last integer
 in the file name; a label file belongs to the image slice with the same number. A
-channel may also be one multi-page TIFF holding the whole stack (page i = slice i).
-Everything streams slice by slice, so memory does not grow with the stack.
+channel (or the labels) may also be one multi-page TIFF holding the whole stack (page i
+= slice i). Label images hold class indices; an indexed-colour (palette) PNG or TIFF is
+read as its indices, as annotation tools write them. A label slice that is all 255 is
+not annotated.
+
+Every slice's shape and pixel type are read from the file headers and checked before a
+pixel is written; the pixels then stream slice by slice, so memory does not grow with
+the stack.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import glob
 import os
@@ -41,14 +48,21 @@ class SliceFile:
   def describe(self) -> str:
     return self.path if self.page is None else f"{self.path} (page {self.page})"
 
-  def read(self) -> np.ndarray:
-    """Reads the slice as a 2D [y, x] array, raising IngestError naming the file."""
+  def read(self, *, labels: bool = False) -> np.ndarray:
+    """Reads the slice as a 2D [y, x] array, raising IngestError naming the file.
+
+    Args:
+      labels: the file holds class indices: an indexed-colour (palette) PNG gives its
+        indices, not the colours the palette maps them to.
+    """
     try:
       if self.page is not None:
         with tifffile.TiffFile(self.path) as tif:
           data = tif.pages[self.page].asarray()
-      elif self.path.lower().endswith((".tif", ".tiff")):
-        data = tifffile.imread(self.path)
+      elif _is_tiff(self.path):
+        data = tifffile.imread(self.path)  # palette TIFFs come back as indices
+      elif labels and iio.immeta(self.path).get("mode") == "P":
+        data = iio.imread(self.path, mode="P")  # the indices, not the palette's colours
       else:
         data = iio.imread(self.path)
     except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault
@@ -56,9 +70,61 @@ class SliceFile:
     return _as_grayscale(np.asarray(data), self.describe())
 
 
+def _is_tiff(path: str) -> bool:
+  return path.lower().endswith((".tif", ".tiff"))
+
+
+def read_headers(files: Sequence[SliceFile]) -> list[tuple[tuple[int, ...], np.dtype]]:
+  """The (y, x) shape and pixel type of every slice, from the file headers alone.
+
+  A multi-page TIFF is opened once for all its pages. The shape is what `read` returns
+  (length-1 axes dropped; colour samples dropped, `read` checks they are gray).
+
+  Raises:
+    IngestError: a file that cannot be opened, named.
+  """
+  headers = []
+  with contextlib.ExitStack() as stack:
+    stacks: dict[str, tifffile.TiffFile] = {}
+    for f in files:
+      try:
+        if f.page is not None:
+          if f.path not in stacks:
+            stacks[f.path] = stack.enter_context(tifffile.TiffFile(f.path))
+          page = stacks[f.path].pages[f.page]
+          shape, dtype = page.shape, page.dtype
+        elif _is_tiff(f.path):
+          with tifffile.TiffFile(f.path) as tif:
+            shape, dtype = tif.series[0].shape, tif.series[0].dtype
+        else:
+          props = iio.improps(f.path)  # header only, no pixel decoding
+          shape, dtype = props.shape, props.dtype
+      except Exception as e:  # noqa: BLE001 - any decoder failure is the file's fault
+        raise IngestError(f"{f.describe()}: cannot read image: {e}") from e
+      shape = _squeeze(shape)
+      if len(shape) == 3 and shape[-1] in (3, 4):
+        shape = shape[:2]  # RGB(A); `read` checks that it is gray
+      dtype = np.dtype(dtype)
+      headers.append((shape, np.dtype("uint8") if dtype == np.bool_ else dtype))
+  return headers
+
+
+def _squeeze(shape: Sequence[int]) -> tuple[int, ...]:
+  """Drops the length-1 axes writers put around a 2D image: (1, y, x), (y, x, 1)."""
+  shape = tuple(int(n) for n in shape)
+  while len(shape) > 2 and shape[0] == 1:
+    shape = shape[1:]
+  if len(shape) == 3 and shape[-1] == 1:
+    shape = shape[:2]
+  return shape
+
+
 def _as_grayscale(data: np.ndarray, where: str) -> np.ndarray:
   if data.size == 0:
     raise IngestError(f"{where}: image is empty")
+  data = data.reshape(_squeeze(data.shape))
+  if data.dtype == np.bool_:
+    data = data.astype(np.uint8)  # 1-bit images
   if data.ndim == 3 and data.shape[-1] in (3, 4):
     # Viewers often save grayscale as RGB(A); accept it only when it really is gray.
     rgb = data[..., :3]
@@ -66,8 +132,16 @@ def _as_grayscale(data: np.ndarray, where: str) -> np.ndarray:
       raise IngestError(f"{where}: colour image; expected a single-channel (grayscale) image")
     data = rgb[..., 0]
   if data.ndim != 2:
-    raise IngestError(f"{where}: expected a 2D single-channel image, got shape {data.shape}")
+    raise _not_2d(data.shape, where)
   return data
+
+
+def _not_2d(shape: tuple[int, ...], where: str) -> IngestError:
+  hint = " (a multi-page TIFF stack must be the only file its glob matches)"
+  return IngestError(
+    f"{where}: expected a 2D single-channel image, got shape {shape}"
+    + (hint if len(shape) == 3 and shape[-1] > 4 else "")
+  )
 
 
 def slice_number(path: str) -> int:
@@ -93,7 +167,7 @@ def find_slices(pattern: str, flag: str) -> list[SliceFile]:
   bad_ext = [p for p in paths if not p.lower().endswith(IMAGE_EXTENSIONS)]
   if bad_ext:
     raise IngestError(f"{flag}: {bad_ext[0]} is not a TIFF or PNG file ({IMAGE_EXTENSIONS})")
-  if len(paths) == 1 and paths[0].lower().endswith((".tif", ".tiff")):
+  if len(paths) == 1 and _is_tiff(paths[0]):
     pages = _tiff_pages(paths[0])
     if pages > 1:
       return [SliceFile(number=i, path=paths[0], page=i) for i in range(pages)]
@@ -130,6 +204,54 @@ def _image_dtype(dtypes: Sequence[np.dtype], where: str) -> str:
   return "float32"
 
 
+def _match_channels(found: Mapping[str, list[SliceFile]]) -> None:
+  """Every channel must hold the same slice numbers; names what one lacks."""
+  (first_name, first), *others = found.items()
+  have = {f.number: f for f in first}
+  for name, files in others:
+    theirs = {f.number: f for f in files}
+    lacks = sorted(set(have) - set(theirs))
+    extra = sorted(set(theirs) - set(have))
+    if not lacks and not extra:
+      continue
+    parts = []
+    if lacks:
+      parts.append(
+        f"--channel={name} lacks slice number(s) {lacks[:10]} that --channel={first_name} "
+        f"has ({', '.join(have[n].describe() for n in lacks[:3])})"
+      )
+    if extra:
+      parts.append(
+        f"--channel={name} has slice number(s) {extra[:10]} that --channel={first_name} "
+        f"lacks ({', '.join(theirs[n].describe() for n in extra[:3])})"
+      )
+    raise IngestError(
+      f"--channel={name} has {len(files)} slices, --channel={first_name} {len(first)}: "
+      + "; ".join(parts)
+    )
+
+
+def missing_slices(files: Sequence[SliceFile]) -> list[tuple[SliceFile, SliceFile, list[int]]]:
+  """Jumps in the slice numbering: (file before, file after, numbers missing between).
+
+  The step of the numbering is the most common difference between neighbours (1 for
+  slice_0001, slice_0002, ...; 500 for names that carry z = 0.0500 um). A jump of k >= 2
+  steps leaves k - 1 slices out. Irregular spacing (not a multiple of the step) is not
+  reported: the numbers may then be positions that were rounded.
+  """
+  if len(files) < 3:
+    return []
+  numbers = np.array([f.number for f in files])
+  diffs = np.diff(numbers)
+  values, counts = np.unique(diffs, return_counts=True)
+  step = int(values[np.argmax(counts)])  # ties go to the smaller step
+  return [
+    (a, b, list(range(a.number + step, b.number, step)))
+    for a, b, d in zip(files[:-1], files[1:], diffs, strict=True)
+    if d > step and d % step == 0
+  ]
+
+
 @dataclasses.dataclass(frozen=True)
 class IngestPlan:
   """What an ingest will write, checked before any pixel is written."""
@@ -140,17 +262,27 @@ class IngestPlan:
   shape: tuple[int, int, int]
   dtype: str
   classes: tuple[str, ...]
+  channel_dtypes: dict[str, str] = dataclasses.field(default_factory=dict)
 
 
 def plan_ingest(
-  channels: Mapping[str, str], labels: str | None, classes: Sequence[str] | None
+  channels: Mapping[str, str],
+  labels: str | None,
+  classes: Sequence[str] | None,
+  *,
+  allow_missing_slices: bool = False,
 ) -> IngestPlan:
-  """Matches files across channels and labels; checks counts, numbers and shapes.
+  """Matches files across channels and labels; checks numbers, shapes and pixel types.
+
+  Every slice's shape and pixel type come from its file header, so a wrong slice is
+  found before anything is written, wherever it is in the stack.
 
   Args:
     channels: channel name -> glob of its slice files, in channel order.
     labels: glob of label files, or None.
     classes: class names, or None to name them from the label values.
+    allow_missing_slices: stack the slices as they are when the numbering jumps
+      (e.g. 1, 2, 4: slice 3 missing) instead of refusing.
 
   Raises:
     IngestError: naming the file and the flag.
@@ -158,41 +290,58 @@ def plan_ingest(
   if not channels:
     raise IngestError("--channel: give at least one, e.g. --channel=ICE='data/ice/*.tif'")
   found = {name: find_slices(pattern, f"--channel={name}") for name, pattern in channels.items()}
+  _match_channels(found)
   first_name, first = next(iter(found.items()))
   numbers = [f.number for f in first]
+  gaps = [] if allow_missing_slices else missing_slices(first)
+  if gaps:
+    a, b, missing = gaps[0]
+    more = f" (and {len(gaps) - 1} more gap(s))" if len(gaps) > 1 else ""
+    raise IngestError(
+      f"--channel={first_name}: slice number(s) {missing[:10]} missing between "
+      f"{a.describe()} and {b.describe()}{more}; add the missing file(s), or pass "
+      "--allow_missing_slices to stack the slices as they are"
+    )
+  # Shapes and pixel types of every slice, from the headers.
+  reference = None
+  channel_dtypes = {}
   for name, files in found.items():
-    if len(files) != len(first):
-      raise IngestError(
-        f"--channel={name} has {len(files)} slices but --channel={first_name} has {len(first)}"
-      )
-    mismatch = [(a, b) for a, b in zip(first, files, strict=True) if a.number != b.number]
-    if mismatch:
-      a, b = mismatch[0]
-      raise IngestError(
-        f"--channel={name}: slice numbers differ from --channel={first_name}: "
-        f"{b.describe()} (number {b.number}) vs {a.describe()} (number {a.number})"
-      )
-  # Shapes and dtypes from the first slice of each channel; every slice is re-checked
-  # as it streams.
-  shapes, dtypes = {}, []
-  for name, files in found.items():
-    data = files[0].read()
-    shapes[name] = data.shape
-    dtypes.append(data.dtype)
-  if len(set(shapes.values())) > 1:
-    raise IngestError(f"channels differ in slice shape (y, x): {shapes}")
-  y, x = next(iter(shapes.values()))
-  dtype = _image_dtype(dtypes, "--channel")
+    headers = read_headers(files)
+    if reference is None:
+      reference = (files[0], headers[0][0])
+    ref_file, ref_shape = reference
+    for f, (shape, dtype) in zip(files, headers, strict=True):
+      if len(shape) != 2:
+        raise _not_2d(shape, f.describe())
+      if shape != ref_shape:
+        raise IngestError(
+          f"--channel={name}: {f.describe()} has shape {shape}, expected {ref_shape} like "
+          f"{ref_file.describe()}"
+        )
+      if dtype != headers[0][1]:
+        # A slice exported at another bit depth would be cast (wrapped or truncated) or
+        # would scale differently from its neighbours: refuse rather than guess.
+        raise IngestError(
+          f"--channel={name}: {f.describe()} is {dtype.name} but {files[0].describe()} is "
+          f"{headers[0][1].name}; every slice of a channel needs the same pixel type "
+          "(re-export the stack at one bit depth)"
+        )
+    channel_dtypes[name] = headers[0][1].name
+  y, x = reference[1]
+  dtype = _image_dtype(list(channel_dtypes.values()), "--channel")
 
   label_files: dict[int, SliceFile] = {}
   if labels:
     index_of = {n: z for z, n in enumerate(numbers)}
-    for f in find_slices(labels, "--labels"):
+    found_labels = find_slices(labels, "--labels")
+    for f, (shape, _) in zip(found_labels, read_headers(found_labels), strict=True):
       if f.number not in index_of:
         raise IngestError(
           f"--labels: {f.describe()} has slice number {f.number} but no image slice has it "
           f"(image numbers {numbers[0]}..{numbers[-1]})"
         )
+      if shape != (y, x):
+        raise IngestError(f"--labels: {f.describe()} has shape {shape}, image slices {(y, x)}")
       label_files[index_of[f.number]] = f
   if classes is not None:
     classes = tuple(c.strip() for c in classes if c.strip())
@@ -209,16 +358,22 @@ def plan_ingest(
     shape=(len(numbers), int(y), int(x)),
     dtype=dtype,
     classes=classes or (),
+    channel_dtypes=channel_dtypes,
   )
+
+
+def _label_values(data: np.ndarray, f: SliceFile) -> np.ndarray:
+  """The distinct values of a label slice; integers only."""
+  if not np.issubdtype(data.dtype, np.integer):
+    if not np.all(np.equal(np.mod(data, 1), 0)):
+      raise IngestError(f"--labels: {f.describe()} holds non-integer values")
+  return np.unique(data)
 
 
 def _check_labels(data: np.ndarray, f: SliceFile, shape: tuple[int, int], classes) -> np.ndarray:
   if data.shape != shape:
     raise IngestError(f"--labels: {f.describe()} has shape {data.shape}, image slices {shape}")
-  if not np.issubdtype(data.dtype, np.integer):
-    if not np.all(np.equal(np.mod(data, 1), 0)):
-      raise IngestError(f"--labels: {f.describe()} holds non-integer values")
-  values = np.unique(data)
+  values = _label_values(data, f)
   wrong = [int(v) for v in values if (v < 0 or v >= len(classes)) and v != 255]
   if wrong:
     raise IngestError(
@@ -232,8 +387,14 @@ def _check_labels(data: np.ndarray, f: SliceFile, shape: tuple[int, int], classe
 def _infer_classes(plan: IngestPlan) -> tuple[str, ...]:
   top = -1
   for f in plan.labels.values():
-    values = np.unique(f.read())
-    values = values[values != 255]
+    values = _label_values(f.read(labels=True), f)
+    values = values[values != volume_lib.IGNORE_LABEL]
+    wrong = [int(v) for v in values if not 0 <= v < volume_lib.IGNORE_LABEL - 1]
+    if wrong:
+      raise IngestError(
+        f"--labels: {f.describe()} holds label values {wrong[:10]}; class indices must be "
+        f"0..{volume_lib.IGNORE_LABEL - 2} ({volume_lib.IGNORE_LABEL} = not annotated)"
+      )
     if values.size:
       top = max(top, int(values.max()))
   if top < 0:
@@ -252,7 +413,9 @@ def ingest(
 ) -> volume_lib.VolumeMetadata:
   """Streams the planned slices into a new volume at `out`.
 
-  Writes to a temporary sibling and renames on success: a failure leaves nothing.
+  Writes to a temporary sibling and renames on success: a failure leaves nothing. A
+  label slice that is all 255 (nothing annotated) is not written and not counted as
+  annotated.
 
   Args:
     plan: from `plan_ingest`.
@@ -285,17 +448,26 @@ def ingest(
       for name in names:
         f = plan.channels[name][z]
         data = f.read()
+        # The plan read headers; a file that decodes otherwise is refused, not cast.
         if data.shape != plan.shape[1:]:
           raise IngestError(
             f"--channel={name}: {f.describe()} has shape {data.shape}, "
             f"expected {plan.shape[1:]} like the first slice"
+          )
+        expected = plan.channel_dtypes.get(name, data.dtype.name)
+        if data.dtype.name != expected:
+          raise IngestError(
+            f"--channel={name}: {f.describe()} decodes to {data.dtype.name}, expected "
+            f"{expected} like the first slice"
           )
         planes.append(data)
       image = np.stack(planes, axis=-1)
       labels = None
       if z in plan.labels:
         f = plan.labels[z]
-        labels = _check_labels(f.read(), f, plan.shape[1:], classes)
+        labels = _check_labels(f.read(labels=True), f, plan.shape[1:], classes)
+        if np.all(labels == volume_lib.IGNORE_LABEL):
+          labels = None  # an unannotated slice, e.g. a page of a label stack
       writer.write_slice(z, image, labels)
       if on_slice is not None:
         on_slice(z)
