@@ -88,3 +88,34 @@ def test_from_keras_without_bias_keeps_forget_gate_neutral():
 def test_from_keras_rejects_wrong_layouts(weights, message):
   with pytest.raises(convlstm.KerasWeightsError, match=message):
     convlstm.from_keras(weights)
+
+
+@pytest.mark.parametrize("slices", [1, 3, 5])
+def test_equals_flax_rnn_of_convlstm_cells(slices):
+  """The unrolled, hoisted recurrence computes what flax's own RNN of cells computes."""
+  import flax.linen as nn  # noqa: PLC0415
+
+  class Reference(nn.Module):  # the library's implementation before it was unrolled
+    @nn.compact
+    def __call__(self, x):
+      cell = lambda name: nn.ConvLSTMCell(FILTERS, (3, 3), name=name)  # noqa: E731
+      return nn.Bidirectional(nn.RNN(cell("forward")), nn.RNN(cell("backward")))(x)
+
+  reference = Reference()
+  x = jnp.asarray(np.random.default_rng(3).normal(size=(2, slices, 6, 5, 3)), jnp.float32)
+  ref_params = reference.init(jax.random.key(0), x)["params"]
+  module = convlstm.BidirectionalConvLSTM(FILTERS, (3, 3))
+  params = module.init(jax.random.key(0), x)["params"]
+  # Same tree (names, shapes); the weights are flax's, with random biases so that the
+  # hidden-to-hidden bias of the skipped first-step convolution cannot hide.
+  rng = np.random.default_rng(4)
+  ref_params = jax.tree.map(lambda a: jnp.asarray(rng.normal(0, 0.3, a.shape), a.dtype), ref_params)
+  assert jax.tree.structure(params) == jax.tree.structure(ref_params)
+  assert jax.tree.map(jnp.shape, params) == jax.tree.map(jnp.shape, ref_params)
+  want = reference.apply({"params": ref_params}, x)
+  got = module.apply({"params": ref_params}, x)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), atol=1e-5, rtol=0)
+  grad = lambda m: jax.grad(lambda p: jnp.sum(m.apply({"params": p}, x) ** 2))(ref_params)
+  got_grads, want_grads = jax.tree.leaves(grad(module)), jax.tree.leaves(grad(reference))
+  for g_got, g_want in zip(got_grads, want_grads, strict=True):
+    np.testing.assert_allclose(np.asarray(g_got), np.asarray(g_want), atol=1e-4, rtol=1e-4)

@@ -1,8 +1,9 @@
 """Bidirectional convolutional LSTM along the slice axis, and weight import from Keras.
 
-`BidirectionalConvLSTM` is flax's `nn.ConvLSTMCell` run forward and backward over the
-slices with `nn.RNN` / `nn.Bidirectional`, outputs concatenated [forward, backward]. It
-computes what Keras 3 computes with
+`BidirectionalConvLSTM` computes flax's `nn.ConvLSTMCell` run forward and backward over
+the slices (what `nn.Bidirectional(nn.RNN(cell), nn.RNN(cell))` computes, with the same
+parameters), outputs concatenated [forward, backward], written so that XLA runs it at the
+speed of its convolutions (see `ConvLSTMDirection`). It computes what Keras 3 computes with
 
   Bidirectional(ConvLSTM2D(features, kernel_size, padding="same", return_sequences=True))
 
@@ -34,6 +35,87 @@ class KerasWeightsError(ValueError):
   """Keras weights do not have the layout of a (Bidirectional) ConvLSTM2D."""
 
 
+class _ConvWeights(nn.Module):
+  """The `kernel` [kh, kw, in, out] and `bias` [out] of an `nn.Conv`, without applying it.
+
+  The same names, shapes and initialisers as `nn.Conv(out, (kh, kw))`, so the params of
+  a cell read `{'ih': {'kernel', 'bias'}, 'hh': {'kernel', 'bias'}}` as flax's
+  `nn.ConvLSTMCell` has them, while the caller decides how to apply the convolutions.
+  """
+
+  shape: tuple[int, int, int, int]
+
+  @nn.compact
+  def __call__(self) -> tuple[jax.Array, jax.Array]:
+    kernel = self.param("kernel", nn.linear.default_kernel_init, self.shape, jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros_init(), (self.shape[-1],), jnp.float32)
+    return kernel, bias
+
+
+def _conv_same(x: jax.Array, kernel: jax.Array) -> jax.Array:
+  """Stride-1 "SAME" convolution of `x: [batch, y, x, in]` with `kernel: [kh, kw, in, out]`."""
+  return jax.lax.conv_general_dilated(
+    x, kernel.astype(x.dtype), (1, 1), "SAME", dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
+
+
+class ConvLSTMDirection(nn.Module):
+  """One direction of the ConvLSTM: flax's `nn.ConvLSTMCell` run over the slices.
+
+  Computes exactly what `nn.RNN(nn.ConvLSTMCell(features, kernel_size))` computes (zero
+  initial state, gates (i, g, f, o), forget bias +1), organised for speed: the
+  input-to-hidden convolution of every slice is one convolution over the slices folded
+  into the batch, outside the recurrence; the recurrence is unrolled over the (few,
+  static) slices, so XLA sees plain convolutions instead of a while loop (on XLA:CPU the
+  scan's backward pass was ~30x slower, see BUILD_NOTES.md); and the first step skips the
+  hidden-to-hidden convolution of the zero state, leaving its bias.
+
+  Attributes:
+    features: hidden channels.
+    kernel_size: (ky, kx) of both convolutions ("SAME" padding).
+    reverse: run from the last slice to the first (outputs stay aligned with the input).
+    dtype: compute dtype of the convolutions; gates and cell state are float32.
+  """
+
+  features: int
+  kernel_size: tuple[int, int] = (3, 3)
+  reverse: bool = False
+  dtype: Any = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: jax.Array) -> jax.Array:
+    """Runs the cell over the slices.
+
+    Args:
+      x: `[batch, slices, y, x, channels]`.
+
+    Returns:
+      float32 hidden states `[batch, slices, y, x, features]`, aligned with the input.
+    """
+    batch, slices, y, x_size, channels = x.shape
+    ky, kx = self.kernel_size
+    gates_width = 4 * self.features
+    ih_kernel, ih_bias = _ConvWeights((ky, kx, channels, gates_width), name="ih")()
+    hh_kernel, hh_bias = _ConvWeights((ky, kx, self.features, gates_width), name="hh")()
+    folded = x.reshape(batch * slices, y, x_size, channels).astype(self.dtype)
+    from_input = _conv_same(folded, ih_kernel).astype(jnp.float32) + (ih_bias + hh_bias)
+    from_input = from_input.reshape(batch, slices, y, x_size, gates_width)
+
+    order = range(slices - 1, -1, -1) if self.reverse else range(slices)
+    hidden: list[jax.Array | None] = [None] * slices
+    h = c = None
+    for t in order:
+      gates = from_input[:, t]
+      if h is not None:
+        gates = gates + _conv_same(h.astype(self.dtype), hh_kernel).astype(jnp.float32)
+      i, g, f, o = jnp.split(gates, 4, axis=-1)
+      c_new = jax.nn.sigmoid(i) * jnp.tanh(g)
+      c = c_new if c is None else jax.nn.sigmoid(f + 1.0) * c + c_new
+      h = jax.nn.sigmoid(o) * jnp.tanh(c)
+      hidden[t] = h
+    return jnp.stack(hidden, axis=1)
+
+
 class BidirectionalConvLSTM(nn.Module):
   """ConvLSTM over the slice axis in both directions, outputs concatenated.
 
@@ -58,12 +140,12 @@ class BidirectionalConvLSTM(nn.Module):
       `[batch, slices, y, x, 2 * features]` in `dtype`: forward then backward states,
       both aligned with the input slices.
     """
-
-    def cell(name: str) -> nn.ConvLSTMCell:
-      return nn.ConvLSTMCell(self.features, tuple(self.kernel_size), dtype=self.dtype, name=name)
-
-    bidirectional = nn.Bidirectional(nn.RNN(cell("forward")), nn.RNN(cell("backward")))
-    return bidirectional(x).astype(self.dtype)
+    kernel = tuple(self.kernel_size)
+    forward = ConvLSTMDirection(self.features, kernel, dtype=self.dtype, name="forward")(x)
+    backward = ConvLSTMDirection(
+      self.features, kernel, reverse=True, dtype=self.dtype, name="backward"
+    )(x)
+    return jnp.concatenate([forward, backward], axis=-1).astype(self.dtype)
 
 
 def _split_gates(a: np.ndarray) -> list[np.ndarray]:
