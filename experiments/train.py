@@ -15,6 +15,7 @@ import sys
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import loop, parallel
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
@@ -37,8 +38,8 @@ def main(argv):
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
-  except ValueError as e:  # user mistakes: config, data, workdir
-    sys.exit(f"error: {e}")
+  except config_lib.ConfigError as e:  # user mistakes: flags, config, data, workdir
+    sys.exit(f"error: {e}")  # anything else is a bug and keeps its traceback
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Training: data parallelism over devices and processes, checkpoints, resume, user mistakes."""
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -241,8 +242,44 @@ def test_checkpoint_load_predicts_and_outputs(tmp_path):
   # The workdir refuses a different experiment before anything is compiled.
   other = tiny_config(path)
   other.data.channels = "ICE"
-  with pytest.raises(loop.ConfigError, match="holds checkpoints of a different experiment"):
+  with pytest.raises(loop.ConfigError, match="holds checkpoints .* of a different experiment"):
     loop.train_and_evaluate(other, workdir, progress=False)
+
+
+def _check_resume(workdir, config, **changes):
+  for key, value in changes.items():
+    section, field = key.split("__")
+    config[section][field] = value
+  return loop.check_workdir(loop.prepare(config).config, workdir)
+
+
+def test_resume_refuses_another_volume_channels_slices_or_model(tmp_path):
+  path = make_volume(str(tmp_path / "vol.zarr"))
+  workdir = str(tmp_path / "run")
+  loop.train_and_evaluate(tiny_config(path, steps=2), workdir, progress=False)
+  assert _check_resume(workdir, tiny_config(path)) == 2
+  # The same experiment spelled differently resumes: a relative path, spaces, a model
+  # field set to its default.
+  same = tiny_config(os.path.relpath(path))
+  same.data.channels = "ICE, TLD"
+  same.model.dropout = 0.0
+  assert _check_resume(workdir, same) == 2
+  other = make_volume(str(tmp_path / "other.zarr"), seed=1)
+  for change, message in [
+    ({"data__path": other}, re.escape(f"--config.data.path={path} there, {other} now")),
+    ({"data__channels": "TLD,ICE"}, r"--config.data.channels=ICE,TLD there, TLD,ICE now"),
+    ({"data__slices": 1}, r"--config.data.slices=3 there, 1 now"),
+    ({"model__features": (4, 8, 16)}, r"model.features=\[4, 8, 8\] there, \[4, 8, 16\] now"),
+    ({"model__norm": "instance"}, r"--config.model.norm=batch there, instance now"),
+  ]:
+    with pytest.raises(loop.ConfigError, match=message) as caught:
+      _check_resume(workdir, tiny_config(path), **change)
+    assert f"--workdir={workdir} holds checkpoints (step 2)" in str(caught.value)
+    assert f"--config.train.init_from={workdir}" in str(caught.value)
+    assert str(caught.value).count(" there, ") == 1  # only what differs is named
+  # Another model altogether is named once, not field by field.
+  with pytest.raises(loop.ConfigError, match=r"model.name=unet there, sensor3d now\. Resume"):
+    _check_resume(workdir, tiny_config(path), model__name="sensor3d", model__norm="instance")
 
 
 def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
@@ -271,11 +308,8 @@ def test_user_mistakes_caught_before_compiling(tmp_path, change, message):
   for key, value in change.items():
     section, field = key.split(".")
     config[section][field] = value
-  with pytest.raises(ValueError, match=message):
-    exp = loop.prepare(config)
-    from fibseg_jax.data import loader  # noqa: PLC0415
-
-    loader.SlabLoader(exp.volume, exp.loader_config).close()
+  with pytest.raises(loop.ConfigError, match=message):  # all in prepare, nothing read yet
+    loop.prepare(config)
 
 
 def test_bad_flags_give_one_line_errors(tmp_path):
@@ -292,6 +326,40 @@ def test_bad_flags_give_one_line_errors(tmp_path):
   assert "--config.train.batch_size=6 must be a positive multiple of the device count (4" in (
     done.stderr
   )
+
+
+def test_resume_mismatch_and_flag_mistakes_are_one_line_but_bugs_keep_tracebacks(
+  reference, tmp_path
+):
+  path, ref = reference
+  done = subprocess.run(
+    _train_cmd(path, ref, "--config.data.slices=1", steps=STEPS), env=_env(), cwd=REPO, **_capture()
+  )
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  line = done.stderr.strip().splitlines()[-1]  # after orbax's read-only warnings
+  assert line.startswith(f"error: --workdir={ref} holds checkpoints (step {STEPS})")
+  assert "--config.data.slices=3 there, 1 now" in line
+  cmd = _train_cmd(path, ref, "--num_processes=2", "--process_id=0", steps=STEPS)
+  done = subprocess.run(cmd, env=_env(), cwd=REPO, **_capture())
+  assert done.returncode == 1 and "Traceback" not in done.stderr
+  assert "--coordinator_address, --num_processes and --process_id must be given together" in (
+    done.stderr
+  )
+  # A ValueError that is not a user mistake is a bug: it is not dressed as one.
+  bug = (
+    "import runpy, sys\n"
+    "from fibseg_jax.train import loop\n"
+    "def train_and_evaluate(*args, **kwargs):\n"
+    "  raise ValueError('operands could not be broadcast')\n"
+    "loop.train_and_evaluate = train_and_evaluate\n"
+    "sys.argv = sys.argv[1:]\n"
+    "runpy.run_path(sys.argv[0], run_name='__main__')\n"
+  )
+  cmd = [sys.executable, "-c", bug, *_train_cmd(path, str(tmp_path / "bug"))[1:]]
+  done = subprocess.run(cmd, env=_env(), cwd=REPO, **_capture())
+  assert done.returncode == 1
+  assert "Traceback" in done.stderr and "error: operands" not in done.stderr
+  assert done.stderr.strip().endswith("ValueError: operands could not be broadcast")
 
 
 def test_config_parsers():

@@ -11,6 +11,14 @@ from __future__ import annotations
 import ml_collections
 
 
+class ConfigError(ValueError):
+  """A user mistake in the experiment config, its flags or its workdir.
+
+  The message names the flag and the expected value. Experiment scripts print it as one
+  line; any other exception is a bug and keeps its traceback.
+  """
+
+
 def base_config() -> ml_collections.ConfigDict:
   """Defaults of the paper's setting: three annotated slices, 25% held out."""
   config = ml_collections.ConfigDict()
@@ -68,7 +76,7 @@ def parse_ints(value: str | int | list | tuple, flag: str) -> tuple[int, ...]:
   try:
     return tuple(int(v) for v in items)
   except ValueError:
-    raise ValueError(f"{flag}={value}: expected comma-separated integers, e.g. 3,7") from None
+    raise ConfigError(f"{flag}={value}: expected comma-separated integers, e.g. 3,7") from None
 
 
 def parse_names(value: str | list | tuple, flag: str) -> tuple[str, ...]:
@@ -78,7 +86,7 @@ def parse_names(value: str | list | tuple, flag: str) -> tuple[str, ...]:
   else:
     names = tuple(v.strip() for v in str(value).split(",") if v.strip())
   if not names:
-    raise ValueError(f"{flag}: give at least one name, e.g. ICE,TLD")
+    raise ConfigError(f"{flag}: give at least one name, e.g. ICE,TLD")
   if len(set(names)) != len(names):
-    raise ValueError(f"{flag}={value}: names repeat")
+    raise ConfigError(f"{flag}={value}: names repeat")
   return names

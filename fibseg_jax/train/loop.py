@@ -27,10 +27,9 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import losses, metrics_writer, parallel
 from fibseg_jax.train import state as state_lib
+from fibseg_jax.train.config import ConfigError
 
-
-class ConfigError(ValueError):
-  """A user mistake in the experiment config or workdir, caught before compiling."""
+__all__ = ["ConfigError", "Experiment", "check_workdir", "prepare", "train_and_evaluate"]
 
 
 @dataclasses.dataclass
@@ -48,7 +47,8 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
   Fills config.model.num_classes (when -1) and config.data.classes.
 
   Raises:
-    ConfigError: naming the --config.* flag and the expected value.
+    ConfigError: naming the --config.* flag and the expected value. Only user mistakes
+      become ConfigError; any other exception is a bug and propagates as it is.
   """
   config = ml_collections.ConfigDict(config.to_dict())
   d, t = config.data, config.train
@@ -59,7 +59,9 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     channels = config_lib.parse_names(d.channels, "--config.data.channels")
     volume.channel_indices(channels, "--config.data.channels")
     eval_slices = config_lib.parse_ints(d.eval_slices, "--config.data.eval_slices")
-  except ValueError as e:
+  except ConfigError:
+    raise
+  except volume_lib.VolumeError as e:
     raise ConfigError(str(e) if "--config" in str(e) else f"--config.data.path: {e}") from None
   num_classes = len(volume.classes)
   if config.model.num_classes in (-1, None):
@@ -85,12 +87,9 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     del model
     multiple = models.size_multiple(config.model)
     models.check_input_shape(config.model, int(d.slices), int(d.patch), int(d.patch))
-  except ValueError as e:
+  except (models.ModelConfigError, models.InputShapeError) as e:
     raise ConfigError(f"--config.model / --config.data: {e}") from None
-  try:
-    parallel.check_batch_size(int(t.batch_size))
-  except ValueError as e:
-    raise ConfigError(str(e)) from None
+  parallel.check_batch_size(int(t.batch_size))
   loader_config = loader_lib.LoaderConfig(
     channels=channels,
     slices=int(d.slices),
@@ -112,25 +111,64 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     prefetch=int(d.prefetch),
     size_multiple=multiple,
   )
+  try:
+    loader_lib.validate_config(loader_config, volume, jax.process_count())
+  except (loader_lib.LoaderError, volume_lib.VolumeError) as e:
+    raise ConfigError(str(e)) from None
   return Experiment(config=config, volume=volume, loader_config=loader_config)
 
 
-# Fields that make two runs the same experiment: a workdir's checkpoints are only
-# resumed by a config that agrees on all of them.
-_IDENTITY = ("model", "data.channels", "data.slices", "data.classes", "data.patch")
+def _volume_id(path: Any) -> str:
+  """A volume root as a comparable string: the real path of a local directory."""
+  local = volume_lib.local_path(str(path)) if path else None
+  return os.path.realpath(local) if local else str(path)
 
 
-def _field(cfg: dict, dotted: str):
-  for part in dotted.split("."):
-    cfg = cfg.get(part, None) if isinstance(cfg, dict) else None
-  return json.loads(json.dumps(cfg))  # tuples and lists compare equal
+def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
+  """Every field of a model config, defaults filled in, so an omitted default matches."""
+  try:
+    fields = {"name": model.get("name"), **dataclasses.asdict(models.config_from(model))}
+  except models.ModelConfigError:
+    fields = dict(model)
+  return json.loads(json.dumps(fields))  # tuples and lists compare equal
+
+
+def _identity(cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+  """flag -> (value as shown, value as compared) of what makes two runs one experiment."""
+  data = cfg.get("data", {})
+  channels = data.get("channels")
+  try:
+    channel_names = list(config_lib.parse_names(channels, "--config.data.channels"))
+  except ConfigError:
+    channel_names = channels
+  shown = lambda v: ",".join(v) if isinstance(v, list | tuple) else v  # noqa: E731
+  fields = {
+    "--config.data.path": (data.get("path"), _volume_id(data.get("path"))),
+    "--config.data.channels": (shown(channels), channel_names),
+    "--config.data.slices": (data.get("slices"), data.get("slices")),
+    "--config.data.patch": (data.get("patch"), data.get("patch")),
+    "the classes of --config.data.path": (data.get("classes"), list(data.get("classes") or ())),
+  }
+  for key, value in _model_fields(dict(cfg.get("model", {}))).items():
+    fields[f"--config.model.{key}"] = (value, value)
+  return fields
 
 
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None:
   """Returns the latest checkpoint step of `workdir` (None if fresh).
 
+  A workdir resumes only the experiment it holds: the volume (--config.data.path), its
+  channels, slab depth, patch size, classes and every model field must be those saved
+  with its latest checkpoint. Starting a new run from its weights is
+  --config.train.init_from.
+
+  Args:
+    config: the checked config (`prepare(...).config`).
+    workdir: the training workdir.
+
   Raises:
-    ConfigError: the workdir holds checkpoints of a different experiment.
+    ConfigError: the workdir is a file, its checkpoints cannot be read, or they belong
+      to a different experiment; naming each flag that differs with both values.
   """
   directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
   if not os.path.isdir(directory):
@@ -141,15 +179,32 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
   latest = mngr.latest_step()
   if latest is None:
     return None
-  saved = checkpoint.read_config(mngr, latest)
-  mine = config.to_dict()
-  for key in _IDENTITY:
-    if _field(saved, key) != _field(mine, key):
-      raise ConfigError(
-        f"--workdir={workdir} holds checkpoints of a different experiment: {key} is "
-        f"{_field(saved, key)} there but {_field(mine, key)} now. Use a new --workdir "
-        "(or the same config to resume)"
-      )
+  try:
+    saved = checkpoint.read_config(mngr, latest)
+  except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken directory
+    raise ConfigError(
+      f"--workdir={workdir}: cannot read the config of its checkpoint {latest}: {e}"
+    ) from e
+  theirs, mine = _identity(saved), _identity(config.to_dict())
+  name = "--config.model.name"
+  if theirs.get(name) != mine.get(name):  # another model: its name says enough
+    theirs, mine = (
+      {k: v for k, v in d.items() if k == name or not k.startswith("--config.model.")}
+      for d in (theirs, mine)
+    )
+  absent = (None, None)
+  differ = [
+    f"{flag}={theirs.get(flag, absent)[0]} there, {mine.get(flag, absent)[0]} now"
+    for flag in dict.fromkeys([*theirs, *mine])
+    if theirs.get(flag, absent)[1] != mine.get(flag, absent)[1]
+  ]
+  if differ:
+    raise ConfigError(
+      f"--workdir={workdir} holds checkpoints (step {latest}) of a different experiment: "
+      + "; ".join(differ)
+      + ". Resume with the saved values, use a new --workdir, or start a new run from its "
+      f"weights with --config.train.init_from={workdir}"
+    )
   return latest
 
 
@@ -214,13 +269,20 @@ def train_and_evaluate(
 
   Returns:
     Summary: final step, best step and its validation metrics, last train loss.
+
+  Raises:
+    ConfigError: a user mistake in the config, the volume or the workdir, found before
+      anything is compiled. Any other exception is a bug.
   """
   exp = prepare(config)
   config = exp.config
   start = check_workdir(config, workdir) or 0
   t = config.train
   is_main = jax.process_index() == 0
-  loader = loader_lib.SlabLoader(exp.volume, exp.loader_config)
+  try:
+    loader = loader_lib.SlabLoader(exp.volume, exp.loader_config)
+  except (loader_lib.LoaderError, volume_lib.VolumeError) as e:  # e.g. no labels to split
+    raise ConfigError(str(e)) from None
   weights = None
   if t.class_weights:
     weights = loader_lib.class_weights(loader.class_counts())

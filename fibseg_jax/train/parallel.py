@@ -12,6 +12,8 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fibseg_jax.train.config import ConfigError
+
 DATA_AXIS = "data"
 
 
@@ -28,12 +30,12 @@ def initialize_distributed(
   """
   if coordinator_address or (num_processes and num_processes > 1):
     if not (coordinator_address and num_processes and process_id is not None):
-      raise ValueError(
+      raise ConfigError(
         "--coordinator_address, --num_processes and --process_id must be given together "
         f"(got {coordinator_address!r}, {num_processes!r}, {process_id!r})"
       )
     if not 0 <= process_id < num_processes:
-      raise ValueError(f"--process_id={process_id} must be in 0..{num_processes - 1}")
+      raise ConfigError(f"--process_id={process_id} must be in 0..{num_processes - 1}")
     jax.config.update("jax_cpu_collectives_implementation", "gloo")
     jax.distributed.initialize(
       coordinator_address=coordinator_address,
@@ -74,7 +76,7 @@ def check_batch_size(batch_size: int, flag: str = "--config.train.batch_size") -
   """The global batch must split evenly over devices and processes."""
   devices, processes = jax.device_count(), jax.process_count()
   if batch_size < 1 or batch_size % devices:
-    raise ValueError(
+    raise ConfigError(
       f"{flag}={batch_size} must be a positive multiple of the device count ({devices}: "
       f"{jax.devices()[0].platform} x {jax.local_device_count()} on each of {processes} "
       f"process(es)); e.g. {max(devices, batch_size - batch_size % devices or devices)}"
