@@ -5,6 +5,9 @@ r"""Segments every slice of a volume with a trained model.
 
 --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
 attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p).
+When every block is done, --format=zarr (default) also writes an OME-Zarr (NGFF 0.5)
+label image for napari / neuroglancer (seg.ome.zarr next to seg.zarr), --format=tiff a
+TIFF stack for Fiji / Dragonfly / Avizo (seg.tif); in both, value = class + 1, 0 = none.
 Memory stays bounded whatever the stack size. Rerunning after an interruption resumes
 where it stopped; with --distributed, each process segments its own blocks.
 """
@@ -16,6 +19,7 @@ from absl import app, flags, logging
 
 from fibseg_jax import checkpoint, infer
 from fibseg_jax.data import volume
+from fibseg_jax.infer import export
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; its best checkpoint is used.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -34,6 +38,12 @@ _BLOCK = flags.DEFINE_integer(
 )
 _WINDOW = flags.DEFINE_enum("window", "cosine", ["cosine", "gaussian"], "Blending window.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output arrays.")
+_FORMAT = flags.DEFINE_enum(
+  "format", "zarr", list(export.FORMATS), "Export for other tools: OME-Zarr, TIFF stack or none."
+)
+_EXPORT = flags.DEFINE_string(
+  "export", None, "Export path (default: --output with .ome.zarr or .tif for .zarr)."
+)
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed", False, "Call jax.distributed.initialize() (multi-host: SLURM, TPU pods, ...)."
 )
@@ -53,6 +63,16 @@ def main(argv):
   which = "--workdir" if _WORKDIR.value else "--checkpoint"
   if not os.path.exists(model_path):
     sys.exit(f"error: {which}={model_path}: no such directory")
+  export_path = _EXPORT.value or export.default_path(_OUTPUT.value, _FORMAT.value)
+  try:
+    export.check_path(
+      export_path,
+      _FORMAT.value,
+      overwrite=_OVERWRITE.value,
+      labels=infer.store.source_id(_OUTPUT.value),
+    )
+  except infer.OutputError as e:
+    sys.exit(f"error: {e}")
   if _DISTRIBUTED.value:
     import jax  # noqa: PLC0415
 
@@ -76,6 +96,12 @@ def main(argv):
     sys.exit(f"error: --input: {e}")
   except infer.InferenceError as e:
     sys.exit(f"error: {e}")
+  try:
+    exported = export.export_when_complete(
+      _OUTPUT.value, _FORMAT.value, export_path, overwrite=_OVERWRITE.value
+    )
+  except infer.OutputError as e:
+    sys.exit(f"error: {e}")
   if result.blocks_skipped:
     print(f"resumed: {result.blocks_skipped} of {result.blocks_assigned} blocks were done")
   print(
@@ -85,6 +111,8 @@ def main(argv):
   print(f"labels:        {result.output}")
   if result.probabilities:
     print(f"probabilities: {result.probabilities}")
+  if exported:
+    print(f"{_FORMAT.value + ' export:':<15}{exported}")
   if not result.complete:
     print("other processes are still segmenting their blocks")
 

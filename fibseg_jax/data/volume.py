@@ -5,6 +5,8 @@ Layout of a dataset (readable by zarr-python as well):
   <root>/zarr.json   group; its attributes hold the metadata (`VolumeMetadata`)
   <root>/image       [z, y, x, channel] as acquired: uint8, uint16 or float32
   <root>/labels      [z, y, x] uint8; `IGNORE_LABEL` (255) means "not annotated"
+  <root>/ome/        OME-NGFF 0.5 copy for viewers ([c, z, y, x] image pyramid and the
+                     labels as an image-label; see `fibseg_jax.data.ome`)
 
 The labels array has fill value 255, so only the annotated slices take space. A root is
 any tensorstore kvstore: a local path (default), ``memory://name``, ``gs://bucket/p``,
@@ -24,6 +26,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from fibseg_jax.data import ome
+
 IGNORE_LABEL = 255
 FORMAT_VERSION = 1
 IMAGE_DTYPES = ("uint8", "uint16", "float32")
@@ -39,6 +43,8 @@ _STATS_MAX_SAMPLES = 1 << 24
 # One context for the process, so `memory://` stores persist between opens and every
 # open shares the chunk cache and thread pools.
 CONTEXT = ts.Context({"cache_pool": {"total_bytes_limit": 256 << 20}})
+# The OME view is written and downsampled once, slice by slice: no cache to fill.
+_OME_CONTEXT = ts.Context(ts.Context.Spec({"cache_pool": {"total_bytes_limit": 0}}), parent=CONTEXT)
 
 
 class VolumeError(ValueError):
@@ -403,6 +409,10 @@ class VolumeWriter:
   On other kvstores the group metadata is written last, so an interrupted write never
   opens as a volume. Use as a context manager: an exception aborts.
 
+  With `ome_view` (the default) every slice also goes to the OME-NGFF view
+  (``<root>/ome``, [c, z, y, x], labels as class + 1), whose coarser levels `commit`
+  writes by reading level 0 back slice by slice; see `fibseg_jax.data.ome`.
+
   Example:
     with create_volume("vol.zarr", shape=(16, 512, 512), dtype="uint16",
                        channels=("ICE", "TLD"), classes=("pore", "solid"),
@@ -422,6 +432,7 @@ class VolumeWriter:
     voxel_size_nm: Sequence[float],
     chunk_yx: int = DEFAULT_CHUNK_YX,
     overwrite: bool = False,
+    ome_view: bool = True,
   ):
     if dtype not in IMAGE_DTYPES:
       raise VolumeError(f"image dtype {dtype!r} not supported; expected one of {IMAGE_DTYPES}")
@@ -478,10 +489,15 @@ class VolumeWriter:
       ),
       context=CONTEXT,
     ).result()
+    self._view = (
+      _OmeViewWriter(self.kvstore, self.shape, dtype, len(channels), self.voxel_size_nm)
+      if ome_view
+      else None
+    )
     self._stats = _ChannelStats(len(channels))
     self._annotated: set[int] = set()
     self._written: set[int] = set()
-    self._pending: list[ts.Future] = []
+    self._pending: list[list[ts.Future]] = []  # the writes of each slice in flight
     self.committed = False
 
   def write_slice(self, z: int, image: np.ndarray, labels: np.ndarray | None = None) -> None:
@@ -497,20 +513,25 @@ class VolumeWriter:
     expect = (*self.shape[1:], len(self.channels))
     if image.shape != expect:
       raise VolumeError(f"slice {z}: image shape {image.shape}, expected {expect}")
+    if labels is not None and labels.shape != self.shape[1:]:
+      raise VolumeError(f"slice {z}: labels shape {labels.shape}, expected {self.shape[1:]}")
     # Keep at most a couple of slices in flight so memory does not grow with the stack.
     self._drain(keep=2)
-    self._pending.append(self.image[z].write(image.astype(self.dtype, copy=False)))
+    image = image.astype(self.dtype, copy=False)
+    writes = [self.image[z].write(image)]
     self._stats.add(image)
     self._written.add(z)
     if labels is not None:
-      if labels.shape != self.shape[1:]:
-        raise VolumeError(f"slice {z}: labels shape {labels.shape}, expected {self.shape[1:]}")
-      self._pending.append(self.labels[z].write(labels.astype(np.uint8)))
+      writes.append(self.labels[z].write(labels.astype(np.uint8)))
       self._annotated.add(z)
+    if self._view is not None:
+      writes += self._view.write_slice(z, image, labels)
+    self._pending.append(writes)
 
   def _drain(self, keep: int = 0) -> None:
-    while len(self._pending) > keep * 2:
-      self._pending.pop(0).result()
+    while len(self._pending) > keep:
+      for f in self._pending.pop(0):
+        f.result()
 
   def commit(self, extra_attrs: Mapping[str, Any] | None = None) -> VolumeMetadata:
     """Finishes the volume: writes metadata, moves it into place. Returns its metadata."""
@@ -528,6 +549,9 @@ class VolumeWriter:
       dtype=self.dtype,
     )
     attrs = metadata.to_json()
+    if self._view is not None:
+      self._view.finish(metadata)
+      attrs["ome_view"] = ome.VIEW
     attrs.update(extra_attrs or {})
     _write_group_attrs(self.kvstore, attrs)
     if self._tmp is not None:
@@ -539,7 +563,7 @@ class VolumeWriter:
 
   def abort(self) -> None:
     """Drops everything written so far."""
-    for f in self._pending:
+    for f in (f for writes in self._pending for f in writes):
       try:
         f.result()
       except Exception:  # noqa: BLE001 - already failing; clean up regardless
@@ -562,3 +586,90 @@ class VolumeWriter:
 def create_volume(root: str | os.PathLike | Mapping[str, Any], **kwargs) -> VolumeWriter:
   """Starts writing a new volume at `root`; see `VolumeWriter` for the arguments."""
   return VolumeWriter(root, **kwargs)
+
+
+class _OmeViewWriter:
+  """The OME-NGFF view of a volume (``<root>/ome``): image [c, z, y, x] and the labels
+  as an image-label [z, y, x] (class + 1, 0 = not annotated), with pyramids."""
+
+  def __init__(
+    self,
+    kvstore: Mapping[str, Any],
+    shape: Sequence[int],
+    dtype: str,
+    num_channels: int,
+    voxel_size_nm: Sequence[float],
+  ):
+    self.kvstore = ome.group_spec(kvstore, ome.VIEW)
+    self.pyramid = ome.pyramid(shape, voxel_size_nm)
+    kw = dict(context=_OME_CONTEXT)
+    self.image = ome.MultiscaleWriter(
+      self.kvstore, self.pyramid, dtype=dtype, channels=num_channels, fill=0, **kw
+    )
+    self.labels = ome.MultiscaleWriter(
+      ome.group_spec(self.kvstore, f"labels/{ome.ANNOTATIONS}"),
+      self.pyramid,
+      dtype="uint8",
+      channels=None,
+      fill=ome.NOT_LABELLED,
+      **kw,
+    )
+
+  def write_slice(self, z: int, image: np.ndarray, labels: np.ndarray | None) -> list[ts.Future]:
+    """Writes slice z: image [y, x, channel], labels [y, x] (255 = not annotated) or None."""
+    writes = [self.image.write_slice(z, np.moveaxis(image, -1, 0))]
+    if labels is not None:
+      writes.append(self.labels.write_slice(z, ome.label_values(labels, IGNORE_LABEL)))
+    return writes
+
+  def finish(self, metadata: VolumeMetadata) -> None:
+    """Writes the coarser levels and the NGFF metadata of the image and its labels."""
+    windows = []
+    for name in metadata.channels:
+      stats = metadata.channel_stats.get(name, {})
+      start, end = float(stats.get("p0.5", 0.0)), float(stats.get("p99.5", 1.0))
+      if np.issubdtype(np.dtype(metadata.dtype), np.integer):
+        info = np.iinfo(np.dtype(metadata.dtype))
+        lo, hi = float(info.min), float(info.max)
+      else:
+        lo, hi = start, end
+      windows.append((lo, hi, start, end))
+    self.image.finish(
+      ome.image_attributes(self.pyramid, name="image", channels=metadata.channels, windows=windows),
+      averaged=True,
+    )
+    self.labels.finish(
+      ome.label_attributes(self.pyramid, name=ome.ANNOTATIONS, classes=metadata.classes),
+      averaged=False,
+    )
+    ome.write_group(
+      ome.group_spec(self.kvstore, "labels"),
+      ome.labels_group_attributes([ome.ANNOTATIONS]),
+      _OME_CONTEXT,
+    )
+
+
+def add_ome_view(root: str | os.PathLike | Mapping[str, Any]) -> str:
+  """Writes (or rewrites) the OME-NGFF view of an existing volume, slice by slice.
+
+  Volumes written before the view existed, or with ``ome_view=False``, get one this way.
+
+  Returns:
+    The path (or description) of the view, ``<root>/ome``.
+
+  Raises:
+    VolumeError: `root` is not a volume.
+  """
+  vol = open_volume(root, check_labels=False)
+  meta = vol.metadata
+  view = _OmeViewWriter(vol.kvstore, meta.shape, meta.dtype, len(meta.channels), meta.voxel_size_nm)
+  annotated = set(meta.annotated_slices)
+  for z in range(meta.shape[0]):
+    labels = vol.read_labels(z) if z in annotated else None
+    for f in view.write_slice(z, vol.read_image(z), labels):
+      f.result()
+  view.finish(meta)
+  attrs = _read_group_attrs(vol.kvstore, describe(root))
+  attrs["ome_view"] = ome.VIEW
+  _write_group_attrs(vol.kvstore, attrs)
+  return f"{describe(root).rstrip('/')}/{ome.VIEW}"
