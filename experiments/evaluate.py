@@ -7,7 +7,10 @@ r"""Scores a segmented stack against hand labels and writes a report with figure
 --truth is a volume (its labels) or a glob of label images (slice number = last integer
 in the file name, 255 = not annotated). --slices defaults to every labelled slice.
 Writes report.json, report.md, slice_NNNN.png (channels | truth | prediction | error
-map) and fractions_z.png (predicted phase fractions along z).
+map), fractions_z.png (predicted phase fractions along z), structure.png (per phase:
+largest connected cluster, percolation, surface density) and pore_sizes.png (local
+thickness distribution), the last two on the whole stack if it has at most
+--max_voxels voxels, else on a centred subvolume that the report names.
 """
 
 import sys
@@ -15,6 +18,7 @@ import sys
 from absl import app, flags
 
 from fibseg_jax import eval as evaluation
+from fibseg_jax.eval import quantify
 
 _PREDICTION = flags.DEFINE_string("prediction", None, "Label array from segment.py --output.")
 _TRUTH = flags.DEFINE_string("truth", None, "Volume with labels, or a glob of label images.")
@@ -22,6 +26,15 @@ _SLICES = flags.DEFINE_string("slices", None, "Slices to score, e.g. 9 or 9,40 o
 _OUT = flags.DEFINE_string("out", None, "Report directory, e.g. report/.")
 _IMAGE = flags.DEFINE_string(
   "image", None, "Volume whose channels the figures show (default: --truth or the source)."
+)
+_STRUCTURE = flags.DEFINE_bool(
+  "structure", True, "Quantify connectivity, surface density and pore sizes per phase."
+)
+_MAX_VOXELS = flags.DEFINE_integer(
+  "max_voxels", quantify.DEFAULT_MAX_VOXELS, "Largest subvolume quantified, in voxels."
+)
+_SIZE_CLASSES = flags.DEFINE_list(
+  "size_classes", None, "Classes with a size distribution (default: those named like pores)."
 )
 
 
@@ -43,7 +56,17 @@ def main(argv):
     )
   try:
     slices = evaluation.parse_slices(_SLICES.value)
-    report = evaluation.evaluate(_PREDICTION.value, _TRUTH.value, slices, image=_IMAGE.value)
+    if _MAX_VOXELS.value < 8:
+      raise evaluation.EvaluationError(f"--max_voxels={_MAX_VOXELS.value}: expected at least 8")
+    report = evaluation.evaluate(
+      _PREDICTION.value,
+      _TRUTH.value,
+      slices,
+      image=_IMAGE.value,
+      structure=_STRUCTURE.value,
+      max_voxels=_MAX_VOXELS.value,
+      size_classes=_SIZE_CLASSES.value,
+    )
     paths = evaluation.write_report(report, _OUT.value)
   except (evaluation.EvaluationError, evaluation.MetricsError) as e:
     sys.exit(f"error: {e}")
@@ -59,12 +82,25 @@ def main(argv):
       f"{quantity} ({q['class']}): truth {_percent(q['truth'])}, predicted "
       f"{_percent(q['predicted'])}, whole stack {_percent(q['predicted_whole_stack'])}"
     )
+  if report.structure is not None:
+    q = report.structure
+    print(f"structure on {q.subvolume.describe(q.voxel_size_nm)}:")
+    for p in q.phases:
+      along = ", ".join(p.connectivity.percolating_axes)
+      sizes = f", d50 {p.sizes.d50_nm:.0f} nm" if p.sizes else ""
+      print(
+        f"  {p.name}: largest cluster {_percent(p.connectivity.largest_fraction)}, "
+        f"percolates {along or 'nowhere'}, S_V {p.surface_density_per_um:.3g} /um{sizes}"
+      )
   print(f"report:  {paths['markdown']}")
   print(f"         {paths['json']}")
   for p in paths["slices"].values():
     print(f"figure:  {p}")
   if paths["fractions"]:
     print(f"profile: {paths['fractions']}")
+  for key in ("structure", "pore_sizes"):
+    if paths[key]:
+      print(f"figure:  {paths[key]}")
 
 
 if __name__ == "__main__":

@@ -212,6 +212,17 @@ def test_report_matches_sklearn_and_names_its_figures(dataset):
     assert red.any()
   assert iio.imread(paths["fractions"]).shape[0] > 100
 
+  # The predicted microstructure, on the whole (small) stack with its voxel size.
+  structure = doc["structure"]
+  assert structure["subvolume"]["whole_stack"] and structure["voxel_size_nm"] == [50, 25, 25]
+  for i, name in enumerate(CLASSES):
+    assert structure["phases"][name]["volume_fraction"] == pytest.approx(stack[i])
+  assert structure["phases"]["pore"]["size_distribution"]["d50_nm"] > 0
+  assert structure["phases"]["csh"]["size_distribution"] is None
+  assert "## Microstructure of the prediction" in md and "| pore | " in md
+  assert "![pore sizes](pore_sizes.png)" in md and doc["figures"]["structure"] == "structure.png"
+  assert iio.imread(paths["structure"]).shape[0] > 100
+
 
 def test_truth_from_label_images_gives_the_same_scores(dataset):
   d = dataset
@@ -254,6 +265,8 @@ def test_evaluation_mistakes_are_named(dataset):
     evaluation.evaluate(d["root"], d["root"])
   with pytest.raises(evaluation.EvaluationError, match="no files match"):
     evaluation.evaluate(d["pred_path"], str(d["tmp"] / "nothing" / "*.tif"))
+  with pytest.raises(evaluation.EvaluationError, match=r"--size_classes: classes \['air'\]"):
+    evaluation.evaluate(d["pred_path"], d["root"], size_classes=["air"])
   with pytest.raises(evaluation.EvaluationError, match="expected slice numbers"):
     evaluation.parse_slices("4,x")
   assert evaluation.parse_slices("9, 2-4,3") == (2, 3, 4, 9)
@@ -269,10 +282,13 @@ def test_evaluate_script(dataset):
   assert f"figure:  {out}/slice_0004.png" in proc.stdout and "porosity (pore)" in proc.stdout
   assert sorted(os.listdir(out)) == [
     "fractions_z.png",
+    "pore_sizes.png",
     "report.json",
     "report.md",
     "slice_0004.png",
+    "structure.png",
   ]
+  assert "structure on the whole stack" in proc.stdout and "  pore: largest cluster" in proc.stdout
   proc = subprocess.run([*cmd, "--slices=60", f"--out={out}"], capture_output=True, text=True)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [

@@ -1,9 +1,11 @@
-"""Figures of an evaluation: per-slice panels and the phase-fraction profile along z.
+"""Figures of an evaluation: per-slice panels, the phase-fraction profile along z, the
+phases' connectivity and surface density, and the pore-size distribution.
 
-Class colours are the same everywhere (`class_colors`): the synthetic phantom's
-palette first (pore near black, C-S-H grey-green, portlandite blue, clinker orange),
-then matplotlib's tab10. Figures are drawn on their own `Figure` objects (no pyplot), so
-no display is needed and importing this module leaves the caller's matplotlib backend alone.
+Class colours are the same everywhere (`class_colors`, also in the OME-Zarr and TIFF
+exports): the synthetic phantom's palette first (pore near black, C-S-H grey-green,
+portlandite blue, clinker orange), then matplotlib's tab10. Figures are drawn on their
+own `Figure` objects (no pyplot), so no display is needed and importing this module
+leaves the caller's matplotlib backend alone.
 """
 
 from __future__ import annotations
@@ -12,14 +14,14 @@ import math
 import os
 from collections.abc import Mapping, Sequence
 
-import matplotlib
 import numpy as np
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.patches import Patch
 
-from fibseg_jax.data import synth
+from fibseg_jax.data import ome
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.eval import quantify
 
 NOT_ANNOTATED_COLOR = (1.0, 1.0, 1.0)
 CORRECT_COLOR = (0.78, 0.78, 0.78)
@@ -30,12 +32,7 @@ MAX_DISPLAY_PX = 1024
 
 def class_colors(n: int) -> np.ndarray:
   """RGB colours [n, 3] in [0, 1] for class indices 0..n-1, the same in every figure."""
-  palette = [tuple(c) for c in synth.CLASS_COLORS]
-  tab = matplotlib.colormaps["tab10"].colors
-  palette += [tuple(c) for c in tab if tuple(c) not in palette]
-  while len(palette) < n:
-    palette += [tuple(c) for c in matplotlib.colormaps["tab20b"].colors]
-  return np.asarray(palette[:n], np.float64)
+  return ome.class_colors(n)
 
 
 def colorize(labels: np.ndarray, colors: np.ndarray, ignore: int = volume_lib.IGNORE_LABEL):
@@ -159,5 +156,98 @@ def fractions_figure(
     top = ax.secondary_xaxis("top", functions=(lambda v: v * dz, lambda v: v / dz))
     top.set_xlabel("depth (µm)")
   ax.legend(handles=handles, fontsize=8, loc="center left", bbox_to_anchor=(1.01, 0.5))
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
+
+
+def _voxel_text(voxel_size_nm: Sequence[float]) -> str:
+  return " x ".join(f"{v:g}" for v in voxel_size_nm) + " nm [z, y, x]"
+
+
+def structure_figure(path: str | os.PathLike, *, structure: quantify.Quantification) -> None:
+  """Writes per-phase bars: volume fraction and largest-cluster share (with the axes
+  along which the phase percolates), and surface density S_V.
+
+  Args:
+    path: the PNG to write.
+    structure: from `quantify.quantify_stack`.
+  """
+  phases = structure.phases
+  names = [p.name for p in phases]
+  colors = class_colors(len(phases))
+  x = np.arange(len(phases))
+  fig = Figure(figsize=(10, 4.2))
+  left, right = fig.subplots(1, 2)
+  fractions = [100 * p.volume_fraction for p in phases]
+  largest = [100 * np.nan_to_num(p.connectivity.largest_fraction) for p in phases]
+  left.bar(x - 0.2, fractions, 0.4, color=colors, edgecolor="k", label="volume fraction")
+  left.bar(
+    x + 0.2, largest, 0.4, color=colors, edgecolor="k", hatch="//", alpha=0.6,
+    label="largest connected cluster (share of the phase)",
+  )  # fmt: skip
+  for i, p in enumerate(phases):
+    axes = " ".join(p.connectivity.percolating_axes)
+    left.annotate(
+      f"percolates {axes}" if axes else "no percolation",
+      (x[i], max(fractions[i], largest[i])), xytext=(0, 4), textcoords="offset points",
+      ha="center", fontsize=8,
+    )  # fmt: skip
+  left.set_xticks(x, names)
+  left.set_ylim(0, 118)
+  left.set_ylabel("%")
+  left.set_title("volume fraction and connectivity (6-connected)", fontsize=10)
+  left.legend(fontsize=8, loc="upper left")
+  left.grid(axis="y", alpha=0.3)
+  density = [np.nan_to_num(p.surface_density_per_um) for p in phases]
+  right.bar(x, density, 0.6, color=colors, edgecolor="k")
+  right.set_xticks(x, names)
+  right.set_ylabel("surface density S_V (µm² / µm³)")
+  right.set_title("interface area per volume", fontsize=10)
+  right.grid(axis="y", alpha=0.3)
+  fig.suptitle(
+    f"{structure.subvolume.describe(structure.voxel_size_nm)}; voxel "
+    f"{_voxel_text(structure.voxel_size_nm)}",
+    fontsize=9,
+  )
+  fig.tight_layout(rect=(0, 0, 1, 0.93))
+  fig.savefig(path, dpi=120)
+
+
+def pore_size_figure(path: str | os.PathLike, *, structure: quantify.Quantification) -> None:
+  """Writes the volume-weighted size (local thickness) distribution of each phase that
+  has one: the share of the phase's volume at each diameter (bars, log-spaced bins)
+  and below it (cumulative line), with d10, d50 and d90 marked.
+
+  Args:
+    path: the PNG to write.
+    structure: from `quantify.quantify_stack`, with sizes for at least one phase.
+  """
+  sized = [(i, p) for i, p in enumerate(structure.phases) if p.sizes is not None]
+  colors = class_colors(len(structure.phases))
+  fig = Figure(figsize=(7, 4.2))
+  ax = fig.subplots()
+  cum_ax = ax.twinx()
+  for i, p in sized:
+    d, f = p.sizes.diameters_nm, p.sizes.volume_fractions
+    lo, hi = max(d.min(), 1e-3), max(d.max(), d.min() * 1.01)
+    edges = np.geomspace(lo / 1.05, hi * 1.05, min(30, len(d) + 1))
+    hist, _ = np.histogram(d, bins=edges, weights=f)
+    ax.bar(
+      edges[:-1], 100 * hist, np.diff(edges), align="edge", color=colors[i], alpha=0.45,
+      edgecolor="k", linewidth=0.4, label=f"{p.name}: share of its volume",
+    )  # fmt: skip
+    cum_ax.step(d, 100 * np.cumsum(f), where="post", color=colors[i], lw=1.8)
+    for q, value in (("d10", p.sizes.d10_nm), ("d50", p.sizes.d50_nm), ("d90", p.sizes.d90_nm)):
+      cum_ax.axvline(value, color=colors[i], ls=":", lw=1)
+      cum_ax.annotate(q, (value, 101), ha="center", fontsize=7, annotation_clip=False)
+  ax.set_xscale("log")
+  ax.set_xlabel("local thickness (diameter, nm)")
+  ax.set_ylabel("volume share per bin (%)")
+  cum_ax.set_ylabel("cumulative volume (%)")
+  cum_ax.set_ylim(0, 105)
+  ax.grid(alpha=0.3, which="both")
+  if sized:
+    ax.legend(fontsize=8, loc="upper left")
+  ax.set_title(f"pore-size distribution; voxel {_voxel_text(structure.voxel_size_nm)}", fontsize=9)
   fig.tight_layout()
   fig.savefig(path, dpi=120)

@@ -140,6 +140,11 @@ class Connectivity:
   clusters: int
   percolates: tuple[bool, bool, bool]
 
+  @property
+  def percolating_axes(self) -> tuple[str, ...]:
+    """The axes ("z", "y", "x") along which the phase percolates."""
+    return tuple(a for a, yes in zip(AXES, self.percolates, strict=True) if yes)
+
 
 def connectivity(mask: np.ndarray) -> Connectivity:
   """Clusters of a phase mask [z, y, x] (bool), face-connected."""

@@ -10,7 +10,10 @@ slices, by default its annotated slices) or a glob of label images (TIFF/PNG, on
 slice, slice number = last integer in the file name, 255 = not annotated).
 
 Scores are computed on the chosen slices; predicted phase fractions are also computed
-over the whole stack, streaming slice by slice, with a profile along z.
+over the whole stack, streaming slice by slice, with a profile along z. The predicted
+microstructure is quantified per phase (connectivity, percolation, surface density, and
+the pore-size distribution; see `fibseg_jax.eval.quantify`) on the whole stack when it
+fits `max_voxels`, else on a centred subvolume, which the report names.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import tensorstore as ts
 
 from fibseg_jax.data import ingest
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.eval import figures, metrics
+from fibseg_jax.eval import figures, metrics, quantify
 
 NOT_SEGMENTED = volume_lib.IGNORE_LABEL
 # How a materials scientist names the fraction of a phase (matched in class names).
@@ -207,6 +210,8 @@ class Report:
     stack: predicted phase fractions over the whole stack, slice by slice.
     image: the volume shown in the figures, or None.
     voxel_size_nm: (z, y, x), or None when unknown.
+    structure: per-phase connectivity, surface and sizes of the prediction, or None
+      (not asked for, or the voxel size is unknown).
   """
 
   prediction: Prediction
@@ -218,6 +223,7 @@ class Report:
   stack: metrics.StackFractions
   image: volume_lib.Volume | None
   voxel_size_nm: tuple[float, float, float] | None
+  structure: quantify.Quantification | None = None
 
   def to_json(self) -> dict[str, Any]:
     """The contents of report.json (NaN written as null)."""
@@ -241,6 +247,7 @@ class Report:
         },
       },
       "phase_quantities": self.phase_quantities(),
+      "structure": self.structure.to_json() if self.structure else None,
     }
 
   def phase_quantities(self) -> dict[str, dict[str, Any]]:
@@ -349,6 +356,9 @@ def evaluate(
   slices: Sequence[int] | str | None = None,
   *,
   image: Any | None = None,
+  structure: bool = True,
+  max_voxels: int = quantify.DEFAULT_MAX_VOXELS,
+  size_classes: Sequence[str] | None = None,
 ) -> Report:
   """Scores a segmented stack against hand labels and measures its phase fractions.
 
@@ -358,6 +368,10 @@ def evaluate(
     slices: slices to score; default every slice the truth labels.
     image: volume whose channels the figures show; default the truth volume, else the
       prediction's source volume.
+    structure: quantify the predicted microstructure (`quantify.quantify_stack`).
+    max_voxels: the largest subvolume quantified, in voxels.
+    size_classes: classes that get a pore-size distribution; default those named like
+      pores ("pore", "void").
 
   Returns:
     A `Report`.
@@ -434,6 +448,16 @@ def evaluate(
     voxel = img.metadata.voxel_size_nm
   else:
     voxel = pred.run.get("voxel_size_nm")
+  voxel = tuple(float(v) for v in voxel) if voxel else None
+  structure_result = None
+  if structure and voxel:
+    try:
+      sized = quantify.size_classes(classes, size_classes)
+    except ValueError as e:
+      raise EvaluationError(f"--size_classes: {e}") from e
+    structure_result = quantify.quantify_stack(
+      pred.array, classes, voxel, max_voxels=max_voxels, sizes_for=sized
+    )
   return Report(
     prediction=pred,
     truth=tru,
@@ -443,7 +467,8 @@ def evaluate(
     per_slice=per_slice,
     stack=stack,
     image=img,
-    voxel_size_nm=tuple(voxel) if voxel else None,
+    voxel_size_nm=voxel,
+    structure=structure_result,
   )
 
 
@@ -484,7 +509,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
     figures_on: also draw the figures.
 
   Returns:
-    dict with the paths written: "json", "markdown", "slices" (z -> PNG), "fractions".
+    dict with the paths written: "json", "markdown", "slices" (z -> PNG), "fractions",
+    "structure" and "pore_sizes" (None when not drawn).
   """
   out_dir = os.fspath(out_dir)
   os.makedirs(out_dir, exist_ok=True)
@@ -493,6 +519,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
     "markdown": os.path.join(out_dir, "report.md"),
     "slices": {},
     "fractions": None,
+    "structure": None,
+    "pore_sizes": None,
   }
   if figures_on:
     for z, m in report.per_slice.items():
@@ -516,10 +544,19 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
       truth={z: m.truth_fractions for z, m in report.per_slice.items()},
       voxel_size_nm=report.voxel_size_nm,
     )
+    if report.structure is not None:
+      paths["structure"] = os.path.join(out_dir, "structure.png")
+      figures.structure_figure(paths["structure"], structure=report.structure)
+      if any(p.sizes is not None for p in report.structure.phases):
+        paths["pore_sizes"] = os.path.join(out_dir, "pore_sizes.png")
+        figures.pore_size_figure(paths["pore_sizes"], structure=report.structure)
   doc = report.to_json()
   doc["figures"] = {
     "slices": {str(z): os.path.basename(p) for z, p in paths["slices"].items()},
-    "fractions": os.path.basename(paths["fractions"]) if paths["fractions"] else None,
+    **{
+      key: os.path.basename(paths[key]) if paths[key] else None
+      for key in ("fractions", "structure", "pore_sizes")
+    },
   }
   with open(paths["json"], "w") as f:
     json.dump(doc, f, indent=1, allow_nan=False)
@@ -585,6 +622,7 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
       f"**{report.stack.unlabelled} voxels of the prediction are not segmented yet** "
       "(value 255); rerun segment.py to finish it.",
     ]
+  lines += _structure_lines(report, paths or {})
   lines += [
     "",
     "## Confusion matrix (rows truth, columns prediction, voxels)",
@@ -615,3 +653,64 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
     if paths.get("fractions"):
       lines += ["", f"![phase fractions along z]({os.path.basename(paths['fractions'])})"]
   return "\n".join(lines) + "\n"
+
+
+def _um(value_nm: float) -> str:
+  return f"{value_nm / 1000:.3g} µm"
+
+
+def _structure_lines(report: Report, paths: dict[str, Any]) -> list[str]:
+  """The microstructure section of report.md (empty without a quantification)."""
+  q = report.structure
+  if q is None:
+    return []
+  voxel = " x ".join(f"{v:g}" for v in q.voxel_size_nm)
+  lines = [
+    "",
+    "## Microstructure of the prediction",
+    "",
+    f"Quantified on {q.subvolume.describe(q.voxel_size_nm)}, with the anisotropic voxel size "
+    f"{voxel} nm [z, y, x] for every length, area and distance.",
+    "",
+    "| phase | volume fraction | largest cluster (share of phase) | clusters | "
+    "percolates along | S_V (µm²/µm³) | surface / phase volume (1/µm) |",
+    "| --- | --- | --- | --- | --- | --- | --- |",
+  ]
+  for p in q.phases:
+    c = p.connectivity
+    along = ", ".join(c.percolating_axes)
+    lines.append(
+      f"| {p.name} | {_fmt(p.volume_fraction, True)} | {_fmt(c.largest_fraction, True)} | "
+      f"{c.clusters} | {along or 'none'} | {_fmt(p.surface_density_per_um)} | "
+      f"{_fmt(p.surface_per_phase_volume_per_um)} |"
+    )
+  sized = [p for p in q.phases if p.sizes is not None]
+  if sized:
+    lines += [
+      "",
+      "Pore sizes (local thickness: diameter of the largest ball inside the phase that "
+      "holds the voxel; volume-weighted):",
+      "",
+      "| phase | mean | d10 | d50 | d90 |",
+      "| --- | --- | --- | --- | --- |",
+    ]
+    for p in sized:
+      z = p.sizes
+      lines.append(
+        f"| {p.name} | {_um(z.mean_nm)} | {_um(z.d10_nm)} | {_um(z.d50_nm)} | {_um(z.d90_nm)} |"
+      )
+  lines += [
+    "",
+    "Clusters are 6-connected (voxels sharing a face); a phase percolates along an axis "
+    "when one cluster touches both faces of the quantified box across it. Surface: "
+    f"marching cubes at the voxel spacing with {quantify.TAUBIN_STEPS} Taubin smoothing "
+    "steps (a sphere within ~2.5%, flat faces short by about one voxel per edge); S_V "
+    "is interface area per volume of the box. Local thickness from anisotropic distance "
+    "transforms, within half a voxel for round pores, one voxel over for flat ones.",
+  ]
+  if q.not_segmented:
+    lines.append(f"{q.not_segmented} voxels of the box are not segmented and count in no phase.")
+  for key, alt in (("structure", "connectivity and surface density"), ("pore_sizes", "pore sizes")):
+    if paths.get(key):
+      lines += ["", f"![{alt}]({os.path.basename(paths[key])})"]
+  return lines
