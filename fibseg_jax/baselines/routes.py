@@ -1,0 +1,211 @@
+"""The three classical routes, fitted and applied like the networks.
+
+  otsu        (a) multi-Otsu thresholds of the raw signals, classes matched by mean
+              intensity (`threshold.MultiOtsu`).
+  clean_otsu  (b) destripe, flat-field and denoise every channel (`cleaning`), then (a).
+  forest      (c) a random forest on multiscale features of the raw signals
+              (`forest.RandomForest`).
+
+A route takes raw slices [y, x, C] and returns labels [y, x] uint8. It learns from the
+same pixels as a network: `training_slices` reads the annotated slices of a volume with
+the validation blocks of the training loader's split (same `val_fraction`, `val_block`,
+`split_seed`) and the evaluation slices left out. Nothing is assumed about the data but
+the volume's channels and classes; intensities are normalised by the 0.5 and 99.5
+percentiles of the (cleaned) training slices, as the networks' loader does from the
+volume's statistics.
+
+  route = baselines.make_route("forest", num_classes=4, seed=0)
+  images, labels = baselines.training_slices("vol.zarr", ("ICE", "TLD"), eval_slices=(20,))
+  route.fit(images, labels)
+  prediction = route.predict(vol.read_image(20))   # [y, x] uint8
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fibseg_jax.baselines import cleaning as cleaning_lib
+from fibseg_jax.baselines import forest as forest_lib
+from fibseg_jax.baselines import threshold
+from fibseg_jax.data import loader as loader_lib
+from fibseg_jax.data import volume as volume_lib
+
+ROUTES = ("otsu", "clean_otsu", "forest")
+IGNORE_LABEL = volume_lib.IGNORE_LABEL
+
+
+@dataclasses.dataclass
+class Route:
+  """Optional cleaning, percentile normalisation and a pixel classifier.
+
+  Attributes:
+    name: one of `ROUTES` (or any name for a custom route).
+    segmenter: `threshold.MultiOtsu` or `forest.RandomForest` (fit / predict on
+      normalised slices).
+    cleaning: applied to every slice first; None for the raw signals.
+    offset, scale: per-channel normalisation x_norm = (x - offset) * scale, from `fit`.
+    seconds: wall time of the last `fit` ("clean", "fit") and of all `predict` calls
+      ("clean_predict", "predict").
+  """
+
+  name: str
+  segmenter: Any
+  cleaning: cleaning_lib.CleaningConfig | None = None
+  offset: np.ndarray | None = None
+  scale: np.ndarray | None = None
+  seconds: dict[str, float] = dataclasses.field(default_factory=dict)
+
+  @property
+  def num_parameters(self) -> int:
+    """Fitted numbers of the classifier (see its `num_parameters`) plus the normalisation."""
+    extra = 0 if self.offset is None else 2 * self.offset.size
+    return int(self.segmenter.num_parameters) + extra
+
+  def _clean(self, image: np.ndarray, key: str) -> np.ndarray:
+    image = np.asarray(image)
+    if image.ndim == 2:
+      image = image[..., None]
+    if self.cleaning is None:
+      return image.astype(np.float32)
+    start = time.perf_counter()
+    out = cleaning_lib.clean_slice(image, self.cleaning)
+    self.seconds[key] = self.seconds.get(key, 0.0) + time.perf_counter() - start
+    return out
+
+  def _normalise(self, image: np.ndarray) -> np.ndarray:
+    return ((image - self.offset) * self.scale).astype(np.float32)
+
+  def fit(self, images: Sequence[np.ndarray], labels: Sequence[np.ndarray]) -> Route:
+    """Cleans (if set), fits the normalisation and the classifier.
+
+    Args:
+      images: raw training slices [y, x, C] (or [y, x]).
+      labels: their labels [y, x] uint8; 255 = not a training pixel.
+
+    Returns:
+      self.
+
+    Raises:
+      ValueError: no images, images and labels differ in number or shape, or no
+        labelled pixel.
+    """
+    if not images or len(images) != len(labels):
+      raise ValueError(f"route {self.name}: give as many training slices as label slices (>= 1)")
+    self.seconds = {"clean": 0.0}
+    cleaned = [self._clean(image, "clean") for image in images]
+    for image, label in zip(cleaned, labels, strict=True):
+      if image.shape[:2] != label.shape:
+        raise ValueError(
+          f"route {self.name}: slice {list(image.shape)} and labels {list(label.shape)} differ"
+        )
+    pixels = np.concatenate(
+      [c.reshape(-1, c.shape[-1])[:: max(1, c[..., 0].size // 65536)] for c in cleaned]
+    )
+    lo, hi = np.percentile(pixels, (0.5, 99.5), axis=0)
+    spread = np.where(hi - lo > 1e-6 * np.maximum(1.0, np.abs(hi)), hi - lo, 2.0)
+    self.offset = ((lo + hi) / 2).astype(np.float32)
+    self.scale = (2.0 / spread).astype(np.float32)
+    start = time.perf_counter()
+    self.segmenter.fit([self._normalise(c) for c in cleaned], list(labels))
+    self.seconds["fit"] = time.perf_counter() - start
+    self.seconds.setdefault("clean_predict", 0.0)
+    self.seconds.setdefault("predict", 0.0)
+    return self
+
+  def predict(self, image: np.ndarray) -> np.ndarray:
+    """Labels of a raw slice [y, x, C]: uint8 [y, x]."""
+    if self.offset is None:
+      raise ValueError(f"route {self.name}: predict called before fit")
+    cleaned = self._clean(image, "clean_predict")
+    start = time.perf_counter()
+    out = self.segmenter.predict(self._normalise(cleaned))
+    self.seconds["predict"] = self.seconds.get("predict", 0.0) + time.perf_counter() - start
+    return out
+
+
+def make_route(
+  name: str,
+  num_classes: int,
+  *,
+  seed: int = 0,
+  cleaning: cleaning_lib.CleaningConfig | None = None,
+  forest: forest_lib.ForestConfig | None = None,
+) -> Route:
+  """One of the classical routes, unfitted.
+
+  Args:
+    name: "otsu", "clean_otsu" or "forest".
+    num_classes: classes of the volume (k of multi-Otsu).
+    seed: seed of the forest (the Otsu routes are deterministic).
+    cleaning: settings of clean_otsu's cleaning; default `CleaningConfig()`.
+    forest: settings of the forest; default `ForestConfig()`.
+
+  Raises:
+    ValueError: unknown name.
+  """
+  if name == "otsu":
+    return Route(name, threshold.MultiOtsu(num_classes))
+  if name == "clean_otsu":
+    return Route(name, threshold.MultiOtsu(num_classes), cleaning or cleaning_lib.CleaningConfig())
+  if name == "forest":
+    config = forest or forest_lib.ForestConfig()
+    return Route(name, forest_lib.RandomForest(num_classes, config, seed=seed))
+  raise ValueError(f"baseline route {name!r} is not one of {ROUTES}")
+
+
+def training_slices(
+  volume: volume_lib.Volume | Any,
+  channels: Sequence[str],
+  *,
+  eval_slices: Sequence[int] = (),
+  val_fraction: float = 0.25,
+  val_block: int = 128,
+  split_seed: int = 0,
+) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
+  """The raw training slices of a volume and their training labels.
+
+  The pixels are those a network trains on with the same split settings: labelled
+  pixels of the annotated slices outside `eval_slices`, minus the validation blocks.
+
+  Args:
+    volume: an opened volume or its root.
+    channels: channel names to read, in order.
+    eval_slices: annotated slices kept out.
+    val_fraction, val_block, split_seed: the training loader's split
+      (`--config.data.val_fraction`, `val_block`, `split_seed`).
+
+  Returns:
+    ({z: image [y, x, C]}, {z: labels [y, x] uint8 with 255 off the training pixels}).
+
+  Raises:
+    LoaderError / VolumeError: the split or channels do not fit the volume.
+  """
+  vol = volume if isinstance(volume, volume_lib.Volume) else volume_lib.open_volume(volume)
+  index = vol.channel_indices(channels)
+  _, height, width = vol.shape
+  config = loader_lib.LoaderConfig(
+    channels=tuple(channels),
+    slices=1,
+    patch=min(val_block, height, width),
+    batch_size=1,
+    val_fraction=val_fraction,
+    val_block=val_block,
+    eval_slices=tuple(eval_slices),
+    split_seed=split_seed,
+    prefetch=0,
+    workers=1,
+  )
+  with loader_lib.SlabLoader(vol, config, process_index=0, process_count=1) as loader:
+    masks = loader.split_masks()
+    train = loader.train_slices
+  images, labels = {}, {}
+  for z in train:
+    label = vol.read_labels(z)
+    labels[z] = np.where(masks[z] == loader_lib.REGION_TRAIN, label, IGNORE_LABEL).astype(np.uint8)
+    images[z] = vol.read_image(z)[..., index]
+  return images, labels
