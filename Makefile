@@ -26,9 +26,10 @@ test: lint
 demo: $(VENV)/.installed
 	bash experiments/demo.sh $(DEMO_DIR)
 
+# make bench [BENCH_FLAGS=--quick]: bench/benchmark.json, bench/BENCHMARKS.md and a table.
 bench: $(VENV)/.installed
 	$(PY) -m pip install -q torch==2.13.0 monai==1.6.1 psutil
-	$(PY) experiments/benchmark.py --out=bench.json
+	$(PY) experiments/benchmark.py --out=bench/ $(BENCH_FLAGS)
 
 clean:
 	rm -rf $(DEMO_DIR) .pytest_cache .ruff_cache
