@@ -9,17 +9,22 @@ When every block is done, --format=zarr (default) also writes an OME-Zarr (NGFF 
 label image for napari / neuroglancer (seg.ome.zarr next to seg.zarr), --format=tiff a
 TIFF stack for Fiji / Dragonfly / Avizo (seg.tif); in both, value = class + 1, 0 = none.
 Memory stays bounded whatever the stack size. Rerunning after an interruption resumes
-where it stopped; with --distributed, each process segments its own blocks.
+where it stopped; with several processes, each segments its own share of the blocks:
+--distributed on a cluster JAX detects (SLURM, TPU pods, ...), or by hand on every host
+--coordinator_address=HOST:PORT --num_processes=N --process_id=I.
 """
 
 import os
 import sys
 
+import jax
 from absl import app, flags, logging
 
 from fibseg_jax import checkpoint, infer
 from fibseg_jax.data import volume
 from fibseg_jax.infer import export
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import parallel
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; its best checkpoint is used.")
 _CHECKPOINT = flags.DEFINE_string(
@@ -47,6 +52,11 @@ _EXPORT = flags.DEFINE_string(
 _DISTRIBUTED = flags.DEFINE_bool(
   "distributed", False, "Call jax.distributed.initialize() (multi-host: SLURM, TPU pods, ...)."
 )
+_COORDINATOR = flags.DEFINE_string(
+  "coordinator_address", None, "host:port of process 0, for processes started by hand."
+)
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Number of processes.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "Index of this process.")
 
 
 def main(argv):
@@ -73,10 +83,13 @@ def main(argv):
     )
   except infer.OutputError as e:
     sys.exit(f"error: {e}")
-  if _DISTRIBUTED.value:
-    import jax  # noqa: PLC0415
-
-    jax.distributed.initialize()
+  try:
+    if _COORDINATOR.value or _NUM_PROCESSES.value or _PROCESS_ID.value is not None:
+      parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    elif _DISTRIBUTED.value:
+      jax.distributed.initialize()
+  except config_lib.ConfigError as e:
+    sys.exit(f"error: {e}")
   try:
     result = infer.segment_from_checkpoint(
       model_path,
@@ -104,6 +117,13 @@ def main(argv):
     sys.exit(f"error: {e}")
   if result.blocks_skipped:
     print(f"resumed: {result.blocks_skipped} of {result.blocks_assigned} blocks were done")
+  if jax.process_count() > 1:
+    print(
+      f"process {jax.process_index()} of {jax.process_count()}: segmented "
+      f"{result.blocks_done} of its {result.blocks_assigned} blocks "
+      f"({result.blocks_total} in all)"
+    )
+  logging.info("segmented blocks (z.y0.x0): %s", " ".join(result.segmented))
   print(
     f"segmented {result.mpixels:.1f} Mpixel in {result.seconds:.1f} s "
     f"({result.mpixels_per_second:.2f} Mpixel/s)"

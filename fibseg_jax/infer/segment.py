@@ -62,6 +62,7 @@ class SegmentationResult:
     complete: every block of the volume is finished (all processes).
     seconds: wall time of the segmentation loop.
     mpixels: output pixels written by this call, in millions.
+    segmented: keys (z.y0.x0) of the blocks segmented by this call, in order.
   """
 
   output: Any
@@ -73,6 +74,7 @@ class SegmentationResult:
   complete: bool
   seconds: float
   mpixels: float
+  segmented: tuple[str, ...] = ()
 
   @property
   def mpixels_per_second(self) -> float:
@@ -456,6 +458,9 @@ def segment_volume(
     source=volume.root,
     overwrite=overwrite,
   )
+  # Every process decides from the store as it was; only then may process 0 change it
+  # (else another process can find a half-created array and refuse it).
+  _barrier("fibseg_jax.infer.output_planned")
   out = _open_outputs(
     output, probabilities, plan, volume.shape, classes, run, min(block, CHUNK_YX), process_index
   )
@@ -523,6 +528,7 @@ def segment_volume(
     complete=complete,
     seconds=seconds,
     mpixels=sum(b.pixels for b in todo) / 1e6,
+    segmented=tuple(b.key for b in todo),
   )
 
 
