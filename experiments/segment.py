@@ -1,7 +1,7 @@
 r"""Segments every slice of a volume with a trained model.
 
   python experiments/segment.py --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
-    [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8]
+    [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8] [--dtype=bfloat16]
 
 --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
 attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p).
@@ -40,6 +40,13 @@ _OVERLAP = flags.DEFINE_integer("overlap", 64, "Overlap of neighbouring tiles in
 _BATCH = flags.DEFINE_integer("batch", 8, "Tiles per device step (over all local devices).")
 _BLOCK = flags.DEFINE_integer(
   "block", 2048, "Output block side in pixels (unit of work and of resuming)."
+)
+_DTYPE = flags.DEFINE_enum(
+  "dtype",
+  None,
+  list(infer.segment.COMPUTE_DTYPES),
+  "Compute dtype instead of the training one; bfloat16 is for GPUs/TPUs (parameters stay "
+  "float32; on CPU it is no faster).",
 )
 _WINDOW = flags.DEFINE_enum("window", "cosine", ["cosine", "gaussian"], "Blending window.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output arrays.")
@@ -95,6 +102,7 @@ def main(argv):
       model_path,
       _INPUT.value,
       output=_OUTPUT.value,
+      dtype=_DTYPE.value,
       probabilities=_PROBABILITIES.value,
       tile=_TILE.value,
       overlap=_OVERLAP.value,

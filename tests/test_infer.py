@@ -411,3 +411,25 @@ def test_segment_script(trained, tmp_path):
   proc = run_segment(f"--workdir={trained}", f"--input={ice_only}", f"--output={out}x")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert "lacks channel(s) ['TLD'] that the model" in proc.stderr
+
+
+def test_bfloat16_compute_of_a_float32_checkpoint(trained, tmp_path):
+  vol_path = make_volume(str(tmp_path / "vol.zarr"), shape=(3, 40, 36))
+  results = {}
+  for dtype in ("float32", "bfloat16"):
+    out, probs = str(tmp_path / f"{dtype}.zarr"), str(tmp_path / f"{dtype}_p.zarr")
+    infer.segment_from_checkpoint(
+      trained, vol_path, output=out, probabilities=probs, dtype=dtype, tile=16, overlap=4
+    )
+    results[dtype] = read(out), read(probs).astype(np.float32) / 255
+  (labels32, probs32), (labels16, probs16) = results["float32"], results["bfloat16"]
+  # bfloat16 keeps 8 bits of mantissa: probabilities move by a few hundredths at most,
+  # and only pixels near a tie between two classes may change label.
+  assert np.abs(probs16 - probs32).max() < 0.06
+  assert np.abs(probs16 - probs32).max() > 0  # it really computed in bfloat16
+  assert np.mean(labels16 == labels32) > 0.9
+
+  with pytest.raises(infer.InferenceError, match="--dtype=float16: expected one of"):
+    infer.segment_from_checkpoint(
+      trained, vol_path, output=str(tmp_path / "x.zarr"), dtype="float16", tile=16
+    )

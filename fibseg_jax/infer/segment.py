@@ -44,6 +44,8 @@ from fibseg_jax.infer.tiling import Block, InferenceError, RegionGeometry
 # Output chunks are [1, CHUNK_YX, CHUNK_YX] (smaller when the block is).
 CHUNK_YX = 512
 DEFAULT_BLOCK = 2048
+# Compute dtypes a checkpoint can be run in (parameters stay float32).
+COMPUTE_DTYPES = ("float32", "bfloat16")
 # Blocks whose writes may be in flight while the next block computes.
 _WRITES_IN_FLIGHT = 2
 
@@ -533,7 +535,12 @@ def segment_volume(
 
 
 def segment_from_checkpoint(
-  checkpoint: str, volume: volume_lib.Volume | Any, *, output: Any, **kwargs: Any
+  checkpoint: str,
+  volume: volume_lib.Volume | Any,
+  *,
+  output: Any,
+  dtype: str | None = None,
+  **kwargs: Any,
 ) -> SegmentationResult:
   """`segment_volume` with the model, channels, slab depth and classes of a checkpoint.
 
@@ -542,6 +549,9 @@ def segment_from_checkpoint(
       (the best checkpoint by validation mIoU of a workdir is used).
     volume: an opened `Volume` or its root.
     output: path of the labels array.
+    dtype: compute dtype ("float32" or "bfloat16") instead of the one the model was
+      trained with; parameters stay float32 (bfloat16 is for accelerators: XLA:CPU
+      emulates it and runs slower).
     **kwargs: the other keyword arguments of `segment_volume` (probabilities, tile,
       overlap, batch, block, window, overwrite, progress, ...).
 
@@ -563,9 +573,14 @@ def segment_from_checkpoint(
     )
   if not restored.classes:
     raise InferenceError(f"checkpoint {restored.path} records no class names (data.classes)")
+  model = restored.model
+  if dtype is not None and dtype != model.config.dtype:
+    if dtype not in COMPUTE_DTYPES:
+      raise InferenceError(f"--dtype={dtype}: expected one of {', '.join(COMPUTE_DTYPES)}")
+    model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
   return segment_volume(
     volume,
-    restored.model,
+    model,
     restored.variables,
     channels=restored.channels,
     slices=restored.slices,
