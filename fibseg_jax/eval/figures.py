@@ -196,7 +196,7 @@ def structure_figure(path: str | os.PathLike, *, structure: quantify.Quantificat
   left.set_ylim(0, 118)
   left.set_ylabel("%")
   left.set_title("volume fraction and connectivity (6-connected)", fontsize=10)
-  left.legend(fontsize=8, loc="upper left")
+  left.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=2)
   left.grid(axis="y", alpha=0.3)
   density = [np.nan_to_num(p.surface_density_per_um) for p in phases]
   right.bar(x, density, 0.6, color=colors, edgecolor="k")

@@ -23,8 +23,9 @@ which):
   subvolume's cut faces are not surface;
 - local thickness (pores): the diameter of the largest ball inside the phase that holds
   the voxel (Hildebrand & Rueegsegger 1997), from anisotropic Euclidean distance
-  transforms (edt): at most `bins` radii (every distinct distance, else quantiles of
-  the phase's distances, a ball rounded down to the next radius). The diameter is 2 r
+  transforms (edt): at most `bins` radii (every distinct distance, else geometric steps,
+  ~10% apart for radii from 25 nm to 1 um at 40 bins; a ball rounds down to the next
+  radius). The diameter is 2 r
   with r measured to the centre of the nearest voxel outside: within half a voxel of 2 R
   for a digitised ball of radius R, one voxel over for a flat layer (whose walls lie half
   a voxel before those centres on each side). Summarised as a volume-weighted
@@ -50,7 +51,7 @@ NOT_SEGMENTED = volume_lib.IGNORE_LABEL
 # 2**24 voxels: a 16 MiB uint8 subvolume; its distance transforms (float32) and cluster
 # labels (int32) take ~64 MiB each, and the whole quantification ~1 min on 2 CPU cores.
 DEFAULT_MAX_VOXELS = 1 << 24
-DEFAULT_BINS = 32
+DEFAULT_BINS = 40
 TAUBIN_STEPS = 10
 _TAUBIN = (0.5, -0.53)
 # Class names whose phase gets a size distribution by default.
@@ -89,7 +90,7 @@ class Subvolume:
       f"{a} {s}:{s + n}" for a, s, n in zip(AXES, self.start, self.shape, strict=True)
     )
     what = "the whole stack" if self.whole else "a centred subvolume"
-    return f"{what} ({box}; {self.voxels} voxels; {size} um [z, y, x])"
+    return f"{what} ({box}; {self.voxels} voxels; {size} µm [z, y, x])"
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -164,23 +165,27 @@ def connectivity(mask: np.ndarray) -> Connectivity:
 
 
 def _taubin(vertices: np.ndarray, faces: np.ndarray, fixed: np.ndarray, steps: int) -> np.ndarray:
-  """Taubin lambda|mu smoothing of a triangle mesh; `fixed` vertices do not move."""
+  """Taubin lambda|mu smoothing of a triangle mesh [V, 3] / [F, 3]; `fixed` vertices stay.
+
+  Each step moves a vertex towards the mean of its edge neighbours (a sparse adjacency
+  product); for a 10 M-triangle mesh the adjacency takes ~1 GB while it is built.
+  """
   n = len(vertices)
-  rows = np.concatenate(
-    [faces[:, 0], faces[:, 1], faces[:, 2], faces[:, 1], faces[:, 2], faces[:, 0]]
-  )
-  cols = np.concatenate(
-    [faces[:, 1], faces[:, 2], faces[:, 0], faces[:, 0], faces[:, 1], faces[:, 2]]
-  )
-  adjacency = sparse.coo_matrix((np.ones(len(rows)), (rows, cols)), shape=(n, n)).tocsr()
+  f = faces.astype(np.int32, copy=False)
+  rows = np.concatenate([f[:, 0], f[:, 1], f[:, 2], f[:, 1], f[:, 2], f[:, 0]])
+  cols = np.concatenate([f[:, 1], f[:, 2], f[:, 0], f[:, 0], f[:, 1], f[:, 2]])
+  ones = np.ones(len(rows), np.float32)
+  adjacency = sparse.csr_matrix((ones, (rows, cols)), shape=(n, n))
+  del rows, cols, ones
+  adjacency.sum_duplicates()
   adjacency.data[:] = 1.0  # an edge shared by two faces counts once
   degree = np.asarray(adjacency.sum(axis=1)).ravel()
-  mean = sparse.diags(1.0 / np.maximum(degree, 1)) @ adjacency
-  free = ~fixed[:, None]
+  scale = np.where(fixed | (degree == 0), 0.0, 1.0 / np.maximum(degree, 1))[:, None]
+  moving = (scale > 0).astype(np.float64)
   v = vertices.astype(np.float64)
   for _ in range(steps):
     for factor in _TAUBIN:
-      v = v + factor * (mean @ v - v) * free
+      v += factor * (adjacency @ v * scale - v * moving)
   return v
 
 
@@ -211,7 +216,8 @@ def local_thickness(
     mask: bool [z, y, x].
     voxel_size_nm: (z, y, x).
     bins: at most this many ball radii: every distinct distance in the phase when there
-      are that few, else quantiles of them.
+      are that few, else geometric steps between the smallest and largest, each moved
+      down to the nearest distance that occurs; a ball rounds down to the next radius.
 
   Returns:
     float32 [z, y, x]: 2 r for the largest ball of radius r (to the centres of the
@@ -223,12 +229,12 @@ def local_thickness(
   if not mask.any():
     return thickness
   dist = edt.edt(mask, anisotropy=spacing, black_border=False)
-  inside = dist[mask]
-  radii = np.unique(inside)
+  radii = np.unique(dist[mask])
   if len(radii) > bins:
-    # Quantiles of the phase's distances (the smallest and largest included), so the
-    # radii sit where the volume is; a ball is rounded down to the next radius.
-    radii = np.unique(np.quantile(inside, np.linspace(0, 1, bins), method="inverted_cdf"))
+    # Geometric steps from the smallest to the largest distance (the same relative
+    # resolution for small and large pores), each moved down to a distance that occurs.
+    grid = np.geomspace(radii[0], radii[-1], bins)
+    radii = np.unique(radii[np.searchsorted(radii, grid * (1 + 1e-6), side="right") - 1])
   for r in radii[::-1]:
     seeds = dist >= r
     reach = edt.edt(~seeds, anisotropy=spacing, black_border=False)
