@@ -2,7 +2,8 @@
 # The main job end to end on a generated stack:
 #   synthetic FIB-SEM stack (TIFF folders, as an instrument writes them)
 #   -> ingest into a volume -> train a 2.5D U-Net on three annotated slices
-#   -> segment the whole stack -> evaluate on a held-out annotated slice.
+#   -> segment the whole stack (+ OME-Zarr export for napari / neuroglancer)
+#   -> evaluate on a held-out annotated slice, quantify the predicted microstructure.
 # Usage: bash experiments/demo.sh [OUT_DIR]. Sizes come from the environment so the
 # test suite can run the same script on a tiny stack (see tests/test_demo.py).
 set -euo pipefail
@@ -40,6 +41,17 @@ echo "== 3/5 train $MODEL -> $OUT/run"
 echo "== 4/5 segment the whole stack -> $OUT/seg.zarr"
 "$PY" experiments/segment.py --workdir="$OUT/run" --input="$OUT/vol.zarr" \
   --output="$OUT/seg.zarr" --probabilities="$OUT/probs.zarr" --tile="$TILE" --overlap="$OVERLAP"
+echo "== check the OME-Zarr views against the OME-NGFF 0.5 models (ome-zarr-models)"
+"$PY" - "$OUT/vol.zarr/ome" "$OUT/seg.ome.zarr" <<'EOF'
+import sys
+try:
+  from ome_zarr_models import open_ome_zarr
+except ImportError:
+  print("  skipped: ome-zarr-models is not installed (pip install -r tests/requirements.txt)")
+  sys.exit(0)
+for path in sys.argv[1:]:
+  print(f"  {path}: valid OME-Zarr 0.5 {type(open_ome_zarr(path)).__name__}")
+EOF
 echo "== 5/5 evaluate slice $EVAL_SLICE -> $OUT/report"
 "$PY" experiments/evaluate.py --prediction="$OUT/seg.zarr" --truth="$OUT/vol.zarr" \
   --slices="$EVAL_SLICE" --out="$OUT/report"
@@ -49,4 +61,6 @@ echo "  synthetic preview     $OUT/raw/preview.png"
 echo "  volume                $OUT/vol.zarr"
 echo "  training curves       $OUT/run/training_curves.png (metrics: $OUT/run/metrics.jsonl)"
 echo "  segmentation          $OUT/seg.zarr (probabilities: $OUT/probs.zarr)"
+echo "  for viewers           $OUT/seg.ome.zarr over $OUT/vol.zarr/ome (OME-Zarr 0.5):"
+echo "                        napari --plugin napari-ome-zarr $OUT/seg.ome.zarr"
 echo "  report                $OUT/report/report.md ($OUT/report/*.png)"

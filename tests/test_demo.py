@@ -41,9 +41,15 @@ def test_demo_runs_end_to_end(tmp_path):
     "run/training_curves.png",
     "seg.zarr/zarr.json",
     "probs.zarr/zarr.json",
+    "seg.ome.zarr/zarr.json",
+    "vol.zarr/ome/zarr.json",
     "report/report.md",
     "report/report.json",
+    "report/structure.png",
   ):
     assert (out / path).exists(), path
   report = json.loads((out / "report" / "report.json").read_text())
   assert isinstance(report, dict) and report
+  assert report["structure"]["voxel_size_nm"] == [50, 25, 25]
+  assert f"{out}/seg.ome.zarr: valid OME-Zarr 0.5 ImageLabel" in done.stdout
+  assert f"{out}/vol.zarr/ome: valid OME-Zarr 0.5 Image" in done.stdout
