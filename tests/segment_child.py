@@ -11,13 +11,15 @@ alone and tiling cannot change them.
 from __future__ import annotations
 
 import json
-import resource
 import sys
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from fibseg_jax.bench import machine
+from fibseg_jax.bench.jax_side import random_variables
 
 NUM_CLASSES = 3
 
@@ -34,52 +36,10 @@ class PixelModel(nn.Module):
     return nn.Dense(self.num_classes, name="head")(h)
 
 
-def random_variables(model: nn.Module, x_shape: tuple[int, ...], seed: int = 0) -> dict:
-  """Variables of `model` for inputs of `x_shape`, filled with numpy random numbers.
-
-  Faster than `model.init`: XLA on CPU takes seconds to compile each convolution's
-  truncated-normal initialiser, and tests only need some random weights.
-  """
-  shapes = jax.eval_shape(
-    lambda: model.init(jax.random.key(0), jnp.zeros(x_shape, jnp.float32), train=False)
-  )
-  rng = np.random.default_rng(seed)
-
-  def fill(path, leaf):
-    name = getattr(path[-1], "key", "")
-    if name in ("var", "scale"):
-      return np.ones(leaf.shape, leaf.dtype)
-    if name == "mean":
-      return np.zeros(leaf.shape, leaf.dtype)
-    if name == "bias":
-      return rng.normal(0, 0.1, leaf.shape).astype(leaf.dtype)
-    fan_in = max(int(np.prod(leaf.shape[:-1])), 1)
-    return rng.normal(0, 1 / np.sqrt(fan_in), leaf.shape).astype(leaf.dtype)
-
-  return jax.tree_util.tree_map_with_path(fill, shapes)
-
-
 def pixel_model(slices: int, channels: int, seed: int = 0):
   """(model, variables) of a `PixelModel` with random weights."""
   model = PixelModel()
   return model, random_variables(model, (1, slices, 8, 8, channels), seed)
-
-
-def peak_rss_mb() -> float:
-  """Peak resident memory of this process in MiB.
-
-  VmHWM belongs to the process's address space, which exec replaces. ru_maxrss does
-  not start afresh at exec on Linux: a child started from a big pytest process would
-  report the parent's size.
-  """
-  try:
-    with open("/proc/self/status") as f:
-      for line in f:
-        if line.startswith("VmHWM:"):
-          return int(line.split()[1]) / 1024.0  # kB
-  except OSError:
-    pass
-  return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux
 
 
 def main(argv: list[str]) -> None:
@@ -93,13 +53,13 @@ def main(argv: list[str]) -> None:
     channels=vol.channels, slices=3, tile=64, overlap=16, block=128, batch=3, progress=False
   )
   if mode == "memory":
-    before = peak_rss_mb()
+    before = machine.peak_rss_mib()
     result = infer.segment_volume(vol, model, variables, output=output, **kwargs)
     print(
       json.dumps(
         {
           "rss_before_mb": before,
-          "peak_rss_mb": peak_rss_mb(),
+          "peak_rss_mb": machine.peak_rss_mib(),
           "seconds": result.seconds,
           "mpixels": result.mpixels,
           "complete": result.complete,
