@@ -1,0 +1,34 @@
+"""The study and the artifact sweep: every method of the paper's comparison in one call.
+
+Top of the import chain (it uses data, models, checkpoint, train, infer, eval and
+baselines); experiments/study.py and experiments/sweep.py are its entry points.
+
+  doc = study.run_study("study/", study.get_budget("quick"))   # study.json/.md/.png
+  doc = study.run_sweep("sweep/", study.get_budget("quick"))   # sweep.json/.png
+"""
+
+from fibseg_jax.study.budget import BUDGETS, PAPER, QUICK, SMOKE, Budget
+from fibseg_jax.study.budget import get as get_budget
+from fibseg_jax.study.comparison import Row, StudyError, markdown, plan_rows, run_study
+from fibseg_jax.study.runs import run_network, run_route, score
+from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
+
+__all__ = [
+  "ARTIFACTS",
+  "BUDGETS",
+  "METHODS",
+  "PAPER",
+  "QUICK",
+  "SMOKE",
+  "Budget",
+  "Row",
+  "StudyError",
+  "get_budget",
+  "markdown",
+  "plan_rows",
+  "run_network",
+  "run_route",
+  "run_study",
+  "run_sweep",
+  "score",
+]

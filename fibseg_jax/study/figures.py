@@ -1,0 +1,101 @@
+"""Figures of the study (bar chart with error bars) and of the sweep (IoU against severity).
+
+Drawn on a matplotlib `Figure` with the Agg canvas directly, so no global backend is
+touched.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+
+# Bar colours by kind of row.
+_FAMILY_COLORS = {
+  "unet_1": "#9ecae1",
+  "unet_3": "#3182bd",
+  "sensor3d_3": "#31a354",
+  "cleaned": "#fd8d3c",
+  "classical": "#969696",
+}
+_METHOD_STYLE = {
+  "network": ("#3182bd", "o"),
+  "clean_otsu": ("#fd8d3c", "s"),
+  "forest": ("#636363", "^"),
+}
+
+
+def _family(row: Mapping[str, Any]) -> str:
+  if row["kind"] == "classical":
+    return "classical"
+  if row["inputs"] != "raw":
+    return "cleaned"
+  return f"{row['architecture']}_{row['slices']}"
+
+
+def _figure(width: float, height: float):
+  from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: PLC0415
+  from matplotlib.figure import Figure  # noqa: PLC0415
+
+  fig = Figure(figsize=(width, height), dpi=100, layout="constrained")
+  FigureCanvasAgg(fig)
+  return fig
+
+
+def study_chart(document: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Horizontal bars of mean IoU per row, error bars = std over seeds, to a PNG.
+
+  Args:
+    document: the study.json document.
+    path: PNG to write.
+  """
+  rows = document["rows"]
+  fig = _figure(8, 1.2 + 0.38 * len(rows))
+  ax = fig.subplots()
+  y = np.arange(len(rows))[::-1]
+  means = np.asarray([r["mean_iou"]["mean"] or 0.0 for r in rows])
+  stds = np.asarray([r["mean_iou"]["std"] or 0.0 for r in rows])
+  ax.barh(y, means, color=[_FAMILY_COLORS[_family(r)] for r in rows])
+  spread = stds > 0  # error bars only where there are several seeds
+  ax.errorbar(means[spread], y[spread], xerr=stds[spread], fmt="none", ecolor="black", capsize=3)
+  for yi, m, s in zip(y, means, stds, strict=True):
+    label = f"{m:.3f}" + (f" ± {s:.3f}" if s > 0 else "")
+    ax.text(min(m + s + 0.01, 0.8), yi, label, va="center", fontsize=8)
+  ax.set_yticks(y, [r["name"] for r in rows], fontsize=8)
+  ax.set_xlim(0, 1)
+  ax.set_xlabel(f"mean IoU on slice(s) {document['setup']['eval_slices']}")
+  ax.set_title(f"budget {document['budget']['name']}: mean IoU (error bars: std over seeds)")
+  ax.grid(axis="x", alpha=0.3)
+  fig.savefig(os.fspath(path), format="png")
+
+
+def sweep_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Mean IoU against each artifact's severity, one panel per artifact, to a PNG.
+
+  Args:
+    document: the sweep.json document.
+    path: PNG to write.
+  """
+  artifacts = document["artifacts"]
+  fig = _figure(4.2 * max(len(artifacts), 1), 3.8)
+  axes = np.atleast_1d(fig.subplots(1, max(len(artifacts), 1), sharey=True))
+  for ax, (artifact, curves) in zip(axes, artifacts.items(), strict=False):
+    for method, points in curves.items():
+      if not points:
+        continue
+      color, marker = _METHOD_STYLE.get(method, ("black", "o"))
+      x = [p["severity"] for p in points]
+      m = [p["mean_iou"]["mean"] for p in points]
+      s = [p["mean_iou"]["std"] or 0.0 for p in points]
+      label = document["methods"].get(method, method)
+      ax.errorbar(x, m, yerr=s, color=color, marker=marker, capsize=3, label=label)
+    ax.axvline(1.0, color="grey", ls=":", lw=1)  # the default strength
+    ax.set_title(artifact)
+    ax.set_xlabel("severity (x default)")
+    ax.grid(alpha=0.3)
+  axes[0].set_ylabel("mean IoU")
+  axes[0].set_ylim(0, 1)
+  axes[0].legend(fontsize=8, loc="lower left")
+  fig.savefig(os.fspath(path), format="png")

@@ -1,0 +1,256 @@
+"""One run of the study: train, segment and score a network, or fit and apply a route.
+
+Every run is scored the same way (`score`): the summed confusion matrix over the
+evaluation slices, through `fibseg_jax.eval.metrics`, which is what evaluate.py reports
+for a network. A run's result is a JSON-ready dict written to `result.json` in its
+directory; a directory with one is finished and is never recomputed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fibseg_jax import baselines, checkpoint, infer, models
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.eval import metrics
+from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import loop
+
+RESULT = "result.json"
+
+
+def read_result(directory: str) -> dict[str, Any] | None:
+  """The finished result of a run directory, or None."""
+  path = os.path.join(directory, RESULT)
+  if not os.path.exists(path):
+    return None
+  with open(path) as f:
+    return json.load(f)
+
+
+def write_json(path: str, value: Any) -> None:
+  """Writes JSON through a temporary file, so a crash never leaves half a file."""
+  os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+  tmp = f"{path}.partial"
+  with open(tmp, "w") as f:
+    json.dump(value, f, indent=1, allow_nan=False)
+  os.replace(tmp, path)
+
+
+def _num(value: float) -> float | None:
+  value = float(value)
+  return None if not np.isfinite(value) else value
+
+
+def score(
+  truths: Mapping[int, np.ndarray], predictions: Mapping[int, np.ndarray], classes: Sequence[str]
+) -> dict[str, Any]:
+  """Scores predictions of the evaluation slices with the networks' metrics.
+
+  Args:
+    truths: {z: labels [y, x] uint8}, 255 = not annotated.
+    predictions: {z: labels [y, x] uint8} for the same slices.
+    classes: class names.
+
+  Returns:
+    mean_iou, accuracy, per_class_iou {class: IoU}, truth_fraction and
+    predicted_fraction {class: fraction of the annotated voxels}, fraction_error
+    {class: predicted - truth} and the confusion matrix; NaN becomes None.
+  """
+  k = len(classes)
+  confusion = sum(metrics.confusion_matrix(truths[z], predictions[z], k) for z in sorted(truths))
+  m = metrics.metrics_from_confusion(confusion)
+  per_class = lambda values: {c: _num(v) for c, v in zip(classes, values, strict=True)}  # noqa: E731
+  return {
+    "mean_iou": _num(m.mean_iou),
+    "accuracy": _num(m.accuracy),
+    "per_class_iou": per_class(m.iou),
+    "truth_fraction": per_class(m.truth_fractions),
+    "predicted_fraction": per_class(m.predicted_fractions),
+    "fraction_error": per_class(m.predicted_fractions - m.truth_fractions),
+    "confusion_matrix": m.confusion.tolist(),
+  }
+
+
+def network_config(
+  budget: budget_lib.Budget,
+  *,
+  architecture: str,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  volume: str,
+  held_out: Sequence[int],
+) -> ml_collections.ConfigDict:
+  """The experiment config of one network run (as experiments/configs/*.py + flags).
+
+  Args:
+    budget: steps, widths, patch and batch.
+    architecture: "unet" or "sensor3d".
+    channels: input channels.
+    slices: slab depth.
+    seed: training seed (the validation split keeps its own seed, 0).
+    volume: volume path.
+    held_out: annotated slices never trained on (evaluation slices and any annotated
+      slice that is not a training slice).
+  """
+  config = config_lib.base_config()
+  config.model.update(models.default_config(architecture))
+  config.model.update(budget.model(architecture))
+  config.model.name = architecture
+  config.model.num_classes = -1
+  d, t = config.data, config.train
+  d.path = volume
+  d.channels = ",".join(channels)
+  d.slices = int(slices)
+  d.patch = budget.patch
+  d.val_block = budget.val_block
+  d.eval_slices = ",".join(str(z) for z in sorted(held_out))
+  d.workers = budget.workers
+  t.seed = int(seed)
+  t.steps = budget.steps
+  t.batch_size = budget.batch_size
+  t.eval_every = budget.eval_every
+  t.warmup_steps = budget.warmup_steps
+  t.log_every = max(1, min(20, budget.steps))
+  return config
+
+
+def read_truths(vol: volume_lib.Volume, slices: Sequence[int]) -> dict[int, np.ndarray]:
+  return {int(z): vol.read_labels(int(z)) for z in slices}
+
+
+def run_network(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  architecture: str,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  volume: str,
+  truth_volume: volume_lib.Volume,
+  eval_slices: Sequence[int],
+  held_out: Sequence[int],
+) -> dict[str, Any]:
+  """Trains a network, segments the whole stack with it and scores the evaluation slices.
+
+  Training and segmentation resume if interrupted (rerun with the same directory).
+  The training log goes to `directory/train.log`.
+
+  Args:
+    directory: the run's directory (workdir `run/`, segmentation `seg.zarr`).
+    budget: the budget.
+    architecture, channels, slices, seed: the network.
+    volume: path of the volume trained on and segmented (raw or cleaned).
+    truth_volume: volume whose labels are the truth (the raw one).
+    eval_slices: slices scored.
+    held_out: annotated slices kept out of training.
+
+  Returns:
+    The result dict (also written to `directory/result.json`).
+  """
+  config = network_config(
+    budget,
+    architecture=architecture,
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    volume=volume,
+    held_out=held_out,
+  )
+  workdir = os.path.join(directory, "run")
+  os.makedirs(directory, exist_ok=True)
+  log = io.StringIO()
+  start = time.perf_counter()
+  try:
+    with contextlib.redirect_stdout(log):
+      loop.train_and_evaluate(config, workdir, progress=False)
+  finally:
+    with open(os.path.join(directory, "train.log"), "a") as f:
+      f.write(log.getvalue())
+  train_seconds = time.perf_counter() - start
+  restored = checkpoint.load(workdir)
+  seg = os.path.join(directory, "seg.zarr")
+  segmented = infer.segment_from_checkpoint(
+    workdir,
+    volume,
+    output=seg,
+    tile=budget.tile,
+    overlap=budget.overlap,
+    batch=budget.infer_batch,
+    overwrite=True,
+    progress=False,
+  )
+  labels = infer.open_array(seg)
+  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+  result = {
+    "seed": int(seed),
+    "params": models.count_params(restored.variables),
+    "train_seconds": train_seconds,
+    "best_step": int(restored.step),
+    "segment_seconds": segmented.seconds,
+    "segment_mpixels": segmented.mpixels,
+    **score(read_truths(truth_volume, eval_slices), predictions, truth_volume.classes),
+  }
+  write_json(os.path.join(directory, RESULT), result)
+  return result
+
+
+def run_route(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  route: str,
+  seed: int,
+  vol: volume_lib.Volume,
+  channels: Sequence[str],
+  eval_slices: Sequence[int],
+  held_out: Sequence[int],
+) -> dict[str, Any]:
+  """Fits a classical route on the training pixels and scores the evaluation slices.
+
+  Args:
+    directory: the run's directory.
+    budget: the forest and cleaning settings.
+    route: "otsu", "clean_otsu" or "forest".
+    seed: the forest's seed.
+    vol: the (raw) volume.
+    channels: channels the route reads.
+    eval_slices: slices segmented and scored.
+    held_out: annotated slices kept out of training.
+
+  Returns:
+    The result dict (also written to `directory/result.json`).
+  """
+  images, labels = baselines.training_slices(
+    vol, channels, eval_slices=held_out, val_block=budget.val_block
+  )
+  model = baselines.make_route(
+    route, len(vol.classes), seed=seed, cleaning=budget.cleaning, forest=budget.forest
+  )
+  model.fit(list(images.values()), list(labels.values()))
+  index = vol.channel_indices(channels)
+  predictions = {int(z): model.predict(vol.read_image(int(z))[..., index]) for z in eval_slices}
+  _, height, width = vol.shape
+  result = {
+    "seed": int(seed),
+    "params": model.num_parameters,
+    "train_seconds": model.seconds["clean"] + model.seconds["fit"],
+    "segment_seconds": model.seconds["clean_predict"] + model.seconds["predict"],
+    "segment_mpixels": len(eval_slices) * height * width / 1e6,
+    "seconds": dict(model.seconds),
+    **score(read_truths(vol, eval_slices), predictions, vol.classes),
+  }
+  write_json(os.path.join(directory, RESULT), result)
+  return result
