@@ -11,7 +11,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from fibseg_jax import models
+from fibseg_jax import models, xla
 from fibseg_jax.bench import machine
 from fibseg_jax.bench.options import NUM_CLASSES
 from fibseg_jax.train import config as config_lib
@@ -196,7 +196,10 @@ class JaxForward:
       self._variables = jax.jit(lambda r: model.init(r, sample, train=False))(init_key())
     else:
       self._variables = jax.device_put(dict(self._given_variables))
-    forward = jax.jit(lambda v, x: model.apply(v, x, train=False))
+    # The library's XLA options, as segmentation's `TilePredictor` compiles the forward.
+    forward = jax.jit(
+      lambda v, x: model.apply(v, x, train=False), compiler_options=xla.compiler_options()
+    )
     start = time.perf_counter()
     self._compiled = forward.lower(self._variables, self._image).compile()
     self.compile_s = time.perf_counter() - start

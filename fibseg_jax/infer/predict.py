@@ -16,6 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fibseg_jax import xla
 from fibseg_jax.infer import tiling
 
 DATA_AXIS = "data"
@@ -76,7 +77,11 @@ class TilePredictor:
     self._offset = jax.device_put(np.asarray(offset, np.float32), self._replicated)
     self._scale = jax.device_put(np.asarray(scale, np.float32), self._replicated)
     self._windows: dict[tuple[int, int], tuple[np.ndarray, jax.Array]] = {}
-    self._forward = jax.jit(self._weighted_probabilities, out_shardings=self._sharded)
+    self._forward = jax.jit(
+      self._weighted_probabilities,
+      out_shardings=self._sharded,
+      compiler_options=xla.compiler_options(self.devices[0].platform),
+    )
 
   def _weighted_probabilities(self, variables, tiles, offset, scale, window):
     x = (tiles.astype(jnp.float32) - offset) * scale

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 from flax import struct
 
+from fibseg_jax import xla
 from fibseg_jax.train import losses
 
 
@@ -145,17 +146,23 @@ def make_eval_step(model, num_classes: int, class_weights: np.ndarray | None, di
 
 
 def jit_steps(train_step: Callable, eval_step: Callable, state_sharding, batch_sharding):
-  """jit both steps over a mesh: batch sharded, state replicated, state buffers donated."""
+  """jit both steps over a mesh: batch sharded, state replicated, state buffers donated.
+
+  Compiled with the library's XLA options for the mesh's platform (`fibseg_jax.xla`).
+  """
   replicated = jax.sharding.NamedSharding(batch_sharding.mesh, jax.sharding.PartitionSpec())
+  options = xla.compiler_options(batch_sharding.mesh.devices.flat[0].platform)
   train = jax.jit(
     train_step,
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=(state_sharding, replicated),
     donate_argnums=(0,),
+    compiler_options=options,
   )
   evaluate = jax.jit(
     eval_step,
     in_shardings=(state_sharding, batch_sharding),
     out_shardings=replicated,
+    compiler_options=options,
   )
   return train, evaluate
