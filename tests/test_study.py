@@ -96,11 +96,13 @@ def test_study_resumes_without_recomputing(smoke_study, compile_cache):
   out, _ = smoke_study
   result = out / "rows" / "forest" / "seed_0" / runs.RESULT
   before = result.stat().st_mtime_ns
-  again = _run("study.py", f"--out={out}", "--budget=smoke", cache=compile_cache)
+  # --rows picks what may run; rows finished earlier stay in the table.
+  again = _run("study.py", f"--out={out}", "--budget=smoke", "--rows=forest", cache=compile_cache)
   assert again.returncode == 0, again.stderr[-3000:]
   lines = [line for line in again.stdout.splitlines() if line.startswith("[")]
   assert len(lines) == 13 and all("finished earlier" in line for line in lines)
   assert result.stat().st_mtime_ns == before
+  assert len(json.loads((out / "study.json").read_text())["rows"]) == 13
   # Another budget in the same directory is refused before anything runs.
   other = _run("study.py", f"--out={out}", "--budget=quick", cache=compile_cache)
   assert other.returncode == 1

@@ -326,28 +326,28 @@ def run_study(
   start = time.perf_counter()
   row_dir = lambda name: os.path.join(out, "rows", name)  # noqa: E731
   order = [r for r in plan if r.kind == "classical"] + [r for r in plan if r.kind == "network"]
-  total = len(plan) + 1
-  count = 0
+  total = len(plan) + 1  # and the cleaned row
 
-  def finish(row: Row, results: list[dict[str, Any]], resumed: bool) -> None:
-    nonlocal count
-    count += 1
+  def finish(row: Row, results: list[dict[str, Any]], resumed: bool, number: int) -> None:
     entry = aggregate(row, results, classes)
     done[row.name] = entry
     runs.write_json(os.path.join(row_dir(row.name), "row.json"), entry)
     _write(out, budget, study, plan, done)
     what = "finished earlier" if resumed else f"train {entry['train_seconds']:.0f} s/seed"
     log(
-      f"[{count:2d}/{total}] {row.name}: mean IoU {iou_text(entry['mean_iou'])} over seeds "
+      f"[{number:2d}/{total}] {row.name}: mean IoU {iou_text(entry['mean_iou'])} over seeds "
       f"{','.join(map(str, entry['seeds']))} ({what}; "
       f"{(time.perf_counter() - start) / 60:.1f} min so far)"
     )
 
-  def run_row(row: Row, volume_path: str) -> None:
+  def run_row(row: Row, volume_path: str, compute: bool, number: int) -> None:
+    """Runs the row's missing seeds; without `compute`, only shows a finished row."""
     results, resumed = [], True
     for seed in row.seeds:
       directory = os.path.join(row_dir(row.name), f"seed_{seed}")
       result = runs.read_result(directory)
+      if result is None and not compute:
+        return
       if result is None:
         resumed = False
         if row.kind == "network":
@@ -375,25 +375,23 @@ def run_study(
             held_out=study.held_out,
           )
       results.append(result)
-    finish(row, results, resumed)
+    finish(row, results, resumed, number)
 
-  for row in order:
-    if _select(row.name, rows):
-      run_row(row, study.volume)
-    else:
-      count += 1
+  for number, row in enumerate(order, 1):
+    # Rows left out by --rows still show in the table if an earlier run finished them.
+    run_row(row, study.volume, _select(row.name, rows), number)
   # The best network on raw inputs, retrained on a cleaned copy of the volume.
   networks = [done[r.name] for r in plan if r.kind == "network" and r.name in done]
   if networks:
     best_entry = max(networks, key=lambda e: e["mean_iou"]["mean"] or -1.0)
     best = next(r for r in plan if r.name == best_entry["name"])
     row = cleaned_row(best, budget)
-    if _select(row.name, rows, CLEANED):
-      cleaned = os.path.join(out, "cleaned.zarr")
-      if not os.path.exists(cleaned):
-        baselines.clean_volume(vol, cleaned, budget.cleaning)
-      plan.append(row)
-      run_row(row, cleaned)
+    compute = _select(row.name, rows, CLEANED)
+    cleaned = os.path.join(out, "cleaned.zarr")
+    if compute and not os.path.exists(cleaned):
+      baselines.clean_volume(vol, cleaned, budget.cleaning)
+    plan.append(row)
+    run_row(row, cleaned, compute, total)
   elif _select(CLEANED, rows):
     log(f"[{total:2d}/{total}] {CLEANED}: skipped, no network row has finished")
   return _write(out, budget, study, plan, done)
