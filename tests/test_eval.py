@@ -315,3 +315,21 @@ def test_label_glob_follows_the_instruments_slice_numbers(tmp_path):
   report = evaluation.evaluate(pred_path, str(tmp_path / "labels" / "*.tif"))
   assert list(report.slices) == [2]
   assert report.overall.accuracy == 1.0
+
+
+def test_palette_png_truth_is_read_as_class_indices(tmp_path):
+  """Annotation tools save indexed colour: the truth is the indices, not the colours."""
+  import PIL.Image  # noqa: PLC0415
+
+  rng = np.random.default_rng(4)
+  truth = rng.integers(0, 3, (2, 16, 16)).astype(np.uint8)
+  palette = np.zeros((256, 3), np.uint8)
+  palette[:3] = [(200, 30, 30), (30, 200, 30), (30, 30, 200)]  # no colour equals its index
+  (tmp_path / "labels").mkdir()
+  for z in range(2):
+    image = PIL.Image.fromarray(truth[z], mode="P")
+    image.putpalette(palette.ravel().tolist())
+    image.save(tmp_path / "labels" / f"labels_{z}.png")
+  opened = evaluation.open_truth(str(tmp_path / "labels" / "*.png"))
+  for z in range(2):
+    np.testing.assert_array_equal(opened.read(z), truth[z])

@@ -145,7 +145,7 @@ def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = No
   if _is_glob(spec):
     try:
       files = {f.number: f for f in ingest.find_slices(spec, "--truth")}
-      first = files[min(files)].read()
+      first = files[min(files)].read(labels=True)
     except ingest.IngestError as e:
       raise EvaluationError(str(e)) from e
     if slice_numbers is not None:
@@ -161,7 +161,7 @@ def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = No
     def read(z: int) -> np.ndarray:
       f = files[z]
       try:
-        data = f.read()
+        data = f.read(labels=True)
       except ingest.IngestError as e:
         raise EvaluationError(str(e)) from e
       if data.shape != first.shape:
