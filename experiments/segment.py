@@ -1,7 +1,8 @@
 r"""Segments every slice of a volume with a trained model.
 
   python experiments/segment.py --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
-    [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8] [--dtype=bfloat16]
+    [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8] \
+    [--dtype=bfloat16] [--tta]
 
 --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
 attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p).
@@ -47,6 +48,12 @@ _DTYPE = flags.DEFINE_enum(
   list(infer.segment.COMPUTE_DTYPES),
   "Compute dtype instead of the training one; bfloat16 is for GPUs/TPUs (parameters stay "
   "float32; on CPU it is no faster).",
+)
+_TTA = flags.DEFINE_bool(
+  "tta",
+  False,
+  "Test-time augmentation: average over in-plane flips and quarter turns (and the slab "
+  "reversed along z): 8-16x the compute.",
 )
 _WINDOW = flags.DEFINE_enum("window", "cosine", ["cosine", "gaussian"], "Blending window.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output arrays.")
@@ -103,6 +110,7 @@ def main(argv):
       _INPUT.value,
       output=_OUTPUT.value,
       dtype=_DTYPE.value,
+      tta=_TTA.value,
       probabilities=_PROBABILITIES.value,
       tile=_TILE.value,
       overlap=_OVERLAP.value,

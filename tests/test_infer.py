@@ -15,7 +15,7 @@ import zarr
 
 from fibseg_jax import infer
 from fibseg_jax.data import volume
-from fibseg_jax.infer import store, tiling
+from fibseg_jax.infer import predict, store, tiling
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import segment_child  # noqa: E402 - the tiny models shared with the subprocess tests
@@ -433,3 +433,50 @@ def test_bfloat16_compute_of_a_float32_checkpoint(trained, tmp_path):
     infer.segment_from_checkpoint(
       trained, vol_path, output=str(tmp_path / "x.zarr"), dtype="float16", tile=16
     )
+
+
+# --- test-time augmentation ------------------------------------------------------------
+
+
+def test_tta_transforms():
+  assert len(predict.tta_transforms((16, 16), 3)) == 16  # D4 x slab reversal
+  assert len(predict.tta_transforms((16, 16), 1)) == 8
+  assert len(predict.tta_transforms((16, 32), 1)) == 4  # flips only: turns would not fit
+  assert len(set(predict.tta_transforms((16, 16), 3))) == 16
+
+
+def test_tta_mean_maps_every_transform_back():
+  """A map that is not equivariant: each transform's output must land back where it came."""
+  rng = np.random.default_rng(5)
+  x = jnp.asarray(rng.normal(size=(2, 3, 8, 8, 2)), jnp.float32)
+  ramp = jnp.linspace(0, 1, 8)
+
+  def probs(t):  # depends on position (ramp) and on slice order (weights 1, 2, 3)
+    logits = jnp.einsum("bsyxc,s->byxc", t, jnp.array([1.0, 2.0, 3.0])) * ramp[None, None, :, None]
+    return jax.nn.softmax(logits, axis=-1)
+
+  got = predict.augmented_mean(probs, x)
+  want = np.zeros((2, 8, 8, 2))
+  xn = np.asarray(x)
+  for reverse in (False, True):
+    for k in range(4):
+      for flip in (False, True):
+        t = xn[:, ::-1] if reverse else xn
+        t = np.rot90(t, k, axes=(2, 3))
+        t = t[:, :, :, ::-1] if flip else t
+        p = np.asarray(probs(jnp.asarray(t.copy())))
+        p = p[:, :, ::-1] if flip else p
+        want += np.rot90(p, -k, axes=(1, 2))
+  np.testing.assert_allclose(np.asarray(got), want / 16, atol=1e-6)
+  assert np.abs(np.asarray(got) - np.asarray(probs(x))).max() > 1e-3  # TTA changed it
+
+
+def test_tta_leaves_an_equivariant_model_unchanged(vol):
+  """A per-pixel model of one slice commutes with flips and turns: TTA changes nothing."""
+  one_slice = segment_child.pixel_model(1, len(CHANNELS))
+  paths = {name: memory_root(name) for name in ("plain", "p", "tta", "pt")}
+  segment(vol, one_slice, paths["plain"], slices=1, probabilities=paths["p"])
+  segment(vol, one_slice, paths["tta"], slices=1, probabilities=paths["pt"], tta=True)
+  np.testing.assert_array_equal(read(paths["tta"]), read(paths["plain"]))
+  diff = np.abs(read(paths["pt"]).astype(int) - read(paths["p"]).astype(int))
+  assert diff.max() <= 1  # uint8 rounding of float sums in another order

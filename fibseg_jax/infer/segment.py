@@ -371,6 +371,7 @@ def segment_volume(
   process_index: int | None = None,
   process_count: int | None = None,
   devices: Sequence[jax.Device] | None = None,
+  tta: bool = False,
 ) -> SegmentationResult:
   """Segments every slice of a volume into a zarr v3 label array.
 
@@ -397,6 +398,8 @@ def segment_volume(
     process_index: this process's share of the blocks; default `jax.process_index()`.
     process_count: number of shares; default `jax.process_count()`.
     devices: devices to shard tiles over; default this process's devices.
+    tta: average over flips, quarter turns and slab reversal (`predict.augmented_mean`;
+      8-16 forward passes a tile).
 
   Returns:
     A `SegmentationResult`.
@@ -434,6 +437,7 @@ def segment_volume(
     window=window,
     batch=batch,
     devices=devices,
+    tta=tta,
   )
   _check_model(predictor, slices, len(channels), classes, min(tile, size_multiple * 4), checkpoint)
   run = {
@@ -450,6 +454,8 @@ def segment_volume(
     "probabilities": probabilities is not None,
     "voxel_size_nm": list(volume.metadata.voxel_size_nm),
   }
+  if tta:  # only when on, so outputs of runs before the option still resume
+    run["tta"] = True
   blocks = tiling.plan_blocks(volume.shape, block)
   mine = tiling.assign_blocks(blocks, process_index, process_count)
   plan = store.plan_output(
