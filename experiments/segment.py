@@ -3,6 +3,7 @@ r"""Segments every slice of a volume with a trained model.
   python experiments/segment.py --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
     [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8] \
     [--dtype=bfloat16] [--tta]
+  python experiments/segment.py --workdir=runs/s0 --workdir=runs/s1 --workdir=runs/s2 ...
 
 --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
 attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p).
@@ -27,7 +28,12 @@ from fibseg_jax.infer import export
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import parallel
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "Training workdir; its best checkpoint is used.")
+_WORKDIR = flags.DEFINE_multi_string(
+  "workdir",
+  None,
+  "Training workdir; its best checkpoint is used. Give it several times to average the "
+  "models' probabilities (a seed or checkpoint ensemble).",
+)
 _CHECKPOINT = flags.DEFINE_string(
   "checkpoint", None, "A checkpoint step directory (or checkpoints/ dir) instead of --workdir."
 )
@@ -83,10 +89,11 @@ def main(argv):
       sys.exit(f"error: --{flag.name} is required")
   if not flags.FLAGS["verbosity"].present:
     logging.set_verbosity(logging.ERROR)  # orbax logs every step of a restore at INFO
-  model_path = _WORKDIR.value or _CHECKPOINT.value
+  model_paths = _WORKDIR.value or [_CHECKPOINT.value]
   which = "--workdir" if _WORKDIR.value else "--checkpoint"
-  if not os.path.exists(model_path):
-    sys.exit(f"error: {which}={model_path}: no such directory")
+  for model_path in model_paths:
+    if not os.path.exists(model_path):
+      sys.exit(f"error: {which}={model_path}: no such directory")
   export_path = _EXPORT.value or export.default_path(_OUTPUT.value, _FORMAT.value)
   try:
     export.check_path(
@@ -106,7 +113,7 @@ def main(argv):
     sys.exit(f"error: {e}")
   try:
     result = infer.segment_from_checkpoint(
-      model_path,
+      model_paths,
       _INPUT.value,
       output=_OUTPUT.value,
       dtype=_DTYPE.value,

@@ -480,3 +480,42 @@ def test_tta_leaves_an_equivariant_model_unchanged(vol):
   np.testing.assert_array_equal(read(paths["tta"]), read(paths["plain"]))
   diff = np.abs(read(paths["pt"]).astype(int) - read(paths["p"]).astype(int))
   assert diff.max() <= 1  # uint8 rounding of float sums in another order
+
+
+# --- ensembles ---------------------------------------------------------------------------
+
+
+def _checkpoint_like(trained, workdir, seed, classes=CLASSES):
+  """Another checkpoint of the `trained` fixture's model, with other random weights."""
+  from fibseg_jax import checkpoint  # noqa: PLC0415
+
+  restored = checkpoint.load(trained)
+  config = restored.config
+  config.data.classes = classes
+  variables = segment_child.random_variables(restored.model, (1, 3, 16, 16, 2), seed=seed)
+  checkpoint.save(checkpoint.manager(str(workdir / "checkpoints")), 1, variables, config, {})
+  return str(workdir)
+
+
+def test_ensemble_averages_the_members_probabilities(trained, tmp_path):
+  other = _checkpoint_like(trained, tmp_path / "other", seed=7)
+  vol_path = make_volume(str(tmp_path / "vol.zarr"), shape=(3, 40, 36))
+  probs = {}
+  for name, members in (("a", [trained]), ("b", [other]), ("ab", [trained, other])):
+    out = str(tmp_path / f"{name}.zarr")
+    infer.segment_from_checkpoint(
+      members, vol_path, output=out, probabilities=out + "p", tile=16, overlap=4
+    )
+    probs[name] = read(out + "p").astype(np.float32)
+  assert np.abs(probs["a"] - probs["b"]).max() > 20  # the members really differ
+  # uint8 rounding of each side: within one step of the mean.
+  assert np.abs(probs["ab"] - (probs["a"] + probs["b"]) / 2).max() <= 1.0
+  attrs = zarr.open_array(str(tmp_path / "ab.zarr"), mode="r").attrs
+  assert attrs["fibseg_segmentation"]["run"]["checkpoint"].count(",") == 1
+
+
+def test_ensemble_members_must_agree(trained, tmp_path):
+  other = _checkpoint_like(trained, tmp_path / "other", seed=1, classes=("a", "b", "c"))
+  vol_path = make_volume(str(tmp_path / "vol.zarr"), shape=(3, 40, 36))
+  with pytest.raises(infer.InferenceError, match="ensemble members disagree on classes"):
+    infer.segment_from_checkpoint([trained, other], vol_path, output=str(tmp_path / "x.zarr"))

@@ -56,6 +56,34 @@ def augmented_mean(probabilities: Callable[[jax.Array], jax.Array], x: jax.Array
   return total / len(transforms)
 
 
+class Ensemble:
+  """Several trained models as one: the mean of their class probabilities.
+
+  Quacks like a flax module for `TilePredictor`: `apply(variables, x, train=False)` with
+  `variables` a tuple, one entry per member, returns log(mean softmax), whose softmax is
+  the mean of the members' probabilities (checkpoint or seed ensembles).
+
+  Attributes:
+    members: the flax modules; each maps `[batch, slices, y, x, channels]` to logits
+      `[batch, y, x, classes]` with the same classes.
+  """
+
+  def __init__(self, members: Sequence[nn.Module]):
+    if not members:
+      raise tiling.InferenceError("an ensemble needs at least one model")
+    self.members = tuple(members)
+
+  def apply(self, variables: Sequence[Any], x: jax.Array, train: bool = False) -> jax.Array:
+    """log of the members' mean softmax `[batch, y, x, classes]` (float32)."""
+    if len(variables) != len(self.members):
+      raise ValueError(f"{len(variables)} variable sets for {len(self.members)} members")
+    total = None
+    for member, v in zip(self.members, variables, strict=True):
+      p = jax.nn.softmax(member.apply(v, x, train=train).astype(jnp.float32), axis=-1)
+      total = p if total is None else total + p
+    return jnp.log(jnp.maximum(total / len(self.members), jnp.finfo(jnp.float32).tiny))
+
+
 class TilePredictor:
   """Window-weighted class probabilities of a model for batches of raw tiles.
 
@@ -84,9 +112,10 @@ class TilePredictor:
     """Places the variables on the devices.
 
     Args:
-      model: flax module; `model.apply(variables, x, train=False)` maps
+      model: flax module (or `Ensemble`); `model.apply(variables, x, train=False)` maps
         `[batch, slices, y, x, channels]` float32 to logits `[batch, y, x, classes]`.
-      variables: {'params': ..., maybe 'batch_stats': ...}.
+      variables: {'params': ..., maybe 'batch_stats': ...}; for an `Ensemble`, a tuple
+        of them, one per member.
       offset: [channels] normalisation offset, x_norm = (x - offset) * scale.
       scale: [channels] normalisation scale.
       overlap: tile overlap in pixels, for the blending window.
@@ -113,7 +142,9 @@ class TilePredictor:
     mesh = Mesh(np.asarray(self.devices), (DATA_AXIS,))
     self._replicated = NamedSharding(mesh, PartitionSpec())
     self._sharded = NamedSharding(mesh, PartitionSpec(DATA_AXIS))
-    self._variables = jax.device_put(dict(variables), self._replicated)
+    # A mapping for one model; a tuple of mappings for an `Ensemble`.
+    tree = tuple(dict(v) for v in variables) if isinstance(model, Ensemble) else dict(variables)
+    self._variables = jax.device_put(tree, self._replicated)
     self._offset = jax.device_put(np.asarray(offset, np.float32), self._replicated)
     self._scale = jax.device_put(np.asarray(scale, np.float32), self._replicated)
     self._windows: dict[tuple[int, int], tuple[np.ndarray, jax.Array]] = {}

@@ -23,6 +23,8 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import dataclasses
+import math
+import os
 import queue
 import threading
 import time
@@ -541,7 +543,7 @@ def segment_volume(
 
 
 def segment_from_checkpoint(
-  checkpoint: str,
+  checkpoint: str | Sequence[str],
   volume: volume_lib.Volume | Any,
   *,
   output: Any,
@@ -552,22 +554,37 @@ def segment_from_checkpoint(
 
   Args:
     checkpoint: a training workdir, its checkpoints/ directory or one step directory
-      (the best checkpoint by validation mIoU of a workdir is used).
+      (the best checkpoint by validation mIoU of a workdir is used); or several, whose
+      class probabilities are averaged (a checkpoint or seed ensemble: they must take the
+      same channels and slab depth and predict the same classes).
     volume: an opened `Volume` or its root.
     output: path of the labels array.
     dtype: compute dtype ("float32" or "bfloat16") instead of the one the model was
-      trained with; parameters stay float32 (bfloat16 is for accelerators: XLA:CPU
-      emulates it and runs slower).
+      trained with; parameters stay float32 (bfloat16 is for accelerators: on CPU it is
+      no faster).
     **kwargs: the other keyword arguments of `segment_volume` (probabilities, tile,
-      overlap, batch, block, window, overwrite, progress, ...).
+      overlap, batch, block, window, overwrite, progress, tta, ...).
 
   Raises:
     checkpoint.CheckpointError: not a checkpoint.
-    InferenceError: the volume lacks a channel the model needs, or the checkpoint
-      records no class names.
+    InferenceError: the volume lacks a channel the model needs, the checkpoint records
+      no class names, or ensemble members disagree on channels, slices or classes.
     See `segment_volume` for the rest.
   """
-  restored = checkpoint_lib.load(checkpoint)
+  paths = [checkpoint] if isinstance(checkpoint, str | os.PathLike) else list(checkpoint)
+  if not paths:
+    raise InferenceError("--workdir: give at least one training workdir or checkpoint")
+  if dtype is not None and dtype not in COMPUTE_DTYPES:
+    raise InferenceError(f"--dtype={dtype}: expected one of {', '.join(COMPUTE_DTYPES)}")
+  members = [checkpoint_lib.load(os.fspath(p)) for p in paths]
+  restored = members[0]
+  for other in members[1:]:
+    for what in ("channels", "slices", "classes"):
+      if getattr(other, what) != getattr(restored, what):
+        raise InferenceError(
+          f"ensemble members disagree on {what}: {restored.path} has "
+          f"{getattr(restored, what)}, {other.path} has {getattr(other, what)}"
+        )
   if not isinstance(volume, volume_lib.Volume):
     volume = volume_lib.open_volume(volume, check_labels=False)
   missing = [c for c in restored.channels if c not in volume.channels]
@@ -579,20 +596,26 @@ def segment_from_checkpoint(
     )
   if not restored.classes:
     raise InferenceError(f"checkpoint {restored.path} records no class names (data.classes)")
-  model = restored.model
-  if dtype is not None and dtype != model.config.dtype:
-    if dtype not in COMPUTE_DTYPES:
-      raise InferenceError(f"--dtype={dtype}: expected one of {', '.join(COMPUTE_DTYPES)}")
-    model = model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+
+  def in_dtype(model: nn.Module) -> nn.Module:
+    if dtype is None or dtype == model.config.dtype:
+      return model
+    return model.clone(config=dataclasses.replace(model.config, dtype=dtype))
+
+  if len(members) == 1:
+    model, variables = in_dtype(restored.model), restored.variables
+  else:
+    model = predict.Ensemble([in_dtype(m.model) for m in members])
+    variables = tuple(m.variables for m in members)
   return segment_volume(
     volume,
     model,
-    restored.variables,
+    variables,
     channels=restored.channels,
     slices=restored.slices,
     classes=restored.classes,
-    size_multiple=restored.size_multiple,
-    checkpoint=f"{restored.path}",
+    size_multiple=math.lcm(*(m.size_multiple for m in members)),
+    checkpoint=",".join(m.path for m in members),
     output=output,
     **kwargs,
   )
