@@ -62,9 +62,11 @@ def study_chart(document: Mapping[str, Any], path: str | os.PathLike) -> None:
   ax.errorbar(means[spread], y[spread], xerr=stds[spread], fmt="none", ecolor="black", capsize=3)
   for yi, m, s in zip(y, means, stds, strict=True):
     label = f"{m:.3f}" + (f" ± {s:.3f}" if s > 0 else "")
-    ax.text(min(m + s + 0.01, 0.8), yi, label, va="center", fontsize=8)
+    ax.text(m + s + 0.01, yi, label, va="center", fontsize=8)
   ax.set_yticks(y, [r["name"] for r in rows], fontsize=8)
-  ax.set_xlim(0, 1)
+  # Room right of 1 for the labels, which then never cover a bar or an error bar.
+  ax.set_xlim(0, 1.2)
+  ax.set_xticks(np.linspace(0, 1, 6))
   ax.set_xlabel(f"mean IoU on slice(s) {document['setup']['eval_slices']}")
   ax.set_title(f"budget {document['budget']['name']}: mean IoU (error bars: std over seeds)")
   ax.grid(axis="x", alpha=0.3)
