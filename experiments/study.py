@@ -15,10 +15,8 @@ steps are cached in OUT/.jax_cache (or $JAX_COMPILATION_CACHE_DIR).
 --rows=PATTERN,... runs only matching rows (e.g. --rows='unet_3_*,forest,cleaned').
 """
 
-import os
 import sys
 
-import jax
 from absl import app, flags, logging
 
 from fibseg_jax import study
@@ -41,9 +39,7 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if not _OUT.value:
     sys.exit("error: --out is required, e.g. --out=study/")
-  if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR wins
-    # Seeds, channels of equal count and resumed runs compile the same steps: reuse them.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_OUT.value, ".jax_cache"))
+  study.cache_compilations(_OUT.value)
   try:
     train = config_lib.parse_ints(_TRAIN.value, "--train_slices") if _TRAIN.value else None
     evaluate = config_lib.parse_ints(_EVAL.value, "--eval_slices") if _EVAL.value else None

@@ -12,10 +12,8 @@ fits 60 minutes on 2 CPU cores. Compiled steps are cached in OUT/.jax_cache (or
 $JAX_COMPILATION_CACHE_DIR).
 """
 
-import os
 import sys
 
-import jax
 from absl import app, flags, logging
 
 from fibseg_jax import study
@@ -34,9 +32,7 @@ def main(argv):
     sys.exit(f"error: unexpected arguments {argv[1:]}")
   if not _OUT.value:
     sys.exit("error: --out is required, e.g. --out=sweep/")
-  if not jax.config.jax_compilation_cache_dir:  # JAX_COMPILATION_CACHE_DIR wins
-    # Seeds, channels of equal count and resumed runs compile the same steps: reuse them.
-    jax.config.update("jax_compilation_cache_dir", os.path.join(_OUT.value, ".jax_cache"))
+  study.cache_compilations(_OUT.value)
   try:
     study.run_sweep(
       _OUT.value,

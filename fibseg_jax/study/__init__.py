@@ -10,7 +10,7 @@ baselines); experiments/study.py and experiments/sweep.py are its entry points.
 from fibseg_jax.study.budget import BUDGETS, PAPER, QUICK, SMOKE, Budget
 from fibseg_jax.study.budget import get as get_budget
 from fibseg_jax.study.comparison import Row, StudyError, markdown, plan_rows, run_study
-from fibseg_jax.study.runs import run_network, run_route, score
+from fibseg_jax.study.runs import cache_compilations, run_network, run_route, score
 from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
 
 __all__ = [
@@ -22,6 +22,7 @@ __all__ = [
   "SMOKE",
   "Budget",
   "Row",
+  "cache_compilations",
   "StudyError",
   "get_budget",
   "markdown",

@@ -16,6 +16,7 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any
 
+import jax
 import ml_collections
 import numpy as np
 
@@ -27,6 +28,16 @@ from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import loop
 
 RESULT = "result.json"
+
+
+def cache_compilations(out: str) -> None:
+  """Caches compiled XLA programs under `out`/.jax_cache, unless a cache is already set.
+
+  The seeds of a row, channel sets of equal size and resumed runs compile the same steps;
+  `JAX_COMPILATION_CACHE_DIR` (or an earlier `jax.config` setting) wins.
+  """
+  if not jax.config.jax_compilation_cache_dir:
+    jax.config.update("jax_compilation_cache_dir", os.path.join(out, ".jax_cache"))
 
 
 def read_result(directory: str) -> dict[str, Any] | None:
