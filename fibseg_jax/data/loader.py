@@ -30,6 +30,13 @@ nested in the validation blocks) is drawn with probability proportional to its n
 training pixels, then the patch is placed uniformly among the positions that contain the
 whole cell.
 
+Unlabelled patches (`unlabelled_batch` > 0, for semi-supervised training): batch k also
+holds patches centred on slices drawn uniformly from the whole stack, at uniform y-x
+positions, from the same (seed, k) on a separate random stream. Only their images are
+read, never a label, so evaluation slices' images are used as a user's would be and their
+labels stay unseen. Each comes as two views with the same geometry: "weak" (normalised
+only) and "strong" (with the intensity jitter).
+
 Reading follows the whole-batch pattern of connectomics' `TensorLoader`: every read of a
 batch is issued at once in one `tensorstore.Batch`, then gathered, while a daemon thread
 keeps `prefetch` batches ready and `workers` threads cast, normalise and augment the
@@ -71,6 +78,7 @@ FLAGS: Mapping[str, str] = {
   "prefetch": "--config.data.prefetch",
   "workers": "--config.data.workers",
   "size_multiple": "--config.model (its size multiple)",
+  "unlabelled_batch": "--config.semi.batch_size",
 }
 
 # Region codes of `SlabLoader.split_masks`.
@@ -82,6 +90,7 @@ REGION_EVALUATION = 3
 # Separate random streams, so the split never shifts when batch drawing changes.
 _SPLIT_STREAM = 0
 _TRAIN_STREAM = 1
+_UNLABELLED_STREAM = 2
 
 
 class LoaderError(ValueError):
@@ -114,6 +123,8 @@ class LoaderConfig:
     workers: threads that cast, normalise and augment the patches of a batch in parallel
       (numpy releases the GIL); 1 does it in the reading thread.
     size_multiple: the model's required multiple of the patch size (e.g. 2**depth).
+    unlabelled_batch: global number of unlabelled patches per training batch, drawn
+      from any slice of the stack (images only; no label is read); 0 draws none.
   """
 
   channels: tuple[str, ...]
@@ -135,6 +146,7 @@ class LoaderConfig:
   prefetch: int = 2
   workers: int = 4
   size_multiple: int = 1
+  unlabelled_batch: int = 0
 
   def __post_init__(self):
     # Accept "ICE,TLD" and lists from a command line or a ConfigDict.
@@ -230,6 +242,13 @@ def validate_config(
     raise LoaderError(
       f"{FLAGS['batch_size']}={batch} must be divisible by the number of processes "
       f"({process_count})"
+    )
+
+  unlabelled = _check_int(config, "unlabelled_batch", 0)
+  if unlabelled % process_count:
+    raise LoaderError(
+      f"{FLAGS['unlabelled_batch']}={unlabelled} must be divisible by the number of "
+      f"processes ({process_count})"
     )
 
   fraction = config.val_fraction
@@ -603,6 +622,27 @@ class SlabLoader:
     x0 = rng.integers(
       np.maximum(0, self._cell_x[cx + 1] - patch), np.minimum(self._cell_x[cx], width - patch) + 1
     )
+    return self._augmented(rng, np.asarray(self.train_slices)[s], y0, x0, c)
+
+  def unlabelled_plan(self, step: int) -> PatchPlan:
+    """The global plan of the unlabelled patches of batch `step`: any slice, any place.
+
+    A pure function of (seed, step), on its own random stream, so turning semi-supervised
+    training on or off leaves the labelled patches of every step unchanged.
+    """
+    config, n = self.config, self.config.unlabelled_batch
+    depth, height, width = self.volume.shape
+    rng = np.random.default_rng([config.seed, _UNLABELLED_STREAM, int(step)])
+    z = rng.integers(0, depth, n)
+    y0 = rng.integers(0, height - config.patch + 1, n)
+    x0 = rng.integers(0, width - config.patch + 1, n)
+    return self._augmented(rng, z, y0, x0, len(config.channels))
+
+  def _augmented(
+    self, rng: np.random.Generator, z: np.ndarray, y0: np.ndarray, x0: np.ndarray, c: int
+  ) -> PatchPlan:
+    """A plan of whole patches at (z, y0, x0) with augmentation drawn from rng."""
+    config, n, patch = self.config, len(z), self.config.patch
     # Drawn whatever the switches say, so the stream (and the patches) do not depend on them.
     flip_y, flip_x, reverse = rng.random((3, n)) < 0.5
     rot90 = rng.integers(0, 4, n)
@@ -611,7 +651,7 @@ class SlabLoader:
     gamma = 1 + rng.uniform(-1, 1, (n, c)) * config.gamma
     on = config.augment
     return PatchPlan(
-      z=np.asarray(self.train_slices)[s],
+      z=z,
       y0=y0,
       x0=x0,
       own=np.stack([y0, y0 + patch, x0, x0 + patch], axis=1),
@@ -668,10 +708,11 @@ class SlabLoader:
     """Global batches in one pass of `validation_batches()`."""
     return len(self.validation_plan()) // self.config.batch_size
 
-  def _share(self, plan: PatchPlan, first: int) -> PatchPlan:
+  def _share(self, plan: PatchPlan, first: int, local: int | None = None) -> PatchPlan:
     """This process's rows of the global batch starting at plan row `first`."""
-    start = first + self.process_index * self.local_batch_size
-    return plan.rows(start, start + self.local_batch_size)
+    local = self.local_batch_size if local is None else local
+    start = first + self.process_index * local
+    return plan.rows(start, start + local)
 
   # Reading.
 
@@ -742,6 +783,47 @@ class SlabLoader:
         finish(entry)
     return {"image": image, "labels": labels}
 
+  def read_unlabelled(self, plan: PatchPlan) -> dict[str, np.ndarray]:
+    """Reads the images of a plan, without any label, as a weak and a strong view.
+
+    Args:
+      plan: e.g. (a share of) `unlabelled_plan(step)`.
+
+    Returns:
+      {"weak": float32 [n, slices, patch, patch, channels] normalised, moved by the plan's
+       flips, turns and slab reversal; "strong": the same with the plan's intensity jitter}.
+    """
+    config, n = self.config, len(plan)
+    depth = self.volume.shape[0]
+    s, p, c = config.slices, config.patch, len(config.channels)
+    weak = np.zeros((n, s, p, p, c), np.float32)
+    strong = np.zeros_like(weak)
+    plain = PatchPlan.identity(plan.z, plan.y0, plan.x0, plan.own, c)
+    pending = []
+    with ts.Batch() as batch:
+      for i in range(n):
+        z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
+        zs = slab_indices(z, s, depth)
+        lo, hi = int(zs.min()), int(zs.max()) + 1
+        read = self.volume.image[lo:hi, y0 : y0 + p, x0 : x0 + p].read(batch=batch)
+        pending.append((i, zs - lo, read))
+
+    def finish(entry: tuple[int, np.ndarray, ts.Future]) -> None:
+      i, zi, future = entry
+      slab = future.result()[zi][..., self._channel_index]
+      slab, _ = _move(slab, np.zeros((p, p), np.uint8), plan, i)
+      weak[i] = slab
+      _intensity(weak[i], self._offset, self._scale, plain, i)
+      strong[i] = slab
+      _intensity(strong[i], self._offset, self._scale, plan, i)
+
+    if config.workers > 1 and len(pending) > 1:
+      list(self._workers().map(finish, pending))
+    else:
+      for entry in pending:
+        finish(entry)
+    return {"weak": weak, "strong": strong}
+
   def _workers(self) -> concurrent.futures.ThreadPoolExecutor:
     with self._pool_lock:
       if self._pool is None:
@@ -756,14 +838,20 @@ class SlabLoader:
     Yields:
       {"image": float32 [local_batch, slices, patch, patch, channels],
        "labels": uint8 [local_batch, patch, patch]}; validation-block and unannotated
-      pixels are 255.
+      pixels are 255. With `unlabelled_batch` > 0 also "weak" and "strong":
+      [unlabelled_batch / processes, slices, patch, patch, channels] (`read_unlabelled`).
     """
     if not _is_int(start_step) or start_step < 0:
       raise LoaderError(f"start_step={start_step!r}: must be an integer >= 0")
-    return self._stream(
-      lambda step: self.read(self._share(self.train_plan(step), 0)),
-      itertools.count(int(start_step)),
-    )
+    unlabelled = self.config.unlabelled_batch // self.process_count
+
+    def produce(step: int) -> dict[str, np.ndarray]:
+      batch = self.read(self._share(self.train_plan(step), 0))
+      if unlabelled:
+        batch.update(self.read_unlabelled(self._share(self.unlabelled_plan(step), 0, unlabelled)))
+      return batch
+
+    return self._stream(produce, itertools.count(int(start_step)))
 
   def validation_batches(self) -> Iterator[dict[str, np.ndarray]]:
     """One pass over the validation tiles, this process's share of each global batch.

@@ -62,6 +62,17 @@ def base_config() -> ml_collections.ConfigDict:
   # directory) instead of a random init; the optimizer starts afresh.
   config.train.init_from = ""
   config.train.log_every = 20
+
+  # Semi-supervised training from the unannotated slices (fibseg_jax.train.state.Semi):
+  # a teacher, the moving average of the weights, labels unlabelled patches from the whole
+  # stack and the student learns them under augmentation. weight 0 turns it off.
+  config.semi = ml_collections.ConfigDict()
+  config.semi.weight = 0.0  # weight of the unsupervised loss
+  config.semi.mode = "pseudo"  # "pseudo": confident pseudo-labels; "soft": probabilities
+  config.semi.threshold = 0.9  # confidence of a pseudo-label
+  config.semi.ema = 0.99  # teacher = moving average of the weights; 0 = the student
+  config.semi.rampup = 0.25  # share of train.steps over which the weight rises to full
+  config.semi.batch_size = -1  # unlabelled patches per step; -1: train.batch_size
   return config
 
 

@@ -90,6 +90,11 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
   except (models.ModelConfigError, models.InputShapeError) as e:
     raise ConfigError(f"--config.model / --config.data: {e}") from None
   parallel.check_batch_size(int(t.batch_size))
+  semi = _semi(config)
+  unlabelled = 0
+  if semi.enabled:
+    unlabelled = int(t.batch_size) if int(config.semi.batch_size) == -1 else config.semi.batch_size
+    parallel.check_batch_size(int(unlabelled), "--config.semi.batch_size")
   loader_config = loader_lib.LoaderConfig(
     channels=channels,
     slices=int(d.slices),
@@ -110,12 +115,36 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     split_seed=int(d.split_seed),
     prefetch=int(d.prefetch),
     size_multiple=multiple,
+    unlabelled_batch=int(unlabelled),
   )
   try:
     loader_lib.validate_config(loader_config, volume, jax.process_count())
   except (loader_lib.LoaderError, volume_lib.VolumeError) as e:
     raise ConfigError(str(e)) from None
   return Experiment(config=config, volume=volume, loader_config=loader_config)
+
+
+def _semi(config: ml_collections.ConfigDict) -> state_lib.Semi:
+  """config.semi, checked, as a `Semi` (rampup becomes steps)."""
+  s = config.semi
+  checks = (
+    ("weight", s.weight, float(s.weight) >= 0, ">= 0 (0 turns it off)"),
+    ("mode", s.mode, s.mode in ("pseudo", "soft"), "'pseudo' or 'soft'"),
+    ("threshold", s.threshold, 0 < float(s.threshold) <= 1, "in (0, 1]"),
+    ("ema", s.ema, 0 <= float(s.ema) < 1, "in [0, 1)"),
+    ("rampup", s.rampup, 0 <= float(s.rampup) <= 1, "in [0, 1], a share of train.steps"),
+    ("batch_size", s.batch_size, int(s.batch_size) == -1 or int(s.batch_size) >= 1, ">= 1 or -1"),
+  )
+  for name, value, ok, expected in checks:
+    if not ok:
+      raise ConfigError(f"--config.semi.{name}={value}: expected {expected}")
+  return state_lib.Semi(
+    weight=float(s.weight),
+    mode=str(s.mode),
+    threshold=float(s.threshold),
+    ema=float(s.ema),
+    rampup_steps=round(float(s.rampup) * int(config.train.steps)),
+  )
 
 
 def _volume_id(path: Any) -> str:
@@ -149,6 +178,9 @@ def _identity(cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
     "--config.data.patch": (data.get("patch"), data.get("patch")),
     "the classes of --config.data.path": (data.get("classes"), list(data.get("classes") or ())),
   }
+  # Semi-supervised runs hold a teacher in their state: a run is one or the other.
+  weight = float((cfg.get("semi") or {}).get("weight") or 0)
+  fields["--config.semi.weight"] = (weight, weight > 0)
   for key, value in _model_fields(dict(cfg.get("model", {}))).items():
     fields[f"--config.model.{key}"] = (value, value)
   return fields
@@ -229,7 +261,10 @@ def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainSta
     raise ConfigError(f"--config.train.init_from={source}: parameters do not fit this model")
   if jax.process_index() == 0:
     print(f"fine-tuning from {restored.path} (step {restored.step})")
-  return state.replace(params=params, batch_stats=batch_stats, opt_state=tx.init(params))
+  teacher = {"params": params, "batch_stats": batch_stats} if state.teacher else {}
+  return state.replace(
+    params=params, batch_stats=batch_stats, opt_state=tx.init(params), teacher=teacher
+  )
 
 
 def _validate(eval_step, state, loader, batch_sharding, classes) -> dict[str, float]:
@@ -254,7 +289,7 @@ def _validate(eval_step, state, loader, batch_sharding, classes) -> dict[str, fl
 
 
 def _as_model_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-  return {"image": local["image"], "labels": local["labels"].astype(np.int32)}
+  return {**local, "labels": local["labels"].astype(np.int32)}
 
 
 def train_and_evaluate(
@@ -295,7 +330,8 @@ def train_and_evaluate(
   lc = exp.loader_config
   sample = jnp.zeros((1, lc.slices, lc.patch, lc.patch, len(lc.channels)), jnp.float32)
   rng = jax.random.PRNGKey(int(t.seed))
-  init = lambda r: state_lib.create_state(model, tx, r, sample)  # noqa: E731
+  semi = _semi(config)
+  init = lambda r: state_lib.create_state(model, tx, r, sample, teacher=semi.enabled)  # noqa: E731
   abstract = jax.eval_shape(init, rng)
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
 
@@ -322,7 +358,7 @@ def train_and_evaluate(
     )
 
   train_step, eval_step = state_lib.jit_steps(
-    state_lib.make_train_step(model, tx, schedule, weights, float(t.dice_weight)),
+    state_lib.make_train_step(model, tx, schedule, weights, float(t.dice_weight), semi),
     state_lib.make_eval_step(model, len(classes), weights, float(t.dice_weight)),
     state_sharding,
     batch_sharding,

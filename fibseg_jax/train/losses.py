@@ -174,3 +174,46 @@ def iou_from_confusion(confusion: np.ndarray | jax.Array) -> tuple[np.ndarray, f
   np.divide(tp, union, out=iou, where=union > 0)
   present = ~np.isnan(iou)
   return iou, float(iou[present].mean()) if present.any() else float("nan")
+
+
+def consistency(
+  student_logits: jax.Array,
+  teacher_logits: jax.Array,
+  mode: str = "pseudo",
+  threshold: float = 0.9,
+  class_weights: jax.Array | np.ndarray | None = None,
+) -> tuple[jax.Array, jax.Array]:
+  """Unsupervised loss of a student's prediction against a teacher's, per pixel.
+
+  Gradients flow into `student_logits` only; the teacher's are stopped here.
+
+  Args:
+    student_logits: [batch, y, x, classes].
+    teacher_logits: [batch, y, x, classes] of the same pixels.
+    mode: "pseudo": cross-entropy against the teacher's arg-max where its top probability
+      is at least `threshold` (FixMatch's rule), averaged over all pixels so that a less
+      confident teacher teaches less; "soft": squared difference of the softmax
+      probabilities summed over classes (mean teacher's consistency), averaged over pixels.
+    threshold: confidence needed for a pseudo-label ("pseudo" only).
+    class_weights: optional [classes] weights of the pseudo-labels' classes ("pseudo"
+      only), as in the supervised cross-entropy.
+
+  Returns:
+    (loss float32 scalar, fraction of pixels that teach: confident ones for "pseudo",
+    all for "soft").
+  """
+  student = jnp.asarray(student_logits, jnp.float32)
+  teacher = jax.nn.softmax(jax.lax.stop_gradient(jnp.asarray(teacher_logits, jnp.float32)), -1)
+  if mode == "soft":
+    diff = jax.nn.softmax(student, -1) - teacher
+    return jnp.mean(jnp.sum(diff * diff, -1)), jnp.ones((), jnp.float32)
+  if mode != "pseudo":
+    raise ValueError(f"consistency mode {mode!r}: expected 'pseudo' or 'soft'")
+  confident = (jnp.max(teacher, -1) >= threshold).astype(jnp.float32)
+  pseudo = jnp.argmax(teacher, -1)
+  nll = -jnp.take_along_axis(jax.nn.log_softmax(student, -1), pseudo[..., None], -1)[..., 0]
+  weight = jnp.ones_like(nll)
+  if class_weights is not None:
+    weight = jnp.asarray(class_weights, jnp.float32)[pseudo]
+  loss = _safe_ratio(jnp.sum(confident * weight * nll), jnp.sum(weight))
+  return loss, jnp.mean(confident)

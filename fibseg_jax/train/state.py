@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 from typing import Any
 
@@ -25,7 +26,10 @@ class TrainState:
     params: model parameters (float32).
     batch_stats: batch-norm statistics, {} for models without them.
     opt_state: optax state.
-    rng: PRNG key (uint32 [2]) for dropout.
+    rng: PRNG key (uint32 [2]) for dropout and the semi-supervised views.
+    teacher: semi-supervised training's teacher, {"params", "batch_stats"}: an
+      exponential moving average of the weights; {} (no leaves) when training is
+      supervised only, so such checkpoints hold no copy.
   """
 
   step: jax.Array
@@ -33,6 +37,38 @@ class TrainState:
   batch_stats: Any
   opt_state: Any
   rng: jax.Array
+  teacher: Any = struct.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Semi:
+  """Semi-supervised training settings (`config.semi`); weight 0 turns it off.
+
+  Attributes:
+    weight: weight of the unsupervised loss once ramped up.
+    mode: "pseudo" (confidence-thresholded pseudo-labels) or "soft" (squared
+      difference of probabilities); see `losses.consistency`.
+    threshold: confidence of a pseudo-label.
+    ema: teacher weights <- ema * teacher + (1 - ema) * student after each step; 0 makes
+      the teacher the student itself.
+    rampup_steps: the weight rises as exp(-5 (1 - t)^2), t = step / rampup_steps, to 1.
+  """
+
+  weight: float = 0.0
+  mode: str = "pseudo"
+  threshold: float = 0.9
+  ema: float = 0.99
+  rampup_steps: int = 0
+
+  @property
+  def enabled(self) -> bool:
+    return self.weight > 0
+
+  def ramp(self, step: jax.Array) -> jax.Array:
+    if self.rampup_steps <= 0:
+      return jnp.ones((), jnp.float32)
+    t = jnp.minimum(step.astype(jnp.float32) / self.rampup_steps, 1.0)
+    return jnp.exp(-5.0 * (1.0 - t) ** 2)
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
@@ -57,7 +93,9 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
   return tx, schedule
 
 
-def create_state(model, tx, rng: jax.Array, sample_image: jax.Array) -> TrainState:
+def create_state(
+  model, tx, rng: jax.Array, sample_image: jax.Array, *, teacher: bool = False
+) -> TrainState:
   """Initialises a TrainState.
 
   Args:
@@ -65,17 +103,60 @@ def create_state(model, tx, rng: jax.Array, sample_image: jax.Array) -> TrainSta
     tx: optax optimizer.
     rng: PRNG key.
     sample_image: [batch, slices, y, x, channels] with the training shape.
+    teacher: also hold a teacher (semi-supervised training), starting as the student.
   """
   init_rng, rng = jax.random.split(rng)
   variables = model.init(init_rng, sample_image, train=False)
   params = variables["params"]
+  batch_stats = variables.get("batch_stats", {})
   return TrainState(
     step=jnp.zeros((), jnp.int32),
     params=params,
-    batch_stats=variables.get("batch_stats", {}),
+    batch_stats=batch_stats,
     opt_state=tx.init(params),
     rng=rng,
+    teacher={"params": params, "batch_stats": batch_stats} if teacher else {},
   )
+
+
+# The eight symmetries of a square, as (flip x first, then quarter turns), for [b, y, x, ...].
+_D4 = tuple((flip, k) for flip in (False, True) for k in range(4))
+
+
+def _d4(x: jax.Array, flip: bool, k: int, inverse: bool = False) -> jax.Array:
+  """Applies (or undoes) one symmetry to the y-x axes 1, 2 of [b, y, x, ...]."""
+  if not inverse:
+    x = jnp.flip(x, 2) if flip else x
+    return jnp.rot90(x, k, axes=(1, 2))
+  x = jnp.rot90(x, -k, axes=(1, 2))
+  return jnp.flip(x, 2) if flip else x
+
+
+def semi_views(
+  rng: jax.Array, strong: jax.Array
+) -> tuple[jax.Array, Callable[[jax.Array], jax.Array]]:
+  """Moves the student's view by a random symmetry and slab reversal (one per step).
+
+  Args:
+    rng: PRNG key.
+    strong: [batch, slices, y, x, channels] with y == x.
+
+  Returns:
+    (moved view, function that maps the student's [batch, y, x, classes] logits back onto
+    the unmoved pixels).
+  """
+  pick_rng, reverse_rng = jax.random.split(rng)
+  index = jax.random.randint(pick_rng, (), 0, len(_D4))
+  reverse = jax.random.bernoulli(reverse_rng)
+  strong = jnp.where(reverse, strong[:, ::-1], strong)
+  flat = strong.reshape(strong.shape[0] * strong.shape[1], *strong.shape[2:])
+  moved = jax.lax.switch(index, [lambda a, g=g: _d4(a, *g) for g in _D4], flat)
+  moved = moved.reshape(strong.shape)
+
+  def back(logits: jax.Array) -> jax.Array:
+    return jax.lax.switch(index, [lambda a, g=g: _d4(a, *g, inverse=True) for g in _D4], logits)
+
+  return moved, back
 
 
 def _variables(params, batch_stats) -> dict[str, Any]:
@@ -85,43 +166,84 @@ def _variables(params, batch_stats) -> dict[str, Any]:
   return variables
 
 
-def make_train_step(model, tx, schedule, class_weights: np.ndarray | None, dice_weight: float):
+def make_train_step(
+  model,
+  tx,
+  schedule,
+  class_weights: np.ndarray | None,
+  dice_weight: float,
+  semi: Semi | None = None,
+):
   """Returns train_step(state, batch) -> (state, metrics); not yet jitted.
 
-  batch: {'image': [batch, slices, y, x, channels] float32, 'labels': [batch, y, x] int}.
+  batch: {'image': [batch, slices, y, x, channels] float32, 'labels': [batch, y, x] int},
+  and with `semi` enabled also the unlabelled views 'weak' and 'strong'
+  [unlabelled, slices, y, x, channels] of `SlabLoader.read_unlabelled`.
+
+  Semi-supervised step: the teacher (state.teacher, inference mode) predicts the weak
+  view; the student sees the strong view moved by a random square symmetry and slab
+  reversal, in one forward pass with the labelled batch (so batch-norm statistics cover
+  both), and its logits are moved back and pulled towards the teacher's by
+  `losses.consistency`, weighted by `semi.weight` times the ramp-up. The teacher then
+  follows the student by an exponential moving average. Without `semi` (or with weight
+  0) the step is the supervised one and reads only 'image' and 'labels'.
+
   Under jit with the batch sharded over devices, the loss means and batch-norm
   statistics are global, so any device count computes the same update.
   """
   weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
+  semi = semi if semi is not None and semi.enabled else None
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, dropout_rng = jax.random.split(state.rng)
+    image, labelled = batch["image"], batch["image"].shape[0]
+    if semi is not None:
+      moved, back = semi_views(jax.random.fold_in(dropout_rng, 1), batch["strong"])
+      image = jnp.concatenate([image, moved.astype(image.dtype)], 0)
+      teacher_logits = model.apply(
+        _variables(state.teacher["params"], state.teacher["batch_stats"]),
+        batch["weak"],
+        train=False,
+      )
 
     def loss_fn(params):
       logits, updates = model.apply(
         _variables(params, state.batch_stats),
-        batch["image"],
+        image,
         train=True,
         mutable=["batch_stats"],
         rngs={"dropout": dropout_rng},
       )
-      loss, aux = losses.segmentation_loss(logits, batch["labels"], weights, dice_weight)
+      loss, aux = losses.segmentation_loss(
+        logits[:labelled], batch["labels"], weights, dice_weight
+      )
+      if semi is not None:
+        unsup, teaching = losses.consistency(
+          back(logits[labelled:]), teacher_logits, semi.mode, semi.threshold, weights
+        )
+        aux = {**aux, "unsup": unsup, "teaching": teaching}
+        loss = loss + semi.weight * semi.ramp(state.step) * unsup
       return loss, (aux, updates)
 
     (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     opt_updates, opt_state = tx.update(grads, state.opt_state, state.params)
     params = optax.apply_updates(state.params, opt_updates)
+    batch_stats = updates.get("batch_stats", state.batch_stats)
+    teacher = state.teacher
+    if semi is not None:
+      follow = lambda t, s: semi.ema * t + (1.0 - semi.ema) * s  # noqa: E731
+      teacher = jax.tree.map(follow, teacher, {"params": params, "batch_stats": batch_stats})
     new_state = state.replace(
       step=state.step + 1,
       params=params,
-      batch_stats=updates.get("batch_stats", state.batch_stats),
+      batch_stats=batch_stats,
       opt_state=opt_state,
       rng=rng,
+      teacher=teacher,
     )
     metrics = {
+      **aux,
       "loss": loss,
-      "ce": aux["ce"],
-      "dice": aux["dice"],
       "grad_norm": optax.tree.norm(grads),
       "lr": schedule(state.step),
     }
