@@ -24,6 +24,7 @@ from absl import app, flags, logging
 
 from fibseg_jax import checkpoint, infer
 from fibseg_jax.data import volume
+from fibseg_jax.eval import report as evaluation
 from fibseg_jax.infer import export
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import parallel
@@ -61,6 +62,9 @@ _TTA = flags.DEFINE_bool(
   "Test-time augmentation: average over in-plane flips and quarter turns (and the slab "
   "reversed along z): 8-16x the compute.",
 )
+_SLICES = flags.DEFINE_string(
+  "slices", None, "Segment only these slices, e.g. 20 or 10-20 or 3,9 (default: all)."
+)
 _WINDOW = flags.DEFINE_enum("window", "cosine", ["cosine", "gaussian"], "Blending window.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output arrays.")
 _FORMAT = flags.DEFINE_enum(
@@ -94,6 +98,10 @@ def main(argv):
   for model_path in model_paths:
     if not os.path.exists(model_path):
       sys.exit(f"error: {which}={model_path}: no such directory")
+  try:
+    only_slices = evaluation.parse_slices(_SLICES.value) or None
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   export_path = _EXPORT.value or export.default_path(_OUTPUT.value, _FORMAT.value)
   try:
     export.check_path(
@@ -118,6 +126,7 @@ def main(argv):
       output=_OUTPUT.value,
       dtype=_DTYPE.value,
       tta=_TTA.value,
+      only_slices=only_slices,
       probabilities=_PROBABILITIES.value,
       tile=_TILE.value,
       overlap=_OVERLAP.value,

@@ -3,6 +3,7 @@
 import dataclasses
 import os
 import shutil
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -13,9 +14,11 @@ from fibseg_jax import checkpoint, models
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train import config as config_lib
-from fibseg_jax.train import losses, loop, metrics_writer
+from fibseg_jax.train import loop, losses, metrics_writer
 from fibseg_jax.train import state as state_lib
-from tests.test_train import make_volume, tiny_config
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_train import make_volume, tiny_config  # noqa: E402 - its tiny volume and config
 
 
 def test_consistency_is_finite_and_only_the_student_learns():
@@ -105,7 +108,8 @@ def test_unlabelled_stream_reads_images_only_and_keeps_the_labelled_stream(tmp_p
   assert zs - set(volume.metadata.annotated_slices)  # unannotated slices are drawn
   again = _loader(volume, eval_slices=(4,), unlabelled_batch=8)
   first = next(again.batches(start_step=5))
-  np.testing.assert_array_equal(first["strong"], semi.read_unlabelled(semi.unlabelled_plan(5))["strong"])
+  direct = semi.read_unlabelled(semi.unlabelled_plan(5))
+  np.testing.assert_array_equal(first["strong"], direct["strong"])
   for loader in (semi, plain, again):
     loader.close()
 

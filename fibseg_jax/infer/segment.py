@@ -374,6 +374,7 @@ def segment_volume(
   process_count: int | None = None,
   devices: Sequence[jax.Device] | None = None,
   tta: bool = False,
+  only_slices: Sequence[int] | None = None,
 ) -> SegmentationResult:
   """Segments every slice of a volume into a zarr v3 label array.
 
@@ -402,6 +403,8 @@ def segment_volume(
     devices: devices to shard tiles over; default this process's devices.
     tta: average over flips, quarter turns and slab reversal (`predict.augmented_mean`;
       8-16 forward passes a tile).
+    only_slices: segment only these slices (e.g. held-out slices, or a trial before the
+      whole stack); the others stay 0 and the output counts as complete without them.
 
   Returns:
     A `SegmentationResult`.
@@ -459,6 +462,15 @@ def segment_volume(
   if tta:  # only when on, so outputs of runs before the option still resume
     run["tta"] = True
   blocks = tiling.plan_blocks(volume.shape, block)
+  if only_slices is not None:
+    chosen = sorted({int(z) for z in only_slices})
+    outside = [z for z in chosen if not 0 <= z < volume.shape[0]]
+    if not chosen or outside:
+      raise InferenceError(
+        f"--slices={','.join(map(str, chosen))}: expected slices within 0..{volume.shape[0] - 1}"
+      )
+    run["only_slices"] = chosen
+    blocks = [b for b in blocks if b.z in set(chosen)]
   mine = tiling.assign_blocks(blocks, process_index, process_count)
   plan = store.plan_output(
     output,

@@ -5,12 +5,14 @@ baselines); experiments/study.py and experiments/sweep.py are its entry points.
 
   doc = study.run_study("study/", study.get_budget("quick"))   # study.json/.md/.png
   doc = study.run_sweep("sweep/", study.get_budget("quick"))   # sweep.json/.png
+  doc = study.run_fourway("semi/", budget, volume=..., ...)    # fourway.json/.md
 """
 
 from fibseg_jax.study.budget import BUDGETS, PAPER, QUICK, SMOKE, Budget
 from fibseg_jax.study.budget import get as get_budget
 from fibseg_jax.study.comparison import Row, StudyError, markdown, plan_rows, run_study
 from fibseg_jax.study.runs import cache_compilations, run_network, run_route, score
+from fibseg_jax.study.semi import run_fourway, run_suggestion
 from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
 
 __all__ = [
@@ -27,7 +29,9 @@ __all__ = [
   "get_budget",
   "markdown",
   "plan_rows",
+  "run_fourway",
   "run_network",
+  "run_suggestion",
   "run_route",
   "run_study",
   "run_sweep",

@@ -214,9 +214,7 @@ def make_train_step(
         mutable=["batch_stats"],
         rngs={"dropout": dropout_rng},
       )
-      loss, aux = losses.segmentation_loss(
-        logits[:labelled], batch["labels"], weights, dice_weight
-      )
+      loss, aux = losses.segmentation_loss(logits[:labelled], batch["labels"], weights, dice_weight)
       if semi is not None:
         unsup, teaching = losses.consistency(
           back(logits[labelled:]), teacher_logits, semi.mode, semi.threshold, weights

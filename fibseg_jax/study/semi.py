@@ -1,0 +1,328 @@
+"""Learning from the unannotated slices, measured: semi-supervised training and TTA.
+
+Two experiments, both resumable (a run directory with `result.json` is never redone):
+
+* `run_fourway`: for every seed, a supervised and a semi-supervised network with the
+  same step budget, each scored on the evaluation slices without and with test-time
+  augmentation: the four rows supervised / + semi / + TTA / + both, as mean and std over
+  seeds, overall and per class.
+* `run_suggestion`: does the slice `fibseg_jax.eval.uncertainty` ranks first help more
+  as a fourth annotated slice than a random one? For every seed the supervised network
+  segments the stack with probabilities, the unannotated slices are ranked by mean
+  entropy, and two networks are trained with the top-ranked and with a random slice
+  added. The stack must carry labels on every candidate slice (a synthetic one does):
+  only the training slices' labels are ever read in training.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fibseg_jax import infer
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.eval import uncertainty
+from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.study import runs
+from fibseg_jax.study.comparison import seed_stats
+from fibseg_jax.train import loop
+
+# The rows of the four-way table: (name, training variant, test-time augmentation).
+ROWS = (
+  ("supervised", "supervised", False),
+  ("+ semi", "semi", False),
+  ("+ TTA", "supervised", True),
+  ("+ both", "semi", True),
+)
+
+
+def _train(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  train_slices: Sequence[int],
+  semi: Mapping[str, Any] | None,
+) -> tuple[str, float]:
+  """Trains (or resumes) one U-Net of the budget; returns (workdir, seconds)."""
+  vol = volume_lib.open_volume(volume)
+  held_out = sorted(set(vol.metadata.annotated_slices) - set(train_slices))
+  config = runs.network_config(
+    budget,
+    architecture="unet",
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    volume=volume,
+    held_out=held_out,
+  )
+  if semi:
+    config.semi.update(dict(semi))
+  workdir = os.path.join(directory, "run")
+  os.makedirs(directory, exist_ok=True)
+  log = io.StringIO()
+  start = time.perf_counter()
+  try:
+    with contextlib.redirect_stdout(log):
+      loop.train_and_evaluate(config, workdir, progress=False)
+  finally:
+    with open(os.path.join(directory, "train.log"), "a") as f:
+      f.write(log.getvalue())
+  return workdir, time.perf_counter() - start
+
+
+def _segment_and_score(
+  workdir: str,
+  output: str,
+  budget: budget_lib.Budget,
+  vol: volume_lib.Volume,
+  eval_slices: Sequence[int],
+  *,
+  tta: bool,
+) -> dict[str, Any]:
+  """Segments the evaluation slices only and scores them."""
+  segmented = infer.segment_from_checkpoint(
+    workdir,
+    vol,
+    output=output,
+    tile=budget.tile,
+    overlap=budget.overlap,
+    batch=budget.infer_batch,
+    overwrite=True,
+    progress=False,
+    tta=tta,
+    only_slices=eval_slices,
+  )
+  labels = infer.open_array(output)
+  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+  scored = runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes)
+  return {**scored, "segment_seconds": segmented.seconds}
+
+
+def fourway_run(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  semi: Mapping[str, Any] | None,
+) -> dict[str, Any]:
+  """One network of the four-way table, scored without and with TTA."""
+  done = runs.read_result(directory)
+  if done is not None:
+    return done
+  workdir, seconds = _train(
+    directory,
+    budget,
+    volume=volume,
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    train_slices=train_slices,
+    semi=semi,
+  )
+  vol = volume_lib.open_volume(volume)
+  result = {"seed": int(seed), "semi": dict(semi or {}), "train_seconds": seconds}
+  for tta in (False, True):
+    output = os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr")
+    result["tta" if tta else "plain"] = _segment_and_score(
+      workdir, output, budget, vol, eval_slices, tta=tta
+    )
+  runs.write_json(os.path.join(directory, runs.RESULT), result)
+  return result
+
+
+def _row(name: str, scored: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, Any]:
+  miou = [s["mean_iou"] for s in scored]
+  per_class = {c: seed_stats([s["per_class_iou"][c] for s in scored]) for c in classes}
+  return {"name": name, "mean_iou": seed_stats(miou), "values": miou, "per_class": per_class}
+
+
+def run_fourway(
+  out: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seeds: Sequence[int],
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  semi: Mapping[str, Any],
+  log=print,
+) -> dict[str, Any]:
+  """The four-way table over `seeds`; writes out/fourway.json and returns it."""
+  vol = volume_lib.open_volume(volume)
+  results: dict[str, list[dict[str, Any]]] = {"supervised": [], "semi": []}
+  for seed in seeds:
+    for variant in ("supervised", "semi"):
+      start = time.perf_counter()
+      r = fourway_run(
+        os.path.join(out, f"{variant}_s{seed}"),
+        budget,
+        volume=volume,
+        channels=channels,
+        slices=slices,
+        seed=seed,
+        train_slices=train_slices,
+        eval_slices=eval_slices,
+        semi=semi if variant == "semi" else None,
+      )
+      results[variant].append(r)
+      log(
+        f"{variant} seed {seed}: mIoU {r['plain']['mean_iou']:.4f}, with TTA "
+        f"{r['tta']['mean_iou']:.4f} ({time.perf_counter() - start:.0f} s)"
+      )
+  rows = [
+    _row(name, [r["tta" if tta else "plain"] for r in results[variant]], vol.classes)
+    for name, variant, tta in ROWS
+  ]
+  seconds = {
+    variant: {
+      "train": float(np.mean([r["train_seconds"] for r in rs])),
+      "segment": float(np.mean([r["plain"]["segment_seconds"] for r in rs])),
+      "segment_tta": float(np.mean([r["tta"]["segment_seconds"] for r in rs])),
+    }
+    for variant, rs in results.items()
+  }
+  document = {
+    "volume": volume,
+    "classes": list(vol.classes),
+    "channels": list(channels),
+    "slices": int(slices),
+    "train_slices": [int(z) for z in train_slices],
+    "eval_slices": [int(z) for z in eval_slices],
+    "seeds": [int(s) for s in seeds],
+    "budget": budget.to_json(),
+    "semi": dict(semi),
+    "rows": rows,
+    "seconds": seconds,
+  }
+  runs.write_json(os.path.join(out, "fourway.json"), document)
+  with open(os.path.join(out, "fourway.md"), "w") as f:
+    f.write(fourway_markdown(document))
+  return document
+
+
+def fourway_markdown(document: Mapping[str, Any]) -> str:
+  """The four-way table: mean IoU mean +- std over seeds, and per class."""
+  classes = document["classes"]
+  head = "| | mean IoU | " + " | ".join(classes) + " |\n"
+  head += "|---" * (len(classes) + 2) + "|\n"
+  lines = []
+  for row in document["rows"]:
+    m = row["mean_iou"]
+    cells = [f"{m['mean']:.3f} +- {m['std']:.3f}"]
+    cells += [f"{row['per_class'][c]['mean']:.3f}" for c in classes]
+    lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+  s = document["seconds"]
+  note = (
+    f"\nSeeds {document['seeds']}; train slices {document['train_slices']}, scored on "
+    f"{document['eval_slices']}. Mean seconds: supervised training "
+    f"{s['supervised']['train']:.0f}, semi-supervised {s['semi']['train']:.0f}; segmenting "
+    f"the scored slices {s['supervised']['segment']:.1f}, with TTA "
+    f"{s['supervised']['segment_tta']:.1f}.\n"
+  )
+  return head + "\n".join(lines) + "\n" + note
+
+
+def run_suggestion(
+  out: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seeds: Sequence[int],
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  supervised: Mapping[int, str],
+  log=print,
+) -> dict[str, Any]:
+  """Top-ranked vs random fourth slice; writes out/suggestion.json and returns it.
+
+  Args:
+    supervised: {seed: workdir} of the 3-slice supervised networks that rank the slices.
+  """
+  vol = volume_lib.open_volume(volume)
+  depth = vol.shape[0]
+  annotated = set(vol.metadata.annotated_slices)
+  exclude = set(train_slices) | set(eval_slices)
+  candidates = [z for z in range(depth) if z not in exclude and z in annotated]
+  if not candidates:
+    raise ValueError(f"{volume}: no labelled slice outside the training and evaluation ones")
+  trials = []
+  for seed in seeds:
+    directory = os.path.join(out, f"rank_s{seed}")
+    ranking = runs.read_result(directory)
+    if ranking is None:
+      os.makedirs(directory, exist_ok=True)
+      probs = os.path.join(directory, "probs.zarr")
+      infer.segment_from_checkpoint(
+        supervised[seed],
+        vol,
+        output=os.path.join(directory, "seg.zarr"),
+        probabilities=probs,
+        tile=budget.tile,
+        overlap=budget.overlap,
+        batch=budget.infer_batch,
+        overwrite=True,
+        progress=False,
+      )
+      scores = uncertainty.slice_uncertainty(probs)
+      ranked = uncertainty.rank_slices(scores, sorted(exclude))
+      ranked = [(z, s) for z, s in ranked if z in candidates]
+      rng = np.random.default_rng([int(seed), 4])
+      ranking = {
+        "scores": [float(s) for s in scores],
+        "top": int(ranked[0][0]),
+        "random": int(rng.choice(candidates)),
+      }
+      runs.write_json(os.path.join(directory, runs.RESULT), ranking)
+    trial = {"seed": int(seed), **ranking}
+    for kind in ("top", "random"):
+      run_dir = os.path.join(out, f"{kind}_s{seed}")
+      r = runs.read_result(run_dir)
+      if r is None:
+        four = sorted({*train_slices, ranking[kind]})
+        workdir, seconds = _train(
+          run_dir,
+          budget,
+          volume=volume,
+          channels=channels,
+          slices=slices,
+          seed=seed,
+          train_slices=four,
+          semi=None,
+        )
+        scored = _segment_and_score(
+          workdir, os.path.join(run_dir, "seg.zarr"), budget, vol, eval_slices, tta=False
+        )
+        r = {"slice": ranking[kind], "train_seconds": seconds, **scored}
+        runs.write_json(os.path.join(run_dir, runs.RESULT), r)
+      trial[kind] = {"slice": ranking[kind], "mean_iou": r["mean_iou"]}
+      log(f"seed {seed}: {kind} slice {ranking[kind]} -> mIoU {r['mean_iou']:.4f}")
+    trials.append(trial)
+  document = {
+    "volume": volume,
+    "train_slices": [int(z) for z in train_slices],
+    "eval_slices": [int(z) for z in eval_slices],
+    "trials": trials,
+    "top": seed_stats([t["top"]["mean_iou"] for t in trials]),
+    "random": seed_stats([t["random"]["mean_iou"] for t in trials]),
+  }
+  runs.write_json(os.path.join(out, "suggestion.json"), document)
+  return document
