@@ -186,3 +186,29 @@ def test_user_mistakes_name_the_flag(tmp_path):
     study.get_budget("fast")
   one = [r.name for r in study.plan_rows(study.SMOKE, ("ICE",))]
   assert one == ["unet_1_ice", "unet_3_ice", "sensor3d_3_ice", "otsu", "clean_otsu", "forest"]
+
+
+def test_semi_study_writes_the_four_rows_and_the_slice_test(tmp_path, compile_cache):
+  out = tmp_path / "semi"
+  flags = (f"--out={out}", "--budget=smoke", "--seeds=0", "--suggest")
+  done = _run("semi_study.py", *flags, cache=compile_cache)
+  assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+  doc = json.loads((out / "fourway.json").read_text())
+  assert [r["name"] for r in doc["rows"]] == ["supervised", "+ semi", "+ TTA", "+ both"]
+  for row in doc["rows"]:
+    assert 0 <= row["mean_iou"]["mean"] <= 1 and set(row["per_class"]) == set(CLASSES)
+  assert "| + both |" in (out / "fourway.md").read_text()
+  semi_log = (out / "semi_s0" / "train.log").read_text()
+  assert "starting from scratch" in semi_log
+  suggestion = json.loads((out / "suggest" / "suggestion.json").read_text())
+  trial = suggestion["trials"][0]
+  annotated = {*doc["train_slices"], *doc["eval_slices"]}
+  assert trial["top"]["slice"] not in annotated and trial["random"]["slice"] not in annotated
+  assert (
+    np.argmax([s if z not in annotated else -1 for z, s in enumerate(trial["scores"])])
+    == trial["top"]["slice"]
+  )
+  finished = (out / "semi_s0" / "result.json").stat().st_mtime_ns
+  again = _run("semi_study.py", *flags, cache=compile_cache)  # resumes: nothing is redone
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert (out / "semi_s0" / "result.json").stat().st_mtime_ns == finished

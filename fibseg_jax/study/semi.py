@@ -225,7 +225,8 @@ def fourway_markdown(document: Mapping[str, Any]) -> str:
   lines = []
   for row in document["rows"]:
     m = row["mean_iou"]
-    cells = [f"{m['mean']:.3f} +- {m['std']:.3f}"]
+    spread = "(1 seed)" if m["std"] is None else f"+- {m['std']:.3f}"
+    cells = [f"{m['mean']:.3f} {spread}"]
     cells += [f"{row['per_class'][c]['mean']:.3f}" for c in classes]
     lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
   s = document["seconds"]
