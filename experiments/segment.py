@@ -1,12 +1,14 @@
 r"""Segments every slice of a volume with a trained model.
 
   python experiments/segment.py --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
-    [--probabilities=probs.zarr] [--tile=512] [--overlap=64] [--batch=8] \
-    [--dtype=bfloat16] [--tta]
+    [--probabilities=probs.zarr] [--uncertainty=unc.zarr] [--tile=512] [--overlap=64] \
+    [--batch=8] [--dtype=bfloat16] [--tta]
   python experiments/segment.py --workdir=runs/s0 --workdir=runs/s1 --workdir=runs/s2 ...
 
 --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
-attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p).
+attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p);
+--uncertainty a third [z, y, x] uint8 = round(255 * entropy(p) / log(classes)), 0 =
+certain, 255 = uniform (what experiments/suggest.py ranks slices by).
 When every block is done, --format=zarr (default) also writes an OME-Zarr (NGFF 0.5)
 label image for napari / neuroglancer (seg.ome.zarr next to seg.zarr), --format=tiff a
 TIFF stack for Fiji / Dragonfly / Avizo (seg.tif); in both, value = class + 1, 0 = none.
@@ -42,6 +44,12 @@ _INPUT = flags.DEFINE_string("input", None, "Volume to segment (experiments/inge
 _OUTPUT = flags.DEFINE_string("output", None, "Label array to write, e.g. seg.zarr.")
 _PROBABILITIES = flags.DEFINE_string(
   "probabilities", None, "Optional per-class probability array to write, e.g. probs.zarr."
+)
+_UNCERTAINTY = flags.DEFINE_string(
+  "uncertainty",
+  None,
+  "Optional per-voxel uncertainty array to write, e.g. unc.zarr: round(255 * entropy of the "
+  "class probabilities / log(classes)), 0 = certain, 255 = uniform.",
 )
 _TILE = flags.DEFINE_integer("tile", 512, "Tile side in pixels (a multiple of 2**depth).")
 _OVERLAP = flags.DEFINE_integer("overlap", 64, "Overlap of neighbouring tiles in pixels.")
@@ -128,6 +136,7 @@ def main(argv):
       tta=_TTA.value,
       only_slices=only_slices,
       probabilities=_PROBABILITIES.value,
+      uncertainty=_UNCERTAINTY.value,
       tile=_TILE.value,
       overlap=_OVERLAP.value,
       batch=_BATCH.value,
@@ -163,6 +172,8 @@ def main(argv):
   print(f"labels:        {result.output}")
   if result.probabilities:
     print(f"probabilities: {result.probabilities}")
+  if result.uncertainty:
+    print(f"uncertainty:   {result.uncertainty}")
   if exported:
     print(f"{_FORMAT.value + ' export:':<15}{exported}")
   if not result.complete:

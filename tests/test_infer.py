@@ -228,20 +228,24 @@ def test_two_processes_each_write_their_own_blocks(vol, pixel):
   np.testing.assert_array_equal(read(out), read(reference))
 
 
+def lose_blocks(out, lost, *companions):
+  """An interruption: `lost` blocks never got their data written nor their marker."""
+  kv = ts.KvStore.open(volume.kvstore_spec(out), context=volume.CONTEXT).result()
+  for path in (out, *companions):
+    arr = infer.open_array(path)
+    for b in lost:
+      region = arr[b.z, b.y0 : b.y1, b.x0 : b.x1]
+      region.write(np.full(region.shape, 255, np.uint8)).result()
+  for b in lost:
+    key = store.DONE_PREFIX + b.key
+    kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+
+
 def test_rerun_after_interruption_redoes_only_unfinished_blocks(vol, pixel):
   out = memory_root("seg")
   segment(vol, pixel, out)
   reference = read(out)
-  # An interruption: three blocks never got their data written nor their marker.
-  lost = tiling.plan_blocks(SHAPE, 32)[4:7]
-  arr = infer.open_array(out)
-  kv = ts.KvStore.open(volume.kvstore_spec(out), context=volume.CONTEXT).result()
-  for b in lost:
-    arr[b.z, b.y0 : b.y1, b.x0 : b.x1].write(
-      np.full((b.y1 - b.y0, b.x1 - b.x0), 255, np.uint8)
-    ).result()
-    key = store.DONE_PREFIX + b.key
-    kv.delete_range(ts.KvStore.KeyRange(key, key + "\0")).result()
+  lose_blocks(out, tiling.plan_blocks(SHAPE, 32)[4:7])
   assert np.count_nonzero(read(out) == 255) > 0
   result = segment(vol, pixel, out)
   assert result.blocks_done == 3 and result.blocks_skipped == result.blocks_total - 3
@@ -269,6 +273,113 @@ def test_existing_outputs(vol, pixel, tmp_path):
     segment(vol, pixel, str(tmp_path / "notes"))
   with pytest.raises(store.OutputError, match="parent directory"):
     segment(vol, pixel, str(tmp_path / "missing" / "seg.zarr"))
+
+
+# --- uncertainty ----------------------------------------------------------------------
+
+
+def test_uncertainty_is_the_entropy_of_the_probabilities(vol, pixel):
+  out, probs, unc = memory_root("seg"), memory_root("probs"), memory_root("unc")
+  result = segment(vol, pixel, out, probabilities=probs, uncertainty=unc)
+  assert result.complete and result.uncertainty == unc
+  u8, p8 = read(unc), read(probs)
+  assert u8.shape == SHAPE and u8.dtype == np.uint8
+  # From the probabilities written in the same run (those are rounded, the uncertainty
+  # is computed before rounding): within 1 of 255.
+  from_probs = np.rint(255 * infer.normalised_entropy(p8.astype(np.float32) / 255))
+  assert np.abs(u8.astype(int) - from_probs).max() <= 1
+  assert u8.min() < u8.max()  # not a constant: the test can fail
+  for z in range(SHAPE[0]):
+    ref = whole_image_probabilities(pixel[0].apply, pixel[1], vol, z)
+    assert np.abs(u8[z].astype(int) - np.rint(255 * infer.normalised_entropy(ref))).max() <= 1
+  attrs = infer.read_attributes(unc)
+  info = attrs[store.ATTRIBUTE]
+  assert info["kind"] == "uncertainty" and attrs["classes"] == list(CLASSES)
+  assert info["definition"] == "round(255 * entropy / log(classes))"
+  assert info["labels"] == out and info["run"]["uncertainty"] is True
+  labels_info = infer.read_attributes(out)[store.ATTRIBUTE]
+  assert labels_info["uncertainty"] == unc and labels_info["probabilities"] == probs
+
+
+def test_normalised_entropy():
+  p = np.array([[1.0, 0.0, 0.0], [1 / 3, 1 / 3, 1 / 3], [0.5, 0.5, 0.0]], np.float32)
+  np.testing.assert_allclose(infer.normalised_entropy(p), [0, 1, np.log(2) / np.log(3)], atol=1e-6)
+  assert infer.normalised_entropy(np.ones((4, 1), np.float32)).tolist() == [0, 0, 0, 0]
+
+
+def test_rerun_after_interruption_keeps_the_uncertainty_consistent(vol, pixel):
+  ref_out, ref_unc = memory_root("ref"), memory_root("refu")
+  segment(vol, pixel, ref_out, uncertainty=ref_unc)
+  out, probs, unc = memory_root("seg"), memory_root("probs"), memory_root("unc")
+  segment(vol, pixel, out, probabilities=probs, uncertainty=unc)
+  lose_blocks(out, tiling.plan_blocks(SHAPE, 32)[4:9], probs, unc)
+  assert np.count_nonzero(read(unc) == 255) > 0
+  result = segment(vol, pixel, out, probabilities=probs, uncertainty=unc)
+  assert result.blocks_done == 5 and result.complete
+  np.testing.assert_array_equal(read(unc), read(ref_unc))
+  np.testing.assert_array_equal(read(out), read(ref_out))
+  from_probs = np.rint(255 * infer.normalised_entropy(read(probs).astype(np.float32) / 255))
+  assert np.abs(read(unc).astype(int) - from_probs).max() <= 1
+
+
+def test_uncertainty_outputs_follow_the_probabilities_rules(vol, pixel):
+  # Asked for on a finished output that lacks it: refused, as --probabilities is.
+  out, probs, unc = memory_root("seg"), memory_root("probs"), memory_root("unc")
+  segment(vol, pixel, out)
+  for flag, kwargs in (("probabilities", {"probabilities": probs}), ("uncertainty", {})):
+    kwargs = kwargs or {"uncertainty": unc}
+    with pytest.raises(
+      store.OutputError,
+      match=rf"--output={out} exists and belongs to a different run \({flag}: .*\); it was "
+      rf"written without --{flag}; pass --overwrite",
+    ):
+      segment(vol, pixel, out, **kwargs)
+  # A run with it, rerun without it: also a different run.
+  out2, unc2 = memory_root("seg"), memory_root("unc")
+  segment(vol, pixel, out2, uncertainty=unc2, process_index=0, process_count=2)
+  with pytest.raises(store.OutputError, match="it was written with --uncertainty"):
+    segment(vol, pixel, out2, process_index=1, process_count=2)
+  # Its array gone while the labels have finished blocks; there without the labels.
+  kv = ts.KvStore.open(volume.kvstore_spec(unc2), context=volume.CONTEXT).result()
+  kv.delete_range(ts.KvStore.KeyRange()).result()
+  with pytest.raises(store.OutputError, match=rf"--uncertainty={unc2} is missing but --output"):
+    segment(vol, pixel, out2, uncertainty=unc2, process_index=1, process_count=2)
+  segment(vol, pixel, memory_root("seg"), uncertainty=unc)
+  with pytest.raises(store.OutputError, match=rf"--uncertainty={unc} exists; pass --overwrite"):
+    segment(vol, pixel, memory_root("seg"), uncertainty=unc)
+  # Paths: every array its own, and --overwrite replaces it.
+  with pytest.raises(
+    store.OutputError,
+    match=r"--uncertainty=.* must differ from --output, --input and "
+    r"--probabilities",
+  ):
+    segment(vol, pixel, memory_root("seg"), probabilities=probs, uncertainty=probs)
+  with pytest.raises(store.OutputError, match=r"--uncertainty=.* must differ from --output and"):
+    segment(vol, pixel, out, uncertainty=out)
+  group = make_volume(memory_root("other"), shape=(1, 8, 8))
+  with pytest.raises(store.OutputError, match="--uncertainty=.* is a zarr group"):
+    segment(vol, pixel, memory_root("seg"), uncertainty=group, overwrite=True)
+  again = segment(vol, pixel, out, uncertainty=unc, overwrite=True)
+  assert again.complete and read(unc).shape == SHAPE
+
+
+def test_only_slices_segments_those_slices(vol, pixel):
+  full = memory_root("full")
+  segment(vol, pixel, full)
+  out, unc = memory_root("seg"), memory_root("unc")
+  result = segment(vol, pixel, out, uncertainty=unc, only_slices=[3, 1])
+  assert result.complete and result.blocks_total == result.blocks_done == 2 * 3 * 2
+  assert infer.read_attributes(out)[store.ATTRIBUTE]["run"]["only_slices"] == [1, 3]
+  labels, reference = read(out), read(full)
+  np.testing.assert_array_equal(labels[[1, 3]], reference[[1, 3]])
+  # The others were never written: they read as the fill value, not segmented.
+  for array in (labels, read(unc)):
+    assert np.all(array[[0, 2, 4]] == store.NOT_SEGMENTED)
+  assert np.all(labels[[1, 3]] < len(CLASSES))
+  with pytest.raises(store.OutputError, match="exists and is complete"):
+    segment(vol, pixel, out, uncertainty=unc, only_slices=[1, 3])
+  with pytest.raises(infer.InferenceError, match=r"--slices=1,5: expected slices within 0..4"):
+    segment(vol, pixel, memory_root("seg"), only_slices=[1, 5])
 
 
 def test_user_mistakes_are_named(vol, pixel):
@@ -387,17 +498,22 @@ def run_segment(*flags):
 def test_segment_script(trained, tmp_path):
   vol_path = make_volume(str(tmp_path / "vol.zarr"), shape=(3, 40, 36))
   out, probs = str(tmp_path / "seg.zarr"), str(tmp_path / "probs.zarr")
+  unc = str(tmp_path / "unc.zarr")
   flags = [f"--workdir={trained}", f"--input={vol_path}", f"--output={out}", "--tile=16"]
-  proc = run_segment(*flags, f"--probabilities={probs}", "--overlap=4", "--batch=2")
+  proc = run_segment(
+    *flags, f"--probabilities={probs}", f"--uncertainty={unc}", "--overlap=4", "--batch=2"
+  )
   assert proc.returncode == 0, proc.stderr[-3000:]
   assert f"labels:        {out}" in proc.stdout and probs in proc.stdout
+  assert f"uncertainty:   {unc}" in proc.stdout
+  assert zarr.open_array(unc, mode="r").shape == (3, 40, 36)
   labels = zarr.open_array(out, mode="r")
   assert labels.shape == (3, 40, 36) and labels.attrs["classes"] == list(CLASSES)
   assert labels.attrs["fibseg_segmentation"]["run"]["checkpoint"].startswith(trained)
   assert int(np.max(labels[:])) < 3
   assert zarr.open_array(probs, mode="r").shape == (3, 40, 36, 3)
 
-  proc = run_segment(*flags, "--overlap=4", f"--probabilities={probs}")
+  proc = run_segment(*flags, "--overlap=4", f"--probabilities={probs}", f"--uncertainty={unc}")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert proc.stderr.strip().splitlines()[-1] == (
     f"error: --output={out} exists and is complete; pass --overwrite to segment again"

@@ -5,14 +5,31 @@ import os
 import subprocess
 import sys
 
+import jax
 import numpy as np
 import pytest
 import tensorstore as ts
 
+from fibseg_jax import infer
+from fibseg_jax.data import volume
 from fibseg_jax.eval import uncertainty
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import segment_child  # noqa: E402 - tiny models shared with the other inference tests
+import test_infer  # noqa: E402 - its segment() and memory_root() helpers
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "suggest.py")
+
+
+def test_entropy_is_the_one_segmentation_writes_with():
+  rng = np.random.default_rng(3)
+  p = rng.dirichlet(np.ones(4), size=(5, 6)).astype(np.float32)
+  np.testing.assert_array_equal(uncertainty.entropy(p), infer.normalised_entropy(p))
+  p8 = np.rint(p * 255).astype(np.uint8)
+  np.testing.assert_allclose(
+    uncertainty.entropy(p8), infer.normalised_entropy(p8.astype(np.float32)), atol=1e-6
+  )
 
 
 def test_entropy_is_zero_when_certain_and_one_when_uniform():
@@ -53,6 +70,93 @@ def write_probabilities(path, corrupted, shape=(6, 20, 24), classes=3, seed=0):
   return str(path)
 
 
+def write_uncertainty(path, values):
+  """A [z, y, x] uint8 array, as segment.py's --uncertainty writes."""
+  values = np.asarray(values, np.uint8)
+  spec = {
+    "driver": "zarr3",
+    "kvstore": {"driver": "file", "path": str(path)},
+    "metadata": {"shape": list(values.shape), "data_type": "uint8"},
+    "create": True,
+  }
+  ts.open(spec).result().write(values).result()
+  return str(path)
+
+
+def test_slice_uncertainty_of_an_uncertainty_array(tmp_path):
+  values = np.zeros((3, 4, 5), np.uint8)
+  values[1] = 255
+  values[2, :2] = 51
+  path = write_uncertainty(tmp_path / "unc.zarr", values)
+  np.testing.assert_allclose(uncertainty.slice_uncertainty(path), [0, 1, 0.2 * 2 / 4], atol=1e-6)
+  probs = write_probabilities(tmp_path / "probs.zarr", corrupted=[])
+  with pytest.raises(ValueError, match=r"--uncertainty=.*probs.zarr: expected uncertainty "):
+    uncertainty.slice_uncertainty(probs, kind="uncertainty")
+  with pytest.raises(ValueError, match=r"--probabilities=.*unc.zarr: expected probabilities "):
+    uncertainty.slice_uncertainty(path, kind="probabilities")
+  flat = write_uncertainty(tmp_path / "flat.zarr", np.zeros((4, 5)))
+  with pytest.raises(ValueError, match="expected probabilities .* or uncertainty .*, got rank 2"):
+    uncertainty.slice_uncertainty(flat)
+
+
+# Contrast of each slice: the higher, the more confident the model.
+CONTRAST = (700, 4000, 1500, 8000, 100, 2500)
+
+
+def contrast_volume(root):
+  rng = np.random.default_rng(0)
+  shape = (len(CONTRAST), 40, 36)
+  yy, xx = np.mgrid[: shape[1], : shape[2]]
+  with volume.create_volume(
+    root,
+    shape=shape,
+    dtype="uint16",
+    channels=test_infer.CHANNELS,
+    classes=test_infer.CLASSES,
+    voxel_size_nm=(50, 25, 25),
+    overwrite=True,
+  ) as w:
+    for k, amplitude in enumerate(CONTRAST):
+      pattern = np.stack([np.sin(xx / (5 + c) + k) + np.cos(yy / (4 + c) - k) for c in (0, 1)], -1)
+      image = 20000 + amplitude * pattern + rng.normal(0, 20, (*shape[1:], 2))
+      w.write_slice(k, image.clip(0, 65535).astype(np.uint16))
+    w.commit()
+  return root
+
+
+@pytest.fixture(scope="module")
+def segmented():
+  """A stack segmented with both --probabilities and --uncertainty, and its labels."""
+  vol = volume.open_volume(contrast_volume(test_infer.memory_root("contrast")))
+  model, variables = segment_child.pixel_model(1, len(test_infer.CHANNELS))
+  variables = jax.tree.map(lambda a: a * 8, variables)  # confident where contrast is high
+  out = test_infer.memory_root("seg")
+  probs, unc = out + ".probs", out + ".unc"
+  test_infer.segment(vol, (model, variables), out, slices=1, probabilities=probs, uncertainty=unc)
+  return probs, unc
+
+
+def test_suggest_from_uncertainty_ranks_like_from_probabilities(segmented, tmp_path):
+  probs, unc = segmented
+  from_probs = uncertainty.suggest(probs, tmp_path / "p", annotated=[1], top=2)
+  from_unc = uncertainty.suggest(unc, tmp_path / "u", annotated=[1], top=2)
+  assert from_probs["probabilities"] == probs and from_unc["uncertainty"] == unc
+  assert [r["z"] for r in from_unc["ranking"]] == [r["z"] for r in from_probs["ranking"]]
+  assert from_unc["suggested"] == from_probs["suggested"] == [4, 0]  # the lowest contrast
+  np.testing.assert_allclose(
+    from_unc["slice_uncertainty"], from_probs["slice_uncertainty"], atol=1 / 255
+  )
+  # The test can fail: the slices' scores are far apart compared with the tolerance.
+  assert np.min(np.diff(sorted(from_probs["slice_uncertainty"]))) > 4 / 255
+  assert (tmp_path / "u" / "uncertainty_top.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_suggest_refuses_labels(segmented):
+  labels = segmented[0].removesuffix(".probs")
+  with pytest.raises(ValueError, match=r"segment.py's labels array, not its uncertainty array"):
+    uncertainty.slice_uncertainty(labels)
+
+
 def test_a_corrupted_slice_is_suggested_first(tmp_path):
   probs = write_probabilities(tmp_path / "probs.zarr", corrupted=[1, 4])
   out = tmp_path / "suggest"
@@ -81,3 +185,17 @@ def test_script(tmp_path):
   )
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert "none.zarr" in proc.stderr
+
+  values = np.full((6, 4, 4), 20, np.uint8)
+  values[2] = 200
+  unc = write_uncertainty(tmp_path / "unc.zarr", values)
+  proc = run(f"--uncertainty={unc}", f"--out={tmp_path / 'u'}", "--annotated=0", "--top=1")
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert f"1. slice 2: uncertainty {200 / 255:.4f}" in proc.stdout
+  for flags in ([f"--uncertainty={unc}", f"--probabilities={probs}"], []):
+    proc = run(*flags, f"--out={tmp_path / 'x'}", "--annotated=0")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert "error: give exactly one of --uncertainty=unc.zarr or --probabilities" in proc.stderr
+  proc = run(f"--uncertainty={probs}", f"--out={tmp_path / 'x'}", "--annotated=0")
+  assert proc.returncode == 1 and "Traceback" not in proc.stderr
+  assert f"error: --uncertainty={probs}: expected uncertainty [z, y, x], got rank 4" in proc.stderr

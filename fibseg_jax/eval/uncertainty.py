@@ -1,10 +1,12 @@
 """Which slice to annotate next: the model's uncertainty over the stack, slice by slice.
 
-The uncertainty of a voxel is the entropy of the blended class probabilities that
-segment.py writes with --probabilities ([z, y, x, classes] uint8 = round(255 p)),
-divided by log(classes) so that 0 is certain and 1 is a uniform guess. A slice's score is
-the mean over its voxels; the slices nobody annotated are ranked by it, most uncertain
-first. Everything streams one slice at a time, so the stack's size does not matter.
+The uncertainty of a voxel is the entropy of the blended class probabilities divided by
+log(classes), so that 0 is certain and 1 is a uniform guess. It is read from either
+array segment.py writes: --uncertainty ([z, y, x] uint8 = round(255 * that), computed
+from the unrounded probabilities) or --probabilities ([z, y, x, classes] uint8 =
+round(255 p), whose entropy is computed here). A slice's score is the mean over its
+voxels; the slices nobody annotated are ranked by it, most uncertain first. Everything
+streams one slice at a time, so the stack's size does not matter.
 """
 
 from __future__ import annotations
@@ -20,6 +22,11 @@ from matplotlib.figure import Figure
 
 from fibseg_jax.eval import figures
 from fibseg_jax.infer import store
+from fibseg_jax.infer.segment import normalised_entropy
+
+# What each kind of input array holds: its rank and what to call it in messages.
+KINDS = {"probabilities": 4, "uncertainty": 3}
+_SHAPES = {"probabilities": "[z, y, x, classes]", "uncertainty": "[z, y, x]"}
 
 
 def entropy(probabilities: np.ndarray) -> np.ndarray:
@@ -29,37 +36,71 @@ def entropy(probabilities: np.ndarray) -> np.ndarray:
     probabilities: `[..., classes]`, uint8 (round(255 p), as segment.py writes) or float.
 
   Returns:
-    `[...]` float32 in [0, 1]: entropy / log(classes); 0 for a one-class model.
+    `[...]` float32 in [0, 1]: entropy / log(classes); 0 for a one-class model. The
+    same function segmentation writes --uncertainty with (`infer.normalised_entropy`).
   """
-  p = np.asarray(probabilities, np.float32)
-  if np.issubdtype(np.asarray(probabilities).dtype, np.integer):
-    p = p / 255.0
-  classes = p.shape[-1]
-  if classes < 2:
-    return np.zeros(p.shape[:-1], np.float32)
-  # uint8 rounding leaves sums near, not at, 1.
-  p = p / np.maximum(p.sum(axis=-1, keepdims=True), 1e-12)
-  h = -np.sum(np.where(p > 0, p * np.log(np.maximum(p, 1e-12)), 0.0), axis=-1)
-  return (h / np.log(classes)).astype(np.float32)
+  p = np.asarray(probabilities)
+  if np.issubdtype(p.dtype, np.integer):
+    p = p.astype(np.float32) / 255.0
+  # uint8 rounding leaves sums near, not at, 1: normalised_entropy divides by the sum.
+  return normalised_entropy(p)
 
 
-def slice_uncertainty(probabilities: Any) -> np.ndarray:
-  """Mean normalised entropy of every slice of a probabilities array.
+def open_uncertainty_source(path: Any, kind: str | None = None) -> tuple[Any, str]:
+  """Opens a probabilities or an uncertainty array written by segment.py.
 
   Args:
-    probabilities: path of segment.py's --probabilities array [z, y, x, classes].
+    path: the array.
+    kind: "probabilities" or "uncertainty" to require that kind (its flag names it in
+      errors); None to take either, told apart by rank (4 or 3).
+
+  Returns:
+    (tensorstore, kind).
+
+  Raises:
+    store.OutputError: no zarr v3 array at `path`.
+    ValueError: an array of another rank, or one segment.py wrote as something else
+      (labels, say).
+  """
+  if kind is not None and kind not in KINDS:
+    raise ValueError(f"kind={kind!r}: expected one of {sorted(KINDS)}")
+  where = f"--{kind}={path}" if kind else f"{path}"
+  array = store.open_array(path)
+  found = next((k for k, rank in KINDS.items() if rank == array.rank), None)
+  if found is None or (kind is not None and found != kind):
+    expected = [kind] if kind else list(KINDS)
+    shapes = " or ".join(f"{k} {_SHAPES[k]}" for k in expected)
+    raise ValueError(f"{where}: expected {shapes}, got rank {array.rank}")
+  written_as = store.read_attributes(path).get(store.ATTRIBUTE, {})
+  written_as = written_as.get("kind") if isinstance(written_as, dict) else None
+  if written_as is not None and written_as != found:
+    raise ValueError(f"{where} is segment.py's {written_as} array, not its {found} array")
+  return array, found
+
+
+def _slice_map(array: Any, kind: str, z: int) -> np.ndarray:
+  """Normalised entropy [y, x] float32 of one slice of an opened array of `kind`."""
+  data = array[z].read().result()
+  if kind == "probabilities":
+    return entropy(data)
+  if np.issubdtype(data.dtype, np.integer):
+    return data.astype(np.float32) / 255.0
+  return data.astype(np.float32)
+
+
+def slice_uncertainty(path: Any, kind: str | None = None) -> np.ndarray:
+  """Mean normalised entropy of every slice.
+
+  Args:
+    path: segment.py's --probabilities array [z, y, x, classes] or its --uncertainty
+      array [z, y, x] (uint8 / 255).
+    kind: require "probabilities" or "uncertainty"; None takes either (by rank).
 
   Returns:
     `[z]` float64.
   """
-  array = store.open_array(probabilities)
-  if array.rank != 4:
-    raise ValueError(
-      f"--probabilities={probabilities}: expected [z, y, x, classes], got rank {array.rank}"
-    )
-  return np.asarray(
-    [float(entropy(array[z].read().result()).mean()) for z in range(array.shape[0])]
-  )
+  array, kind = open_uncertainty_source(path, kind)
+  return np.asarray([float(_slice_map(array, kind, z).mean()) for z in range(array.shape[0])])
 
 
 def rank_slices(scores: Sequence[float], annotated: Sequence[int] = ()) -> list[tuple[int, float]]:
@@ -83,24 +124,28 @@ def suggest(
   *,
   annotated: Sequence[int] = (),
   top: int = 3,
+  kind: str | None = None,
 ) -> dict[str, Any]:
   """Ranks the slices to annotate next and writes suggest.json and two figures.
 
   Args:
-    probabilities: segment.py's --probabilities array.
+    probabilities: segment.py's --probabilities array, or its --uncertainty array.
     out: directory for suggest.json, uncertainty_z.png and uncertainty_top.png.
     annotated: slices already annotated (left out of the ranking, marked in the profile).
     top: how many slices to suggest and map.
+    kind: require "probabilities" or "uncertainty"; None takes either (by rank).
 
   Returns:
-    The suggest.json document: per-slice scores, the ranking and the suggested slices.
+    The suggest.json document: the input (under its kind), per-slice scores, the
+    ranking and the suggested slices.
   """
-  scores = slice_uncertainty(probabilities)
+  array, kind = open_uncertainty_source(probabilities, kind)
+  scores = slice_uncertainty(probabilities, kind)
   ranking = rank_slices(scores, annotated)
   chosen = [z for z, _ in ranking[: max(int(top), 0)]]
   os.makedirs(out, exist_ok=True)
   document = {
-    "probabilities": os.fspath(probabilities),
+    kind: os.fspath(probabilities),
     "measure": "mean over the slice of entropy(p) / log(classes); 0 certain, 1 uniform",
     "annotated": sorted(int(z) for z in annotated),
     "slice_uncertainty": [float(s) for s in scores],
@@ -111,8 +156,7 @@ def suggest(
     json.dump(document, f, indent=1)
   _profile_figure(os.path.join(out, "uncertainty_z.png"), scores, annotated, chosen)
   if chosen:
-    array = store.open_array(probabilities)
-    maps = {z: entropy(array[z].read().result()) for z in chosen}
+    maps = {z: _slice_map(array, kind, z) for z in chosen}
     _maps_figure(os.path.join(out, "uncertainty_top.png"), maps, scores)
   return document
 

@@ -2,11 +2,12 @@
 
   result = infer.segment_volume(
       "vol.zarr", model, variables, channels=("ICE", "TLD"), slices=3,
-      output="seg.zarr", probabilities="probs.zarr", tile=512, overlap=64, batch=8,
-      size_multiple=16)
+      output="seg.zarr", probabilities="probs.zarr", uncertainty="unc.zarr", tile=512,
+      overlap=64, batch=8, size_multiple=16)
 
 `segment_from_checkpoint` does the same from a training workdir or checkpoint. The
-output is a zarr v3 array [z, y, x] uint8 whose attributes name the classes; a rerun
+output is a zarr v3 array [z, y, x] uint8 whose attributes name the classes (with
+optional class probabilities and per-voxel uncertainty arrays next to it); a rerun
 after an interruption resumes, and each process of a multi-process run takes its own
 blocks.
 """
@@ -16,6 +17,7 @@ from fibseg_jax.infer.segment import (
   SegmentationResult,
   SlabReader,
   blend_region,
+  normalised_entropy,
   segment_from_checkpoint,
   segment_volume,
 )
@@ -43,6 +45,7 @@ __all__ = [
   "assign_blocks",
   "blend_region",
   "blend_window",
+  "normalised_entropy",
   "open_array",
   "plan_blocks",
   "read_attributes",

@@ -6,8 +6,9 @@ block plus a halo of `overlap` pixels, reflected at the volume border, over `sli
 slices reflected at the stack ends) while the devices compute the previous one. Tiles
 of the region go to the devices in batches; their softmax probabilities, weighted by a
 blending window, are summed and divided by the summed window, and the block's labels
-(argmax) and optional probabilities are written. The block is then marked done, so a
-rerun resumes where an interrupted one stopped.
+(argmax), optional probabilities and optional uncertainty (their normalised entropy)
+are written. The block is then marked done, so a rerun resumes where an interrupted one
+stopped.
 
 What is held at any time: the slices of one region (at most 2 x `slices` of them, the
 read-ahead included, most shared), one accumulator [region_y, region_x, classes]
@@ -67,6 +68,7 @@ class SegmentationResult:
     seconds: wall time of the segmentation loop.
     mpixels: output pixels written by this call, in millions.
     segmented: keys (z.y0.x0) of the blocks segmented by this call, in order.
+    uncertainty: the uncertainty array path, or None.
   """
 
   output: Any
@@ -79,6 +81,7 @@ class SegmentationResult:
   seconds: float
   mpixels: float
   segmented: tuple[str, ...] = ()
+  uncertainty: Any = None
 
   @property
   def mpixels_per_second(self) -> float:
@@ -297,6 +300,31 @@ def _to_uint8_probabilities(probs: np.ndarray) -> np.ndarray:
   return np.clip(np.rint(probs * 255.0), 0, 255).astype(np.uint8)
 
 
+def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
+  """Entropy of class probabilities divided by log(classes): 0 certain, 1 uniform.
+
+  Args:
+    probabilities: `[..., classes]` float, non-negative. Each pixel's are divided by
+      their sum first (uint8-rounded probabilities sum near, not at, 1).
+
+  Returns:
+    `[...]` float32 in [0, 1]; 0 everywhere for a one-class model.
+  """
+  p = np.asarray(probabilities, np.float32)
+  classes = p.shape[-1]
+  if classes < 2:
+    return np.zeros(p.shape[:-1], np.float32)
+  p = p / np.maximum(p.sum(axis=-1, keepdims=True), np.float32(1e-12))
+  # 0 log 0 = 0: p * log(tiny) is exactly 0 where p is.
+  h = -np.sum(p * np.log(np.maximum(p, np.float32(1e-12))), axis=-1)
+  return np.clip(h / np.float32(math.log(classes)), 0.0, 1.0).astype(np.float32)
+
+
+def _to_uint8_uncertainty(probs: np.ndarray) -> np.ndarray:
+  """round(255 * normalised entropy) of `probs` [..., classes]."""
+  return np.rint(normalised_entropy(probs) * 255.0).astype(np.uint8)
+
+
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host runs only
@@ -341,9 +369,12 @@ def _open_outputs(
   run: Mapping[str, Any],
   chunk_yx: int,
   process_index: int,
+  uncertainty: Any = None,
 ) -> store.SegmentationOutput:
   """Process 0 creates (or replaces) the outputs; the others open them after it."""
-  kwargs = dict(plan=plan, shape=shape, classes=classes, run=run, chunk_yx=chunk_yx)
+  kwargs = dict(
+    plan=plan, shape=shape, classes=classes, run=run, chunk_yx=chunk_yx, uncertainty=uncertainty
+  )
   out = store.open_output(output, probabilities, **kwargs) if process_index == 0 else None
   _barrier("fibseg_jax.infer.output_created")
   if out is None:
@@ -375,6 +406,7 @@ def segment_volume(
   devices: Sequence[jax.Device] | None = None,
   tta: bool = False,
   only_slices: Sequence[int] | None = None,
+  uncertainty: Any | None = None,
 ) -> SegmentationResult:
   """Segments every slice of a volume into a zarr v3 label array.
 
@@ -404,7 +436,10 @@ def segment_volume(
     tta: average over flips, quarter turns and slab reversal (`predict.augmented_mean`;
       8-16 forward passes a tile).
     only_slices: segment only these slices (e.g. held-out slices, or a trial before the
-      whole stack); the others stay 0 and the output counts as complete without them.
+      whole stack); the others stay unwritten (255, not segmented, in every array) and
+      the output counts as complete without them.
+    uncertainty: optional path of a [z, y, x] uint8 array, round(255 * entropy(p) /
+      log(classes)) of the blended probabilities p: 0 = certain, 255 = uniform.
 
   Returns:
     A `SegmentationResult`.
@@ -459,6 +494,8 @@ def segment_volume(
     "probabilities": probabilities is not None,
     "voxel_size_nm": list(volume.metadata.voxel_size_nm),
   }
+  if uncertainty is not None:  # only when asked for, so earlier runs' outputs still resume
+    run["uncertainty"] = True
   if tta:  # only when on, so outputs of runs before the option still resume
     run["tta"] = True
   blocks = tiling.plan_blocks(volume.shape, block)
@@ -479,12 +516,21 @@ def segment_volume(
     all_keys=[b.key for b in blocks],
     source=volume.root,
     overwrite=overwrite,
+    uncertainty=uncertainty,
   )
   # Every process decides from the store as it was; only then may process 0 change it
   # (else another process can find a half-created array and refuse it).
   _barrier("fibseg_jax.infer.output_planned")
   out = _open_outputs(
-    output, probabilities, plan, volume.shape, classes, run, min(block, CHUNK_YX), process_index
+    output,
+    probabilities,
+    plan,
+    volume.shape,
+    classes,
+    run,
+    min(block, CHUNK_YX),
+    process_index,
+    uncertainty=uncertainty,
   )
   todo = [b for b in mine if b.key not in out.done]
   skipped = len(mine) - len(todo)
@@ -531,6 +577,12 @@ def segment_volume(
             _to_uint8_probabilities(probs)
           )
         )
+      if out.uncertainty is not None:
+        futures.append(
+          out.uncertainty[blk.z, blk.y0 : blk.y1, blk.x0 : blk.x1].write(
+            _to_uint8_uncertainty(probs)
+          )
+        )
       in_flight.append((blk, futures))
       finish(keep=_WRITES_IN_FLIGHT)
       _release_free_memory()
@@ -551,6 +603,7 @@ def segment_volume(
     seconds=seconds,
     mpixels=sum(b.pixels for b in todo) / 1e6,
     segmented=tuple(b.key for b in todo),
+    uncertainty=uncertainty,
   )
 
 
@@ -574,8 +627,8 @@ def segment_from_checkpoint(
     dtype: compute dtype ("float32" or "bfloat16") instead of the one the model was
       trained with; parameters stay float32 (bfloat16 is for accelerators: on CPU it is
       no faster).
-    **kwargs: the other keyword arguments of `segment_volume` (probabilities, tile,
-      overlap, batch, block, window, overwrite, progress, tta, ...).
+    **kwargs: the other keyword arguments of `segment_volume` (probabilities,
+      uncertainty, tile, overlap, batch, block, window, overwrite, progress, tta, ...).
 
   Raises:
     checkpoint.CheckpointError: not a checkpoint.

@@ -1,15 +1,17 @@
 """The output arrays of a segmentation run, and which of their blocks are finished.
 
 `--output` is one zarr v3 array (``seg.zarr/zarr.json`` is an array's metadata):
-labels [z, y, x] uint8, fill value 255 = not segmented yet. `--probabilities` is a
-second array [z, y, x, classes] uint8 holding round(255 * p). Both carry in their
-attributes the class names (``classes``) and the run that wrote them
+labels [z, y, x] uint8, fill value 255 = not segmented yet. Optional companion arrays
+(`COMPANIONS`) are written next to it, block for block: `--probabilities`
+[z, y, x, classes] uint8 holding round(255 * p), and `--uncertainty` [z, y, x] uint8
+holding round(255 * entropy(p) / log(classes)) (0 = certain, 255 = uniform). All carry
+in their attributes the class names (``classes``) and the run that wrote them
 (``fibseg_segmentation``: source volume, checkpoint, channels, slices, tiling), so the
 numbers in them mean something on their own.
 
 A block is finished when the marker key ``fibseg_done/<z>.<y0>.<x0>`` exists next to
 the labels array's chunks. The marker is written only after the block's label (and
-probability) writes have completed, so a rerun after an interruption skips exactly the
+companion) writes have completed, so a rerun after an interruption skips exactly the
 blocks whose data is on disk.
 """
 
@@ -43,6 +45,8 @@ RUN_FIELDS = (
   "window",
   "block",
   "probabilities",
+  # Only in the records of runs that write it, so outputs of earlier runs still resume.
+  "uncertainty",
 )
 # Streaming reads and writes bypass the shared chunk cache: segmentation reads every
 # slice about once (`SlabReader` keeps what it reuses) and writes every chunk once, so a
@@ -149,6 +153,49 @@ def _spec(path: Any, shape, chunks, dimension_names, attributes, mode: str) -> d
   }
 
 
+@dataclasses.dataclass(frozen=True)
+class Companion:
+  """An optional array written next to the labels, block for block.
+
+  Attributes:
+    name: its keyword argument of `segment_volume`, its flag (``--<name>``), its field
+      of the run record and its ``kind`` in the attributes.
+    per_class: whether it has a trailing class axis ([z, y, x, classes]).
+    description: attributes saying what its numbers are.
+  """
+
+  name: str
+  per_class: bool
+  description: Mapping[str, str]
+
+  @property
+  def flag(self) -> str:
+    return "--" + self.name
+
+
+PROBABILITIES = Companion(
+  "probabilities", per_class=True, description={"encoding": "uint8 = round(255 * probability)"}
+)
+UNCERTAINTY = Companion(
+  "uncertainty",
+  per_class=False,
+  description={
+    "definition": "round(255 * entropy / log(classes))",
+    "entropy": "-sum over classes of p log p, p the blended class probabilities",
+    "encoding": "uint8; 0 = certain, 255 = uniform over the classes",
+  },
+)
+# In the order their flags are checked and named in messages.
+COMPANIONS = (PROBABILITIES, UNCERTAINTY)
+_COMPANION_NAMES = frozenset(c.name for c in COMPANIONS)
+
+
+def _given(probabilities: Any | None, uncertainty: Any | None) -> list[tuple[Companion, Any]]:
+  """The companion arrays asked for, with their paths."""
+  paths = {"probabilities": probabilities, "uncertainty": uncertainty}
+  return [(c, paths[c.name]) for c in COMPANIONS if paths[c.name] is not None]
+
+
 @dataclasses.dataclass
 class SegmentationOutput:
   """The opened output arrays of a run.
@@ -157,12 +204,14 @@ class SegmentationOutput:
     labels: tensorstore [z, y, x] uint8.
     probabilities: tensorstore [z, y, x, classes] uint8, or None.
     done: marker keys of the blocks finished when the output was opened.
+    uncertainty: tensorstore [z, y, x] uint8, or None.
   """
 
   labels: ts.TensorStore
   probabilities: ts.TensorStore | None
   done: set[str]
   _markers: ts.KvStore
+  uncertainty: ts.TensorStore | None = None
 
   def mark_done(self, key: str) -> ts.Future:
     """Records a block as finished; call only after its data writes completed."""
@@ -211,8 +260,14 @@ def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> 
   differ = [f for f in RUN_FIELDS if _jsonable(old.get(f)) != _jsonable(run.get(f))]
   if differ:
     detail = ", ".join(f"{f}: {old.get(f)!r} != {run.get(f)!r}" for f in differ)
+    # A companion array asked for now but not then (or the reverse) changes every block.
+    hints = "".join(
+      f"; it was written {'without' if run.get(f) else 'with'} --{f}"
+      for f in differ
+      if f in _COMPANION_NAMES
+    )
     raise OutputError(
-      f"{flag}={where} exists and belongs to a different run ({detail}); "
+      f"{flag}={where} exists and belongs to a different run ({detail}){hints}; "
       "pass --overwrite to replace it or choose another path"
     )
   return True
@@ -220,6 +275,10 @@ def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> 
 
 def _jsonable(value: Any) -> Any:
   return json.loads(json.dumps(value))
+
+
+def _and(names: Sequence[str]) -> str:
+  return names[0] if len(names) == 1 else f"{', '.join(names[:-1])} and {names[-1]}"
 
 
 def plan_output(
@@ -230,31 +289,47 @@ def plan_output(
   all_keys: Iterable[str],
   source: Any,
   overwrite: bool,
+  uncertainty: Any | None = None,
 ) -> OutputPlan:
   """Decides, without changing anything, whether to create or resume the output.
 
   Every process of a run reaches the same decision from the same store, so errors are
   raised everywhere before any process deletes or creates.
 
+  Args:
+    output: labels array path.
+    probabilities: probabilities array path or None.
+    run: the run record (compared with the one stored in existing arrays).
+    all_keys: marker keys of every block of the run.
+    source: the input volume's root.
+    overwrite: replace whatever fibseg arrays are at the paths.
+    uncertainty: uncertainty array path or None.
+
   Raises:
     OutputError: the output is the input volume, exists as something else, belongs to a
-      different run, or is complete, each without --overwrite where that would help.
+      different run, or is complete, each without --overwrite where that would help; a
+      companion array is at another output's path, exists without its labels, or is
+      missing from an output that has finished blocks.
   """
+  given = _given(probabilities, uncertainty)
   if _same_root(output, source):
     raise OutputError(f"--output={volume_lib.describe(output)} is the input volume")
-  if probabilities is not None and (
-    _same_root(probabilities, output) or _same_root(probabilities, source)
-  ):
-    raise OutputError(
-      f"--probabilities={volume_lib.describe(probabilities)} must differ from --output and --input"
-    )
-  for path, flag in ((output, "--output"), (probabilities, "--probabilities")):
-    local = volume_lib.local_path(path) if path is not None else None
+  earlier = [("--output", output), ("--input", source)]
+  for companion, path in given:
+    if any(_same_root(path, other) for _, other in earlier):
+      raise OutputError(
+        f"{companion.flag}={volume_lib.describe(path)} must differ from "
+        f"{_and([flag for flag, _ in earlier])}"
+      )
+    earlier.append((companion.flag, path))
+  arrays = [("--output", output)] + [(c.flag, path) for c, path in given]
+  for flag, path in arrays:
+    local = volume_lib.local_path(path)
     if local is not None and not os.path.isdir(os.path.dirname(local) or "."):
       raise OutputError(f"{flag}={path}: parent directory {os.path.dirname(local)} does not exist")
   if overwrite:
-    for path, flag in ((output, "--output"), (probabilities, "--probabilities")):
-      meta = read_array_metadata(path) if path is not None else None
+    for flag, path in arrays:
+      meta = read_array_metadata(path)
       if meta is not None and meta.get("node_type") != "array":
         raise OutputError(
           f"{flag}={volume_lib.describe(path)} is a zarr group (a volume?), not a "
@@ -262,22 +337,20 @@ def plan_output(
         )
     return OutputPlan("create", frozenset())
   has_labels = _check_existing(output, "labels", run, "--output")
-  has_probs = probabilities is not None and _check_existing(
-    probabilities, "probabilities", run, "--probabilities"
-  )
+  present = [(c, path, _check_existing(path, c.name, run, c.flag)) for c, path in given]
   if not has_labels:
-    if has_probs:
-      raise OutputError(
-        f"--probabilities={volume_lib.describe(probabilities)} exists; pass --overwrite"
-      )
+    for companion, path, exists in present:
+      if exists:
+        raise OutputError(f"{companion.flag}={volume_lib.describe(path)} exists; pass --overwrite")
     return OutputPlan("create", frozenset())
   kv = ts.KvStore.open(volume_lib.kvstore_spec(output), context=volume_lib.CONTEXT).result()
   done = list_done(kv)
-  if probabilities is not None and not has_probs and done:
-    raise OutputError(
-      f"--probabilities={volume_lib.describe(probabilities)} is missing but --output "
-      f"{volume_lib.describe(output)} has finished blocks; pass --overwrite"
-    )
+  for companion, path, exists in present:
+    if not exists and done:
+      raise OutputError(
+        f"{companion.flag}={volume_lib.describe(path)} is missing but --output "
+        f"{volume_lib.describe(output)} has finished blocks; pass --overwrite"
+      )
   if set(all_keys) <= done:
     raise OutputError(
       f"--output={volume_lib.describe(output)} exists and is complete; pass --overwrite to "
@@ -296,6 +369,7 @@ def open_output(
   run: Mapping[str, Any],
   chunk_yx: int,
   may_delete: bool = True,
+  uncertainty: Any | None = None,
 ) -> SegmentationOutput:
   """Creates (or reopens) the output arrays as `plan` says.
 
@@ -309,47 +383,41 @@ def open_output(
     chunk_yx: y-x chunk side; blocks are multiples of it, so no chunk has two writers.
     may_delete: whether this process replaces existing arrays (only process 0 does,
       the others open what it created).
+    uncertainty: uncertainty array path or None.
   """
   z, y, x = (int(s) for s in shape)
   chunks = (1, min(chunk_yx, y), min(chunk_yx, x))
+  given = _given(probabilities, uncertainty)
   common = {"format": FORMAT_VERSION, "run": dict(run), "not_segmented": NOT_SEGMENTED}
+  paths = {c.name: source_id(path) for c, path in given}
   label_attrs = {
     "classes": list(classes),
-    ATTRIBUTE: {
-      **common,
-      "kind": "labels",
-      "probabilities": None if probabilities is None else source_id(probabilities),
-    },
+    ATTRIBUTE: {**common, "kind": "labels", **{c.name: paths.get(c.name) for c in COMPANIONS}},
   }
   if not may_delete:
     mode = "open_or_create"
   else:
     mode = "replace" if plan.action == "create" else "open"
+  opened = {}
   try:
     labels = ts.open(
       _spec(output, (z, y, x), chunks, ("z", "y", "x"), label_attrs, mode),
       context=STREAM_CONTEXT,
     ).result()
-    probs = None
-    if probabilities is not None:
-      prob_attrs = {
+    for companion, path in given:
+      attrs = {
         "classes": list(classes),
         ATTRIBUTE: {
           **common,
-          "kind": "probabilities",
+          "kind": companion.name,
           "labels": source_id(output),
-          "encoding": "uint8 = round(255 * probability)",
+          **companion.description,
         },
       }
-      probs = ts.open(
-        _spec(
-          probabilities,
-          (z, y, x, len(classes)),
-          (*chunks, len(classes)),
-          ("z", "y", "x", "class"),
-          prob_attrs,
-          mode,
-        ),
+      extra = (len(classes),) if companion.per_class else ()
+      names = ("z", "y", "x", "class") if companion.per_class else ("z", "y", "x")
+      opened[companion.name] = ts.open(
+        _spec(path, (z, y, x, *extra), (*chunks, *extra), names, attrs, mode),
         context=STREAM_CONTEXT,
       ).result()
   except ValueError as e:
@@ -358,4 +426,10 @@ def open_output(
   done = set(plan.done) if plan.action == "resume" else set()
   if not may_delete:
     done = list_done(markers)
-  return SegmentationOutput(labels=labels, probabilities=probs, done=done, _markers=markers)
+  return SegmentationOutput(
+    labels=labels,
+    probabilities=opened.get("probabilities"),
+    done=done,
+    _markers=markers,
+    uncertainty=opened.get("uncertainty"),
+  )
