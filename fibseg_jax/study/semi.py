@@ -217,6 +217,10 @@ def run_fourway(
   return document
 
 
+def _iou(value: float | None) -> str:
+  return "-" if value is None else f"{value:.3f}"
+
+
 def fourway_markdown(document: Mapping[str, Any]) -> str:
   """The four-way table: mean IoU mean +- std over seeds, and per class."""
   classes = document["classes"]
@@ -227,7 +231,7 @@ def fourway_markdown(document: Mapping[str, Any]) -> str:
     m = row["mean_iou"]
     spread = "(1 seed)" if m["std"] is None else f"+- {m['std']:.3f}"
     cells = [f"{m['mean']:.3f} {spread}"]
-    cells += [f"{row['per_class'][c]['mean']:.3f}" for c in classes]
+    cells += [_iou(row["per_class"][c]["mean"]) for c in classes]
     lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
   s = document["seconds"]
   note = (
