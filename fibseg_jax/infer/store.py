@@ -45,8 +45,10 @@ RUN_FIELDS = (
   "window",
   "block",
   "probabilities",
-  # Only in the records of runs that write it, so outputs of earlier runs still resume.
+  # Only in the records of runs that use them, so outputs of earlier runs still resume.
   "uncertainty",
+  "tta",
+  "only_slices",
 )
 # Streaming reads and writes bypass the shared chunk cache: segmentation reads every
 # slice about once (`SlabReader` keeps what it reuses) and writes every chunk once, so a
