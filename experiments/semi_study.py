@@ -14,6 +14,7 @@ candidate slices, which the default synthetic stack (out/volume.zarr, every slic
 labelled; only training slices' labels are read in training) has. Reruns resume.
 """
 
+import dataclasses
 import os
 import sys
 
@@ -36,6 +37,7 @@ _WEIGHT = flags.DEFINE_float("semi_weight", 1.0, "--config.semi.weight of the se
 _MODE = flags.DEFINE_enum("semi_mode", "pseudo", ["pseudo", "soft"], "--config.semi.mode.")
 _THRESHOLD = flags.DEFINE_float("semi_threshold", 0.9, "--config.semi.threshold.")
 _EMA = flags.DEFINE_float("semi_ema", 0.99, "--config.semi.ema.")
+_STEPS = flags.DEFINE_integer("steps", None, "Training steps instead of the budget's.")
 _SUGGEST = flags.DEFINE_bool("suggest", False, "Also run the top-ranked vs random slice test.")
 
 
@@ -59,6 +61,9 @@ def main(argv):
   os.makedirs(_OUT.value, exist_ok=True)
   study.cache_compilations(_OUT.value)
   budget = study.get_budget(_BUDGET.value)
+  if _STEPS.value:
+    every = max(1, _STEPS.value * budget.eval_every // budget.steps)
+    budget = dataclasses.replace(budget, steps=_STEPS.value, eval_every=every)
   log = lambda line: print(line, flush=True)  # noqa: E731
   try:
     volume = _volume(budget)
