@@ -2,10 +2,11 @@ r"""Segments every slice of a volume with a trained model.
 
   python experiments/segment.py --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
     [--probabilities=probs.zarr] [--uncertainty=unc.zarr] [--tile=512] [--overlap=64] \
-    [--batch=8] [--dtype=bfloat16] [--tta]
+    [--batch=8] [--dtype=bfloat16] [--notta] [--slices=10-20]
   python experiments/segment.py --workdir=runs/s0 --workdir=runs/s1 --workdir=runs/s2 ...
 
---output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
+Test-time augmentation is on (--notta: 6-8x faster, 0.7-1.4 points of mean IoU lower
+where measured). --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
 attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p);
 --uncertainty a third [z, y, x] uint8 = round(255 * entropy(p) / log(classes)), 0 =
 certain, 255 = uniform (what experiments/suggest.py ranks slices by).
@@ -66,9 +67,11 @@ _DTYPE = flags.DEFINE_enum(
 )
 _TTA = flags.DEFINE_bool(
   "tta",
-  False,
+  True,
   "Test-time augmentation: average over in-plane flips and quarter turns (and the slab "
-  "reversed along z): 8-16x the compute.",
+  "reversed along z). On by default: +0.7 and +1.4 points of mean IoU on the held-out "
+  "slice of a synthetic and a real stack, for 6-8x the segmentation time (BUILD_NOTES); "
+  "--notta for speed.",
 )
 _SLICES = flags.DEFINE_string(
   "slices", None, "Segment only these slices, e.g. 20 or 10-20 or 3,9 (default: all)."
