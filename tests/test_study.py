@@ -190,14 +190,18 @@ def test_user_mistakes_name_the_flag(tmp_path):
 
 def test_semi_study_writes_the_four_rows_and_the_slice_test(tmp_path, compile_cache):
   out = tmp_path / "semi"
-  flags = (f"--out={out}", "--budget=smoke", "--seeds=0", "--suggest")
+  flags = (f"--out={out}", "--budget=smoke", "--seeds=0,1", "--suggest")
   done = _run("semi_study.py", *flags, cache=compile_cache)
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   doc = json.loads((out / "fourway.json").read_text())
   assert [r["name"] for r in doc["rows"]] == ["supervised", "+ semi", "+ TTA", "+ both"]
+  assert set(doc["ensembles"]) == {"supervised", "semi"}
+  for ensemble in doc["ensembles"].values():
+    assert set(ensemble) == {"plain", "tta"} and 0 <= ensemble["tta"]["mean_iou"] <= 1
   for row in doc["rows"]:
     assert 0 <= row["mean_iou"]["mean"] <= 1 and set(row["per_class"]) == set(CLASSES)
-  assert "| + both |" in (out / "fourway.md").read_text()
+  table = (out / "fourway.md").read_text()
+  assert "| + both |" in table and "| + semi + TTA, ensemble of the 2 seeds |" in table
   semi_log = (out / "semi_s0" / "train.log").read_text()
   assert "starting from scratch" in semi_log
   suggestion = json.loads((out / "suggest" / "suggestion.json").read_text())

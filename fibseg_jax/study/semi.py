@@ -81,7 +81,7 @@ def _train(
 
 
 def _segment_and_score(
-  workdir: str,
+  workdir: str | Sequence[str],
   output: str,
   budget: budget_lib.Budget,
   vol: volume_lib.Volume,
@@ -89,7 +89,7 @@ def _segment_and_score(
   *,
   tta: bool,
 ) -> dict[str, Any]:
-  """Segments the evaluation slices only and scores them."""
+  """Segments the evaluation slices only (with one model or an ensemble) and scores them."""
   segmented = infer.segment_from_checkpoint(
     workdir,
     vol,
@@ -190,6 +190,33 @@ def run_fourway(
     _row(name, [r["tta" if tta else "plain"] for r in results[variant]], vol.classes)
     for name, variant, tta in ROWS
   ]
+  ensembles = {}
+  if len(seeds) > 1:
+    for variant in ("supervised", "semi"):
+      directory = os.path.join(out, f"ensemble_{variant}")
+      done = runs.read_result(directory)
+      if done is None:
+        os.makedirs(directory, exist_ok=True)
+        members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in seeds]
+        done = {
+          "tta" if tta else "plain": _segment_and_score(
+            members,
+            os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr"),
+            budget,
+            vol,
+            eval_slices,
+            tta=tta,
+          )
+          for tta in (False, True)
+        }
+        runs.write_json(os.path.join(directory, runs.RESULT), done)
+      ensembles[variant] = {
+        k: {"mean_iou": v["mean_iou"], "per_class_iou": v["per_class_iou"]} for k, v in done.items()
+      }
+      log(
+        f"{variant} ensemble of seeds {list(seeds)}: mIoU {done['plain']['mean_iou']:.4f}, "
+        f"with TTA {done['tta']['mean_iou']:.4f}"
+      )
   seconds = {
     variant: {
       "train": float(np.mean([r["train_seconds"] for r in rs])),
@@ -209,6 +236,7 @@ def run_fourway(
     "budget": budget.to_json(),
     "semi": dict(semi),
     "rows": rows,
+    "ensembles": ensembles,
     "seconds": seconds,
   }
   runs.write_json(os.path.join(out, "fourway.json"), document)
@@ -233,6 +261,14 @@ def fourway_markdown(document: Mapping[str, Any]) -> str:
     cells = [f"{m['mean']:.3f} {spread}"]
     cells += [_iou(row["per_class"][c]["mean"]) for c in classes]
     lines.append(f"| {row['name']} | " + " | ".join(cells) + " |")
+  for variant, name in (("supervised", "supervised"), ("semi", "+ semi")):
+    for key, suffix in (("plain", ""), ("tta", " + TTA")):
+      if variant in document.get("ensembles", {}):
+        e = document["ensembles"][variant][key]
+        cells = [f"{e['mean_iou']:.3f} (one ensemble)"]
+        cells += [_iou(e["per_class_iou"][c]) for c in classes]
+        label = f"{name}{suffix}, ensemble of the {len(document['seeds'])} seeds"
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
   s = document["seconds"]
   note = (
     f"\nSeeds {document['seeds']}; train slices {document['train_slices']}, scored on "
