@@ -11,7 +11,10 @@ supervised / + semi / + TTA / + both, mean and std over seeds (fourway.json, .md
 --suggest also adds, for every seed, the slice the supervised model is least sure of as a
 fourth annotated slice, against a random one (suggestion.json); it needs labels on the
 candidate slices, which the default synthetic stack (out/volume.zarr, every slice
-labelled; only training slices' labels are read in training) has. Reruns resume.
+labelled; only training slices' labels are read in training) has. Reruns resume; an
+--out holds one setting (other --semi_*, --steps or slices are refused: use another
+--out). The unlabelled patches come from every slice, the scored ones included (their
+images, never their labels), as they would for a user segmenting the stack.
 """
 
 import dataclasses

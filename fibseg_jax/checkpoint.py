@@ -16,6 +16,7 @@ from typing import Any
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
+from flax import serialization
 from orbax.checkpoint import checkpoint_managers
 
 from fibseg_jax import models
@@ -85,19 +86,34 @@ def save(
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any | None = None):
-  """Restores (state, config dict, loader dict) of `step`; state against `abstract_state`."""
-  state_args = (
-    ocp.args.StandardRestore(abstract_state)
-    if abstract_state is not None
-    else ocp.args.StandardRestore()
-  )
-  restored = mngr.restore(
-    step,
-    args=ocp.args.Composite(
-      state=state_args, config=ocp.args.JsonRestore(), loader=ocp.args.JsonRestore()
-    ),
-  )
-  return restored.state, restored.config, restored.loader
+  """Restores (state, config dict, loader dict) of `step`; state against `abstract_state`.
+
+  Checkpoints written before `TrainState.teacher` existed restore into a state with an
+  empty teacher (a supervised run), so their workdirs still resume.
+  """
+
+  def attempt(target):
+    state_args = (
+      ocp.args.StandardRestore(target) if target is not None else ocp.args.StandardRestore()
+    )
+    return mngr.restore(
+      step,
+      args=ocp.args.Composite(
+        state=state_args, config=ocp.args.JsonRestore(), loader=ocp.args.JsonRestore()
+      ),
+    )
+
+  try:
+    restored = attempt(abstract_state)
+    state = restored.state
+  except ValueError as e:
+    if getattr(abstract_state, "teacher", None) != {} or "teacher" not in str(e):
+      raise
+    fields = serialization.to_state_dict(abstract_state)
+    del fields["teacher"]
+    restored = attempt(fields)
+    state = serialization.from_state_dict(abstract_state, {**restored.state, "teacher": {}})
+  return state, restored.config, restored.loader
 
 
 def read_config(mngr: ocp.CheckpointManager, step: int) -> dict[str, Any]:

@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import serialization
 
 from fibseg_jax import checkpoint, models
 from fibseg_jax.data import loader as loader_lib
@@ -190,6 +191,7 @@ def test_semi_training_resumes_exactly_and_refuses_a_supervised_workdir(tmp_path
     ("threshold", 1.5, "--config.semi.threshold=1.5"),
     ("ema", 1.0, "--config.semi.ema=1.0"),
     ("batch_size", 0, "--config.semi.batch_size=0"),
+    ("weight", float("inf"), "--config.semi.weight=inf: expected a finite number"),
   ],
 )
 def test_semi_mistakes_name_the_flag(tmp_path, field, value, message):
@@ -198,3 +200,29 @@ def test_semi_mistakes_name_the_flag(tmp_path, field, value, message):
   config.semi[field] = value
   with pytest.raises(config_lib.ConfigError, match=message):
     loop.prepare(config)
+
+
+def test_checkpoints_from_before_the_teacher_still_resume(tmp_path):
+  """A state saved without a `teacher` field restores into a supervised TrainState."""
+  model, tx, _, state, _ = _step_inputs(tmp_path, 0.0)
+  old = {k: v for k, v in serialization.to_state_dict(state).items() if k != "teacher"}
+  config = tiny_config(str(tmp_path / "v.zarr"))
+  mngr = checkpoint.manager(str(tmp_path / "ckpt"))
+  checkpoint.save(mngr, 2, old, config, {"step": 2})
+  abstract = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype), state)
+  restored, _, loader_state = checkpoint.restore(mngr, 2, abstract)
+  assert isinstance(restored, state_lib.TrainState) and restored.teacher == {}
+  assert loader_state == {"step": 2}
+  for x, y in zip(jax.tree.leaves(restored), jax.tree.leaves(state), strict=True):
+    np.testing.assert_array_equal(x, y)
+
+
+def test_semi_fine_tuning_starts_its_teacher_from_the_weights(tmp_path):
+  path = str(make_volume(str(tmp_path / "v.zarr"), shape=(8, 48, 48)))
+  source = str(tmp_path / "source")
+  loop.train_and_evaluate(tiny_config(path, steps=2), source, progress=False)
+  config = tiny_config(path, steps=2, init_from=source)
+  config.semi.weight = 1.0
+  loop.train_and_evaluate(config, str(tmp_path / "tuned"), progress=False)
+  rows = metrics_writer.read_metrics(str(tmp_path / "tuned" / "metrics.jsonl"))
+  assert all(np.isfinite(r["loss"]) for r in rows if "loss" in r)

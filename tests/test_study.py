@@ -212,6 +212,9 @@ def test_semi_study_writes_the_four_rows_and_the_slice_test(tmp_path, compile_ca
     np.argmax([s if z not in annotated else -1 for z, s in enumerate(trial["scores"])])
     == trial["top"]["slice"]
   )
+  other = _run("semi_study.py", *flags, "--semi_threshold=0.5", cache=compile_cache)
+  assert other.returncode != 0 and "holds a result computed with other semi" in other.stderr
+  assert trial["top"]["slice"] != trial["random"]["slice"]
   finished = (out / "semi_s0" / "result.json").stat().st_mtime_ns
   again = _run("semi_study.py", *flags, cache=compile_cache)  # resumes: nothing is redone
   assert again.returncode == 0, again.stderr[-3000:]

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -40,6 +41,31 @@ ROWS = (
   ("+ TTA", "supervised", True),
   ("+ both", "semi", True),
 )
+
+
+def _settings(budget: budget_lib.Budget, **fields: Any) -> dict[str, Any]:
+  """What a cached result was computed with, as JSON (compared on every reuse)."""
+  return json.loads(json.dumps({"budget": budget.to_json(), **fields}))
+
+
+def _cached(directory: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The finished result of `directory` if it was computed with `settings`.
+
+  Raises:
+    ValueError: it holds a result of other settings (naming them); the output directory
+      belongs to another experiment.
+  """
+  done = runs.read_result(directory)
+  if done is None:
+    return None
+  theirs = done.get("settings", {})
+  differ = sorted(k for k in {*theirs, *settings} if theirs.get(k) != settings.get(k))
+  if differ:
+    raise ValueError(
+      f"{directory} holds a result computed with other {', '.join(differ)}; "
+      "use another --out for other settings"
+    )
+  return done
 
 
 def _train(
@@ -121,7 +147,17 @@ def fourway_run(
   semi: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
   """One network of the four-way table, scored without and with TTA."""
-  done = runs.read_result(directory)
+  settings = _settings(
+    budget,
+    volume=volume,
+    channels=list(channels),
+    slices=slices,
+    seed=seed,
+    train_slices=list(train_slices),
+    eval_slices=list(eval_slices),
+    semi=dict(semi or {}),
+  )
+  done = _cached(directory, settings)
   if done is not None:
     return done
   workdir, seconds = _train(
@@ -135,7 +171,7 @@ def fourway_run(
     semi=semi,
   )
   vol = volume_lib.open_volume(volume)
-  result = {"seed": int(seed), "semi": dict(semi or {}), "train_seconds": seconds}
+  result = {"settings": settings, "seed": int(seed), "train_seconds": seconds}
   for tta in (False, True):
     output = os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr")
     result["tta" if tta else "plain"] = _segment_and_score(
@@ -194,11 +230,17 @@ def run_fourway(
   if len(seeds) > 1:
     for variant in ("supervised", "semi"):
       directory = os.path.join(out, f"ensemble_{variant}")
-      done = runs.read_result(directory)
+      settings = _settings(
+        budget,
+        volume=volume,
+        members=[r["settings"] for r in results[variant]],
+      )
+      done = _cached(directory, settings)
       if done is None:
         os.makedirs(directory, exist_ok=True)
         members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in seeds]
-        done = {
+        done = {"settings": settings}
+        done |= {
           "tta" if tta else "plain": _segment_and_score(
             members,
             os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr"),
@@ -211,7 +253,8 @@ def run_fourway(
         }
         runs.write_json(os.path.join(directory, runs.RESULT), done)
       ensembles[variant] = {
-        k: {"mean_iou": v["mean_iou"], "per_class_iou": v["per_class_iou"]} for k, v in done.items()
+        k: {"mean_iou": done[k]["mean_iou"], "per_class_iou": done[k]["per_class_iou"]}
+        for k in ("plain", "tta")
       }
       log(
         f"{variant} ensemble of seeds {list(seeds)}: mIoU {done['plain']['mean_iou']:.4f}, "
@@ -308,7 +351,16 @@ def run_suggestion(
   trials = []
   for seed in seeds:
     directory = os.path.join(out, f"rank_s{seed}")
-    ranking = runs.read_result(directory)
+    common = dict(
+      volume=volume,
+      channels=list(channels),
+      slices=slices,
+      seed=seed,
+      train_slices=list(train_slices),
+      eval_slices=list(eval_slices),
+    )
+    settings = _settings(budget, ranked_by=os.path.abspath(supervised[seed]), **common)
+    ranking = _cached(directory, settings)
     if ranking is None:
       os.makedirs(directory, exist_ok=True)
       probs = os.path.join(directory, "probs.zarr")
@@ -326,19 +378,23 @@ def run_suggestion(
       scores = uncertainty.slice_uncertainty(probs)
       ranked = uncertainty.rank_slices(scores, sorted(exclude))
       ranked = [(z, s) for z, s in ranked if z in candidates]
-      rng = np.random.default_rng([int(seed), 4])
+      # The random slice is another slice than the top one, so every trial compares two.
+      top = int(ranked[0][0])
+      others = [z for z in candidates if z != top] or [top]
       ranking = {
+        "settings": settings,
         "scores": [float(s) for s in scores],
-        "top": int(ranked[0][0]),
-        "random": int(rng.choice(candidates)),
+        "top": top,
+        "random": int(np.random.default_rng([int(seed), 4]).choice(others)),
       }
       runs.write_json(os.path.join(directory, runs.RESULT), ranking)
-    trial = {"seed": int(seed), **ranking}
+    trial = {"seed": int(seed), "scores": ranking["scores"]}
     for kind in ("top", "random"):
       run_dir = os.path.join(out, f"{kind}_s{seed}")
-      r = runs.read_result(run_dir)
+      four = sorted({*train_slices, ranking[kind]})
+      run_settings = _settings(budget, **{**common, "train_slices": four})
+      r = _cached(run_dir, run_settings)
       if r is None:
-        four = sorted({*train_slices, ranking[kind]})
         workdir, seconds = _train(
           run_dir,
           budget,
@@ -352,7 +408,7 @@ def run_suggestion(
         scored = _segment_and_score(
           workdir, os.path.join(run_dir, "seg.zarr"), budget, vol, eval_slices, tta=False
         )
-        r = {"slice": ranking[kind], "train_seconds": seconds, **scored}
+        r = {"settings": run_settings, "slice": ranking[kind], "train_seconds": seconds, **scored}
         runs.write_json(os.path.join(run_dir, runs.RESULT), r)
       trial[kind] = {"slice": ranking[kind], "mean_iou": r["mean_iou"]}
       log(f"seed {seed}: {kind} slice {ranking[kind]} -> mIoU {r['mean_iou']:.4f}")

@@ -127,6 +127,13 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
 def _semi(config: ml_collections.ConfigDict) -> state_lib.Semi:
   """config.semi, checked, as a `Semi` (rampup becomes steps)."""
   s = config.semi
+  for name in ("weight", "threshold", "ema", "rampup", "batch_size"):
+    try:
+      value = float(s[name])
+    except (TypeError, ValueError):
+      value = float("nan")
+    if not np.isfinite(value):
+      raise ConfigError(f"--config.semi.{name}={s[name]}: expected a finite number")
   checks = (
     ("weight", s.weight, float(s.weight) >= 0, ">= 0 (0 turns it off)"),
     ("mode", s.mode, s.mode in ("pseudo", "soft"), "'pseudo' or 'soft'"),
@@ -261,7 +268,9 @@ def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainSta
     raise ConfigError(f"--config.train.init_from={source}: parameters do not fit this model")
   if jax.process_index() == 0:
     print(f"fine-tuning from {restored.path} (step {restored.step})")
-  teacher = {"params": params, "batch_stats": batch_stats} if state.teacher else {}
+  # Copies: the step donates the state's buffers, and one buffer cannot be donated twice.
+  weights = {"params": params, "batch_stats": batch_stats}
+  teacher = jax.tree.map(jnp.copy, weights) if state.teacher else {}
   return state.replace(
     params=params, batch_stats=batch_stats, opt_state=tx.init(params), teacher=teacher
   )
