@@ -382,7 +382,7 @@ def test_only_slices_segments_those_slices(vol, pixel):
   for other in ([1, 2], None):
     with pytest.raises(store.OutputError, match=r"different run \(only_slices: \[1, 3\]"):
       segment(vol, pixel, out, uncertainty=unc, only_slices=other)
-  with pytest.raises(store.OutputError, match=r"different run \(tta: None != True"):
+  with pytest.raises(store.OutputError, match=r"tta: None != True\); it was written with --notta"):
     segment(vol, pixel, out, uncertainty=unc, only_slices=[1, 3], tta=True)
   with pytest.raises(infer.InferenceError, match=r"--slices=1,5: expected slices within 0..4"):
     segment(vol, pixel, memory_root("seg"), only_slices=[1, 5])

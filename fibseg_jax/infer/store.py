@@ -268,6 +268,8 @@ def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> 
       for f in differ
       if f in _COMPANION_NAMES
     )
+    if "tta" in differ:  # segment.py turns TTA on by default since this option existed
+      hints += "; it was written " + ("with --tta" if old.get("tta") else "with --notta")
     raise OutputError(
       f"{flag}={where} exists and belongs to a different run ({detail}){hints}; "
       "pass --overwrite to replace it or choose another path"
