@@ -731,7 +731,6 @@ class SlabLoader:
        "labels": uint8 [n, patch, patch], 255 = ignore}.
     """
     config, n = self.config, len(plan)
-    depth = self.volume.shape[0]
     s, p, c = config.slices, config.patch, len(config.channels)
     image = np.zeros((n, s, p, p, c), np.float32)
     labels = np.full((n, p, p), IGNORE_LABEL, np.uint8)
@@ -741,27 +740,13 @@ class SlabLoader:
         z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
         if z < 0:
           continue
-        zs = slab_indices(z, s, depth)
-        lo, hi = int(zs.min()), int(zs.max()) + 1
-        window = (slice(y0, y0 + p), slice(x0, x0 + p))
-        pending.append(
-          (
-            i,
-            zs - lo,
-            self.volume.image[(slice(lo, hi), *window)].read(batch=batch),
-            self.volume.labels[(z, *window)].read(batch=batch),
-          )
-        )
-    all_channels = self._channel_index == list(range(len(self.volume.channels)))
+        labels_read = self.volume.labels[z, y0 : y0 + p, x0 : x0 + p].read(batch=batch)
+        pending.append((i, *self._read_slab(z, y0, x0, batch), labels_read))
 
     def finish(entry: tuple[int, np.ndarray, ts.Future, ts.Future]) -> None:
       i, zi, image_future, labels_future = entry
       z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
-      slab = image_future.result()
-      if len(zi) != len(slab) or (zi != np.arange(len(slab))).any():
-        slab = slab[zi]
-      if not all_channels:
-        slab = slab[..., self._channel_index]
+      slab = self._slab(zi, image_future)
       lab = labels_future.result()
       oy0, oy1, ox0, ox1 = (int(v) for v in plan.own[i])
       keep = np.zeros((p, p), bool)
@@ -783,6 +768,23 @@ class SlabLoader:
         finish(entry)
     return {"image": image, "labels": labels}
 
+  def _read_slab(self, z: int, y0: int, x0: int, batch: ts.Batch) -> tuple[np.ndarray, ts.Future]:
+    """Issues the read of the slab centred on z at (y0, x0): (its slice order, future)."""
+    p = self.config.patch
+    zs = slab_indices(z, self.config.slices, self.volume.shape[0])
+    lo, hi = int(zs.min()), int(zs.max()) + 1
+    return zs - lo, self.volume.image[lo:hi, y0 : y0 + p, x0 : x0 + p].read(batch=batch)
+
+  def _slab(self, zi: np.ndarray, future: ts.Future) -> np.ndarray:
+    """The slab of a `_read_slab`: slices in slab order, the config's channels (views
+    where no reordering is needed)."""
+    slab = future.result()
+    if len(zi) != len(slab) or (zi != np.arange(len(slab))).any():
+      slab = slab[zi]
+    if self._channel_index != list(range(len(self.volume.channels))):
+      slab = slab[..., self._channel_index]
+    return slab
+
   def read_unlabelled(self, plan: PatchPlan) -> dict[str, np.ndarray]:
     """Reads the images of a plan, without any label, as a weak and a strong view.
 
@@ -794,7 +796,6 @@ class SlabLoader:
        flips, turns and slab reversal; "strong": the same with the plan's intensity jitter}.
     """
     config, n = self.config, len(plan)
-    depth = self.volume.shape[0]
     s, p, c = config.slices, config.patch, len(config.channels)
     weak = np.zeros((n, s, p, p, c), np.float32)
     strong = np.zeros_like(weak)
@@ -803,15 +804,11 @@ class SlabLoader:
     with ts.Batch() as batch:
       for i in range(n):
         z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
-        zs = slab_indices(z, s, depth)
-        lo, hi = int(zs.min()), int(zs.max()) + 1
-        read = self.volume.image[lo:hi, y0 : y0 + p, x0 : x0 + p].read(batch=batch)
-        pending.append((i, zs - lo, read))
+        pending.append((i, *self._read_slab(z, y0, x0, batch)))
 
     def finish(entry: tuple[int, np.ndarray, ts.Future]) -> None:
       i, zi, future = entry
-      slab = future.result()[zi][..., self._channel_index]
-      slab, _ = _move(slab, np.zeros((p, p), np.uint8), plan, i)
+      slab, _ = _move(self._slab(zi, future), np.zeros((p, p), np.uint8), plan, i)
       weak[i] = slab
       _intensity(weak[i], self._offset, self._scale, plain, i)
       strong[i] = slab
