@@ -24,7 +24,6 @@ import sys
 from absl import app, flags, logging
 
 from fibseg_jax import study
-from fibseg_jax.data import synth
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train import config as config_lib
 
@@ -48,9 +47,7 @@ def _volume(budget: study.Budget) -> str:
   if _VOLUME.value:
     return _VOLUME.value
   path = os.path.join(_OUT.value, "volume.zarr")
-  if not os.path.exists(path):
-    stack = synth.generate(synth.SynthConfig(shape=budget.shape, seed=0))
-    synth.write_volume(stack, path, range(budget.shape[0]))
+  study.synthetic_volume(path, budget, annotate=range(budget.shape[0]))  # every slice labelled
   return path
 
 

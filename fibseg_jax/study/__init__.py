@@ -10,7 +10,14 @@ baselines); experiments/study.py and experiments/sweep.py are its entry points.
 
 from fibseg_jax.study.budget import BUDGETS, PAPER, QUICK, SMOKE, Budget
 from fibseg_jax.study.budget import get as get_budget
-from fibseg_jax.study.comparison import Row, StudyError, markdown, plan_rows, run_study
+from fibseg_jax.study.comparison import (
+  Row,
+  StudyError,
+  markdown,
+  plan_rows,
+  run_study,
+  synthetic_volume,
+)
 from fibseg_jax.study.runs import cache_compilations, run_network, run_route, score
 from fibseg_jax.study.semi import run_fourway, run_suggestion
 from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
@@ -32,6 +39,7 @@ __all__ = [
   "run_fourway",
   "run_network",
   "run_suggestion",
+  "synthetic_volume",
   "run_route",
   "run_study",
   "run_sweep",

@@ -153,20 +153,27 @@ class Setup:
 
 
 def synthetic_volume(
-  path: str, budget: budget_lib.Budget, **severities: float
+  path: str,
+  budget: budget_lib.Budget,
+  annotate: Sequence[int] | None = None,
+  **severities: float,
 ) -> volume_lib.Volume:
   """Opens `path`, first generating the budget's synthetic stack there if it is missing.
 
   Args:
     path: local volume path.
     budget: shape and annotated slices.
+    annotate: slices written with labels; default the budget's training and evaluation
+      slices.
     **severities: artifact severities of `synth.SynthConfig` (default 1 each).
   """
   if not os.path.exists(path):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     config = synth.SynthConfig(shape=budget.shape, seed=0, **severities)
     stack = synth.generate(config)
-    synth.write_volume(stack, path, (*budget.train_slices, *budget.eval_slices))
+    if annotate is None:
+      annotate = (*budget.train_slices, *budget.eval_slices)
+    synth.write_volume(stack, path, annotate)
     synth.save_preview(stack, budget.eval_slices[0], path + ".preview.png")
   return volume_lib.open_volume(path)
 

@@ -141,6 +141,67 @@ def read_truths(vol: volume_lib.Volume, slices: Sequence[int]) -> dict[int, np.n
   return {int(z): vol.read_labels(int(z)) for z in slices}
 
 
+def train_logged(config: ml_collections.ConfigDict, directory: str) -> tuple[str, float]:
+  """Trains (or resumes) `config` in `directory`/run, quietly.
+
+  The training output is appended to `directory`/train.log, even when training fails.
+
+  Returns:
+    (workdir, wall seconds).
+  """
+  workdir = os.path.join(directory, "run")
+  os.makedirs(directory, exist_ok=True)
+  log = io.StringIO()
+  start = time.perf_counter()
+  try:
+    with contextlib.redirect_stdout(log):
+      loop.train_and_evaluate(config, workdir, progress=False)
+  finally:
+    with open(os.path.join(directory, "train.log"), "a") as f:
+      f.write(log.getvalue())
+  return workdir, time.perf_counter() - start
+
+
+def segment_and_score(
+  model: str | Sequence[str],
+  volume: str | volume_lib.Volume,
+  output: str,
+  budget: budget_lib.Budget,
+  truth_volume: volume_lib.Volume,
+  eval_slices: Sequence[int],
+  **segment_kwargs: Any,
+) -> tuple[dict[str, Any], infer.SegmentationResult]:
+  """Segments `volume` with the budget's tiling and scores the evaluation slices.
+
+  Args:
+    model: a training workdir or checkpoint, or several (an ensemble).
+    volume: what is segmented.
+    output: the labels array (replaced if it exists).
+    budget: the tiling.
+    truth_volume: whose labels are the truth.
+    eval_slices: slices scored.
+    **segment_kwargs: more `segment_from_checkpoint` arguments (tta, only_slices, ...).
+
+  Returns:
+    (`score`'s dict, the segmentation result).
+  """
+  segmented = infer.segment_from_checkpoint(
+    model,
+    volume,
+    output=output,
+    tile=budget.tile,
+    overlap=budget.overlap,
+    batch=budget.infer_batch,
+    overwrite=True,
+    progress=False,
+    **segment_kwargs,
+  )
+  labels = infer.open_array(output)
+  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+  scored = score(read_truths(truth_volume, eval_slices), predictions, truth_volume.classes)
+  return scored, segmented
+
+
 def run_network(
   directory: str,
   budget: budget_lib.Budget,
@@ -180,31 +241,10 @@ def run_network(
     volume=volume,
     held_out=held_out,
   )
-  workdir = os.path.join(directory, "run")
-  os.makedirs(directory, exist_ok=True)
-  log = io.StringIO()
-  start = time.perf_counter()
-  try:
-    with contextlib.redirect_stdout(log):
-      loop.train_and_evaluate(config, workdir, progress=False)
-  finally:
-    with open(os.path.join(directory, "train.log"), "a") as f:
-      f.write(log.getvalue())
-  train_seconds = time.perf_counter() - start
+  workdir, train_seconds = train_logged(config, directory)
   restored = checkpoint.load(workdir)
   seg = os.path.join(directory, "seg.zarr")
-  segmented = infer.segment_from_checkpoint(
-    workdir,
-    volume,
-    output=seg,
-    tile=budget.tile,
-    overlap=budget.overlap,
-    batch=budget.infer_batch,
-    overwrite=True,
-    progress=False,
-  )
-  labels = infer.open_array(seg)
-  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+  scored, segmented = segment_and_score(workdir, volume, seg, budget, truth_volume, eval_slices)
   result = {
     "seed": int(seed),
     "params": models.count_params(restored.variables),
@@ -212,7 +252,7 @@ def run_network(
     "best_step": int(restored.step),
     "segment_seconds": segmented.seconds,
     "segment_mpixels": segmented.mpixels,
-    **score(read_truths(truth_volume, eval_slices), predictions, truth_volume.classes),
+    **scored,
   }
   write_json(os.path.join(directory, RESULT), result)
   return result

@@ -16,8 +16,6 @@ Two experiments, both resumable (a run directory with `result.json` is never red
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import os
 import time
@@ -32,7 +30,6 @@ from fibseg_jax.eval import uncertainty
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
 from fibseg_jax.study.comparison import seed_stats
-from fibseg_jax.train import loop
 
 # The rows of the four-way table: (name, training variant, test-time augmentation).
 ROWS = (
@@ -93,17 +90,7 @@ def _train(
   )
   if semi:
     config.semi.update(dict(semi))
-  workdir = os.path.join(directory, "run")
-  os.makedirs(directory, exist_ok=True)
-  log = io.StringIO()
-  start = time.perf_counter()
-  try:
-    with contextlib.redirect_stdout(log):
-      loop.train_and_evaluate(config, workdir, progress=False)
-  finally:
-    with open(os.path.join(directory, "train.log"), "a") as f:
-      f.write(log.getvalue())
-  return workdir, time.perf_counter() - start
+  return runs.train_logged(config, directory)
 
 
 def _segment_and_score(
@@ -116,21 +103,9 @@ def _segment_and_score(
   tta: bool,
 ) -> dict[str, Any]:
   """Segments the evaluation slices only (with one model or an ensemble) and scores them."""
-  segmented = infer.segment_from_checkpoint(
-    workdir,
-    vol,
-    output=output,
-    tile=budget.tile,
-    overlap=budget.overlap,
-    batch=budget.infer_batch,
-    overwrite=True,
-    progress=False,
-    tta=tta,
-    only_slices=eval_slices,
+  scored, segmented = runs.segment_and_score(
+    workdir, vol, output, budget, vol, eval_slices, tta=tta, only_slices=eval_slices
   )
-  labels = infer.open_array(output)
-  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
-  scored = runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes)
   return {**scored, "segment_seconds": segmented.seconds}
 
 
