@@ -126,8 +126,10 @@ def test_kvstore_prefix_holding_other_data_is_not_taken(tmp_path):
   root = "memory://ingest_not_empty"
   kv = volume.ts.KvStore.open(volume.kvstore_spec(root), context=volume.CONTEXT).result()
   kv.write("notes.txt", b"keep me").result()
-  with pytest.raises(ingest.IngestError, match=r"already exists; pass --overwrite"):
-    _run(str(tmp_path), root)
+  for overwrite in (False, True):  # --overwrite replaces only an earlier volume
+    plan = ingest.plan_ingest(_channels(str(tmp_path)), None, CLASSES)
+    with pytest.raises(ingest.IngestError, match=r"not a fibseg volume"):
+      ingest.ingest(plan, root, voxel_size_nm=(1, 1, 1), progress=False, overwrite=overwrite)
   assert kv.read("notes.txt").result().value == b"keep me"
 
 

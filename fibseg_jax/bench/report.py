@@ -7,6 +7,7 @@ import os
 from collections.abc import Mapping
 from typing import Any
 
+from fibseg_jax import outputs
 from fibseg_jax.bench import figures
 
 JSON_NAME = "benchmark.json"
@@ -205,12 +206,16 @@ def write(result: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
   Returns:
     The two paths.
   """
-  os.makedirs(out_dir, exist_ok=True)
   json_path = os.path.join(out_dir, JSON_NAME)
   md_path = os.path.join(out_dir, MARKDOWN_NAME)
-  with open(json_path, "w") as f:
-    json.dump(result, f, indent=1)
-    f.write("\n")
-  with open(md_path, "w") as f:
-    f.write(markdown(result))
+  outputs.claim(
+    out_dir,
+    kind="benchmark",
+    flag="--out",
+    is_own=lambda p: outputs.marker_kind(p) == "benchmark" or os.path.exists(json_path),
+    directory=True,
+  )
+  outputs.write_marker(out_dir, "benchmark")
+  outputs.write_text(json_path, json.dumps(result, indent=1) + "\n")
+  outputs.write_text(md_path, markdown(result))
   return json_path, md_path

@@ -385,7 +385,15 @@ def _check_labels(data: np.ndarray, f: SliceFile, shape: tuple[int, int], classe
 
 
 def _infer_classes(plan: IngestPlan) -> tuple[str, ...]:
-  top = -1
+  """Class names class0, class1, ... from the label values, when --classes is not given.
+
+  A stack without --labels is one to segment only: no classes (the model brings them).
+  A value above a gap (0..3 and 7) is refused: it is more often a stray pixel than three
+  empty classes, and empty classes would train silently.
+  """
+  if not plan.labels:
+    return ()
+  where: dict[int, SliceFile] = {}  # each value -> the first file holding it
   for f in plan.labels.values():
     values = _label_values(f.read(labels=True), f)
     values = values[values != volume_lib.IGNORE_LABEL]
@@ -395,10 +403,25 @@ def _infer_classes(plan: IngestPlan) -> tuple[str, ...]:
         f"--labels: {f.describe()} holds label values {wrong[:10]}; class indices must be "
         f"0..{volume_lib.IGNORE_LABEL - 2} ({volume_lib.IGNORE_LABEL} = not annotated)"
       )
-    if values.size:
-      top = max(top, int(values.max()))
-  if top < 0:
-    raise IngestError("--classes: not given and the label files hold no class values")
+    for v in values:
+      where.setdefault(int(v), f)
+  if not where:
+    raise IngestError(
+      f"--labels: the {len(plan.labels)} label file(s) hold no class values (all "
+      f"{volume_lib.IGNORE_LABEL} = not annotated); label some pixels, or leave out "
+      "--labels to ingest a stack for segmentation only"
+    )
+  top = max(where)
+  missing = [v for v in range(top + 1) if v not in where]
+  if missing:
+    above = sorted(v for v in where if v > missing[0])
+    files = ", ".join(sorted({where[v].describe() for v in above})[:3])
+    raise IngestError(
+      f"--labels: values {sorted(where)} are present but {missing[:10]} never occur, so "
+      f"{len(missing)} of {top + 1} classes would be empty (value(s) {above[:10]} first "
+      f"in {files}); fix the stray values, or pass --classes with one name per value "
+      f"0..{top} to keep the empty classes"
+    )
   return tuple(f"class{i}" for i in range(top + 1))
 
 
@@ -430,6 +453,8 @@ def ingest(
   """
   classes = plan.classes or _infer_classes(plan)
   names = list(plan.channels)
+  inputs = {f"--channel={n}": [f.path for f in plan.channels[n]] for n in names}
+  inputs["--labels"] = [f.path for f in plan.labels.values()]
   try:
     writer = volume_lib.create_volume(
       out,
@@ -439,9 +464,11 @@ def ingest(
       classes=classes,
       voxel_size_nm=voxel_size_nm,
       overwrite=overwrite,
+      inputs=inputs,
+      flag="--out",
     )
   except volume_lib.VolumeError as e:
-    raise IngestError(f"--out: {e}") from e
+    raise IngestError(str(e) if str(e).startswith("--out") else f"--out: {e}") from e
   with writer:
     for z in tqdm(range(plan.shape[0]), desc="ingest", unit="slice", disable=not progress):
       planes = []

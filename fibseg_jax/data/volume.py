@@ -19,13 +19,13 @@ import dataclasses
 import json
 import os
 import shutil
-import uuid
 from collections.abc import Mapping, Sequence
 from typing import Any
 
 import numpy as np
 import tensorstore as ts
 
+from fibseg_jax import outputs
 from fibseg_jax.data import ome
 
 IGNORE_LABEL = 255
@@ -155,10 +155,21 @@ def child_spec(kvstore: Mapping[str, Any], name: str) -> dict[str, Any]:
   return spec
 
 
-def partial_sibling(path: str) -> str:
-  """A hidden, unique sibling of `path` to write into before renaming onto `path`."""
-  parent, name = os.path.split(os.path.abspath(path))
-  return os.path.join(parent, f".{name}.partial-{uuid.uuid4().hex[:8]}")
+partial_sibling = outputs.partial_sibling
+
+
+def is_volume(path: str | os.PathLike) -> bool:
+  """Whether a local path holds a volume written by this package (its group metadata)."""
+  try:
+    with open(os.path.join(os.fspath(path), "zarr.json")) as f:
+      meta = json.load(f)
+  except (OSError, ValueError):
+    return False
+  return (
+    isinstance(meta, dict)
+    and meta.get("node_type") == "group"
+    and "fibseg_format" in (meta.get("attributes") or {})
+  )
 
 
 def local_path(root: str | os.PathLike | Mapping[str, Any]) -> str | None:
@@ -321,8 +332,6 @@ def _validate(vol: Volume, check_labels: bool) -> None:
     raise VolumeError(f"{where}/image dtype {vol.image.dtype.name}; expected one of {IMAGE_DTYPES}")
   if vol.labels.dtype.name != "uint8":
     raise VolumeError(f"{where}/labels dtype {vol.labels.dtype.name}; expected uint8")
-  if not meta.classes:
-    raise VolumeError(f"{where}: metadata names no classes")
   if len(meta.classes) >= IGNORE_LABEL:
     raise VolumeError(f"{where}: {len(meta.classes)} classes; at most 254 are supported")
   bad = [z for z in meta.annotated_slices if not 0 <= z < meta.shape[0]]
@@ -413,6 +422,12 @@ class VolumeWriter:
   (``<root>/ome``, [c, z, y, x], labels as class + 1), whose coarser levels `commit`
   writes by reading level 0 back slice by slice; see `fibseg_jax.data.ome`.
 
+  A local destination is claimed first (`fibseg_jax.outputs.claim`): it must not be or
+  hold one of `inputs`, and only an earlier volume is replaced (with `overwrite`).
+  Partial siblings of killed runs are removed and listed in `removed_partials`. `classes`
+  may be empty: a stack to segment only, whose classes come from the model. A full disk
+  raises `VolumeError` naming the path and about how much space the volume needs.
+
   Example:
     with create_volume("vol.zarr", shape=(16, 512, 512), dtype="uint16",
                        channels=("ICE", "TLD"), classes=("pore", "solid"),
@@ -433,6 +448,8 @@ class VolumeWriter:
     chunk_yx: int = DEFAULT_CHUNK_YX,
     overwrite: bool = False,
     ome_view: bool = True,
+    inputs: Mapping[str, Any] = {},
+    flag: str = "--out",
   ):
     if dtype not in IMAGE_DTYPES:
       raise VolumeError(f"image dtype {dtype!r} not supported; expected one of {IMAGE_DTYPES}")
@@ -440,20 +457,28 @@ class VolumeWriter:
       raise VolumeError(f"volume shape must be (z, y, x) with positive sizes, got {shape}")
     if len(set(channels)) != len(channels) or not channels:
       raise VolumeError(f"channel names must be unique and non-empty, got {list(channels)}")
-    if not classes or len(classes) >= IGNORE_LABEL:
-      raise VolumeError(f"need 1..254 class names, got {list(classes)}")
+    if len(classes) >= IGNORE_LABEL:
+      raise VolumeError(f"at most 254 class names, got {len(classes)}")
     if len(voxel_size_nm) != 3 or min(voxel_size_nm) <= 0:
       raise VolumeError(f"voxel size must be 3 positive numbers (z, y, x), got {voxel_size_nm}")
     self.root = root
+    self.removed_partials: list[tuple[str, int]] = []
     self._final = local_path(root)
     where = describe(root)
+    self._flag = flag
     if self._final is not None:
-      if os.path.exists(self._final):
-        if not overwrite:
-          raise VolumeError(f"{where} already exists; pass --overwrite to replace it")
-      parent = os.path.dirname(self._final) or "."
-      if not os.path.isdir(parent):
-        raise VolumeError(f"{where}: parent directory {parent} does not exist")
+      try:
+        outputs.claim(
+          self._final,
+          kind="volume",
+          flag=flag,
+          inputs=inputs,
+          is_own=is_volume,
+          overwrite=overwrite,
+        )
+      except outputs.OutputError as e:
+        raise VolumeError(str(e)) from e
+      self.removed_partials = outputs.remove_stale_partials(self._final)
       self._tmp = partial_sibling(self._final)
       self.kvstore = kvstore_spec(self._tmp)
     else:
@@ -463,8 +488,18 @@ class VolumeWriter:
       # Any key under the prefix, not only a volume's zarr.json: `abort()` deletes the
       # whole prefix, which must never take data that was there before.
       if kv.list().result():
+        try:
+          _read_group_attrs(self.kvstore, where)["fibseg_format"]
+        except (VolumeError, KeyError):
+          raise VolumeError(
+            f"{flag}={where} holds data that is not a fibseg volume; fibseg replaces only "
+            "its own outputs, with or without --overwrite: choose another path"
+          ) from None
         if not overwrite:
-          raise VolumeError(f"{where} already exists; pass --overwrite to replace it")
+          raise VolumeError(
+            f"{flag}={where} already exists; pass --overwrite to replace it (it is an "
+            "earlier fibseg volume)"
+          )
         kv.delete_range(ts.KvStore.KeyRange()).result()
     z, y, x = (int(s) for s in shape)
     cy, cx = min(chunk_yx, y), min(chunk_yx, x)
@@ -500,7 +535,26 @@ class VolumeWriter:
     self._pending: list[list[ts.Future]] = []  # the writes of each slice in flight
     self.committed = False
 
+  def _disk_full(self, error: BaseException) -> VolumeError:
+    """The one-line error for a full disk, with the size extrapolated from what was written."""
+    needed = None
+    if self._tmp is not None and self._written:
+      done = outputs.dir_size(self._tmp)
+      needed = done * self.shape[0] / len(self._written)
+    self.abort()  # first, so the free space the message names is what a rerun has
+    err = outputs.disk_full_error(self._flag, describe(self.root), needed, "volume")
+    return VolumeError(str(err))
+
   def write_slice(self, z: int, image: np.ndarray, labels: np.ndarray | None = None) -> None:
+    """Writes one slice; a full disk raises `VolumeError` (see the class doc)."""
+    try:
+      self._write_slice(z, image, labels)
+    except Exception as e:
+      if outputs.is_disk_full(e):
+        raise self._disk_full(e) from e
+      raise
+
+  def _write_slice(self, z: int, image: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Writes one slice.
 
     Args:
@@ -530,11 +584,21 @@ class VolumeWriter:
 
   def _drain(self, keep: int = 0) -> None:
     while len(self._pending) > keep:
-      for f in self._pending.pop(0):
-        f.result()
+      writes = self._pending[0]
+      for f in writes:
+        f.result()  # on failure the slice stays pending, so `abort` waits for all of it
+      self._pending.pop(0)
 
   def commit(self, extra_attrs: Mapping[str, Any] | None = None) -> VolumeMetadata:
     """Finishes the volume: writes metadata, moves it into place. Returns its metadata."""
+    try:
+      return self._commit(extra_attrs)
+    except Exception as e:
+      if outputs.is_disk_full(e):
+        raise self._disk_full(e) from e
+      raise
+
+  def _commit(self, extra_attrs: Mapping[str, Any] | None) -> VolumeMetadata:
     self._drain()
     missing = sorted(set(range(self.shape[0])) - self._written)
     if missing:
@@ -555,9 +619,9 @@ class VolumeWriter:
     attrs.update(extra_attrs or {})
     _write_group_attrs(self.kvstore, attrs)
     if self._tmp is not None:
-      if os.path.exists(self._final):
-        shutil.rmtree(self._final)
-      os.rename(self._tmp, self._final)
+      if os.path.isdir(self._final) and not os.listdir(self._final):
+        os.rmdir(self._final)  # an empty directory made for us
+      outputs.replace(self._tmp, self._final)
     self.committed = True
     return metadata
 

@@ -28,6 +28,7 @@ import numpy as np
 import tensorstore as ts
 import tifffile
 
+from fibseg_jax import outputs
 from fibseg_jax.data import ome
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import store, tiling
@@ -49,16 +50,23 @@ def default_path(output: Any, fmt: str) -> str:
 
 
 def check_path(
-  path: Any, fmt: str, *, overwrite: bool, labels: Any | None = None, flag: str = "--export"
+  path: Any,
+  fmt: str,
+  *,
+  overwrite: bool,
+  labels: Any | None = None,
+  flag: str = "--export",
+  source: Any | None = None,
 ) -> None:
   """Checks, before any work, that an export can be written at `path`.
 
-  An earlier export of the same `labels` is derived data and may always be replaced;
-  anything else at `path` only with `overwrite`.
+  An earlier export of the same `labels` is derived data and may always be replaced; an
+  export of other labels only with `overwrite`; anything else never (see
+  `fibseg_jax.outputs`): the input volume, a folder holding it, or other files.
 
   Raises:
-    OutputError: something else is there and `overwrite` is False, the parent directory
-      is missing, or a TIFF is asked for on a non-local store.
+    OutputError: something not ours is there, an earlier export without `overwrite`, the
+      parent directory is missing, or a TIFF is asked for on a non-local store.
   """
   if fmt not in FORMATS:
     raise OutputError(f"--format={fmt}: expected one of {', '.join(FORMATS)}")
@@ -68,16 +76,34 @@ def check_path(
   local = volume_lib.local_path(path)
   if fmt == "tiff" and local is None:
     raise OutputError(f"{flag}={where}: a TIFF export needs a local file path")
+  inputs = {"--output": labels} if labels is not None else {}
+  source = source if source is not None else (store.read_source(labels) if labels else None)
+  if source is not None:
+    inputs["--input"] = source
   if local is not None:
-    parent = os.path.dirname(local) or "."
-    if not os.path.isdir(parent):
-      raise OutputError(f"{flag}={where}: parent directory {parent} does not exist")
-    exists = os.path.exists(local)
-  else:
-    kv = ts.KvStore.open(volume_lib.kvstore_spec(path), context=volume_lib.CONTEXT).result()
-    exists = bool(kv.list().result())
-  if exists and not overwrite and not (labels is not None and _exported_from(path, fmt) == labels):
-    raise OutputError(f"{flag}={where} already exists; pass --overwrite to replace it")
+    same = labels is not None and _exported_from(path, fmt) == labels
+    try:
+      outputs.claim(
+        local,
+        kind=f"{fmt} export",
+        flag=flag,
+        inputs=inputs,
+        is_own=lambda p: _exported_from(p, fmt) is not None,
+        overwrite=overwrite or same,
+      )
+    except outputs.OutputError as e:
+      raise OutputError(str(e)) from e
+    return
+  kv = ts.KvStore.open(volume_lib.kvstore_spec(path), context=volume_lib.CONTEXT).result()
+  if kv.list().result():
+    exported = _exported_from(path, fmt)
+    if exported is None:
+      raise OutputError(
+        f"{flag}={where} holds data that is not a fibseg export; fibseg replaces only its "
+        "own outputs: choose another path"
+      )
+    if not overwrite and exported != labels:
+      raise OutputError(f"{flag}={where} already exists; pass --overwrite to replace it")
 
 
 def _exported_from(path: Any, fmt: str) -> str | None:
@@ -152,6 +178,8 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
   check_path(path, "zarr", overwrite=overwrite, labels=store.source_id(labels))
   array, classes, voxel, source = _segmentation(labels)
   final = volume_lib.local_path(path)
+  if final is not None:
+    outputs.remove_stale_partials(final)
   target = volume_lib.partial_sibling(final) if final is not None else path
   kvstore = volume_lib.kvstore_spec(target)
   if final is None:
@@ -183,14 +211,16 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
     )
     attrs[EXPORT_ATTRIBUTE] = {"labels": store.source_id(labels), "source": source}
     writer.finish(attrs, averaged=False)
-  except BaseException:
+  except BaseException as e:
     if final is not None:
       shutil.rmtree(target, ignore_errors=True)
+    if isinstance(e, Exception) and outputs.is_disk_full(e):
+      raise _disk_full(path, array) from e
     raise
   if final is not None:
-    if os.path.exists(final):
-      shutil.rmtree(final) if os.path.isdir(final) else os.remove(final)
-    os.rename(target, final)
+    if os.path.isdir(final) and not os.listdir(final):
+      os.rmdir(final)
+    outputs.replace(target, final)
   return volume_lib.describe(path)
 
 
@@ -227,6 +257,7 @@ def write_tiff(labels: Any, path: str | os.PathLike, *, overwrite: bool = False)
     f"fibseg_jax segmentation of {store.source_id(labels)}; values: 0=not segmented, "
     f"{names}; voxel size (z, y, x) nm: {voxel[0]:g}, {voxel[1]:g}, {voxel[2]:g}"
   )
+  outputs.remove_stale_partials(path)
   tmp = volume_lib.partial_sibling(path)
   try:
     if int(np.prod(shape)) <= IMAGEJ_MAX_BYTES:
@@ -259,12 +290,20 @@ def write_tiff(labels: Any, path: str | os.PathLike, *, overwrite: bool = False)
         description=info,
         metadata=None,
       )
-  except BaseException:
+  except BaseException as e:
     if os.path.exists(tmp):
       os.remove(tmp)
+    if isinstance(e, Exception) and outputs.is_disk_full(e):
+      raise _disk_full(path, array) from e
     raise
   os.replace(tmp, path)
   return path
+
+
+def _disk_full(path: Any, array: ts.TensorStore) -> OutputError:
+  """A full disk while exporting: the export needs at most a byte a voxel (+ pyramid)."""
+  needed = 1.15 * int(np.prod(array.shape))
+  return OutputError(str(outputs.disk_full_error("--export", path, needed, "export")))
 
 
 def export_segmentation(

@@ -115,6 +115,16 @@ def read_attributes(path: Any) -> dict[str, Any]:
   return dict(meta.get("attributes", {}))
 
 
+def read_source(path: Any) -> str | None:
+  """The input volume a segmentation output at `path` was made from, or None."""
+  try:
+    attrs = read_attributes(path)
+  except OutputError:
+    return None
+  source = attrs.get(ATTRIBUTE, {}).get("run", {}).get("source")
+  return str(source) if source else None
+
+
 def open_array(path: Any) -> ts.TensorStore:
   """Opens an existing zarr v3 array (never creates or deletes anything).
 
@@ -122,6 +132,11 @@ def open_array(path: Any) -> ts.TensorStore:
     OutputError: no zarr v3 array at `path`.
   """
   where = volume_lib.describe(path)
+  meta = read_array_metadata(path)
+  if meta is None:
+    raise OutputError(f"{where}: no such array (nothing there)")
+  if meta.get("zarr_format") != 3 or meta.get("node_type") != "array":
+    raise OutputError(f"{where} is not a zarr v3 array (it is a {meta.get('node_type')})")
   try:
     return ts.open(
       {"driver": "zarr3", "kvstore": volume_lib.kvstore_spec(path)},
@@ -129,7 +144,9 @@ def open_array(path: Any) -> ts.TensorStore:
       context=volume_lib.CONTEXT,
     ).result()
   except ValueError as e:
-    raise OutputError(f"{where}: cannot open zarr v3 array: {e}") from e
+    # tensorstore's message repeats the whole JSON spec; keep its first clause
+    reason = str(e).split(": {", 1)[0]
+    raise OutputError(f"{where}: cannot open zarr v3 array: {reason}") from e
 
 
 def _spec(path: Any, shape, chunks, dimension_names, attributes, mode: str) -> dict[str, Any]:
@@ -242,6 +259,18 @@ def _same_root(a: Any, b: Any) -> bool:
   return volume_lib.kvstore_spec(a) == volume_lib.kvstore_spec(b)
 
 
+def _own_kind(meta: Mapping[str, Any], kind: str, flag: str, where: str) -> Mapping[str, Any]:
+  """The run record of an array segment.py wrote as `kind`; anything else is refused,
+  with or without --overwrite (fibseg replaces only its own outputs)."""
+  info = meta.get("attributes", {}).get(ATTRIBUTE)
+  if not isinstance(info, Mapping) or info.get("kind") != kind:
+    raise OutputError(
+      f"{flag}={where} exists and is not a {kind} array written by segment.py; fibseg "
+      "replaces only its own outputs, with or without --overwrite: choose another path"
+    )
+  return info
+
+
 def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> bool:
   """True when a fibseg array of the same run is at `path`; False when nothing is there."""
   where = volume_lib.describe(path)
@@ -252,12 +281,7 @@ def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> 
     raise OutputError(
       f"{flag}={where} is a zarr group (a volume?), not a segmentation array; choose another path"
     )
-  info = meta.get("attributes", {}).get(ATTRIBUTE)
-  if not isinstance(info, Mapping) or info.get("kind") != kind:
-    raise OutputError(
-      f"{flag}={where} exists and is not a {kind} array written by segment.py; "
-      "pass --overwrite to replace it"
-    )
+  info = _own_kind(meta, kind, flag, where)
   old = info.get("run", {})
   differ = [f for f in RUN_FIELDS if _jsonable(old.get(f)) != _jsonable(run.get(f))]
   if differ:
@@ -331,14 +355,27 @@ def plan_output(
     local = volume_lib.local_path(path)
     if local is not None and not os.path.isdir(os.path.dirname(local) or "."):
       raise OutputError(f"{flag}={path}: parent directory {os.path.dirname(local)} does not exist")
+  source_local = volume_lib.local_path(source)
+  for flag, path in arrays:
+    local = volume_lib.local_path(path)
+    if local is not None and source_local is not None:
+      a, b = os.path.realpath(local), os.path.realpath(source_local)
+      if a.startswith(b + os.sep) or b.startswith(a + os.sep):
+        raise OutputError(
+          f"{flag}={volume_lib.describe(path)} is inside the input volume "
+          f"{volume_lib.describe(source)} or holds it; choose a path outside it"
+        )
   if overwrite:
     for flag, path in arrays:
       meta = read_array_metadata(path)
       if meta is not None and meta.get("node_type") != "array":
         raise OutputError(
           f"{flag}={volume_lib.describe(path)} is a zarr group (a volume?), not a "
-          "segmentation array; --overwrite replaces only arrays"
+          "segmentation array; --overwrite replaces only segment.py's arrays"
         )
+      if meta is not None:
+        kind = "labels" if flag == "--output" else flag.lstrip("-")
+        _own_kind(meta, kind, flag, volume_lib.describe(path))
     return OutputPlan("create", frozenset())
   has_labels = _check_existing(output, "labels", run, "--output")
   present = [(c, path, _check_existing(path, c.name, run, c.flag)) for c, path in given]

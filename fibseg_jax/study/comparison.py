@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from fibseg_jax import baselines
+from fibseg_jax import baselines, outputs
 from fibseg_jax.data import synth
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
@@ -251,6 +251,18 @@ def check_output(
     StudyError: `out` holds results of different settings.
   """
   path = os.path.join(out, config_file)
+  kind = config_file.split("_")[0]  # "study", "sweep", "semi"
+  try:  # only an empty directory or one of our own results of this kind
+    outputs.claim(
+      out,
+      kind=kind,
+      flag="--out",
+      is_own=lambda p: outputs.marker_kind(p) == kind or os.path.exists(path),
+      directory=True,
+    )
+  except outputs.OutputError as e:
+    raise StudyError(str(e)) from e
+  outputs.write_marker(out, kind)
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)

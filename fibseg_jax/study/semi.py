@@ -24,7 +24,7 @@ from typing import Any
 
 import numpy as np
 
-from fibseg_jax import infer
+from fibseg_jax import infer, outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import uncertainty
 from fibseg_jax.study import budget as budget_lib
@@ -63,6 +63,37 @@ def _cached(directory: str, settings: Mapping[str, Any]) -> dict[str, Any] | Non
       "use another --out for other settings"
     )
   return done
+
+
+KIND = "semi study"
+
+
+def _generated(volume: str, out: str) -> bool:
+  """Whether `volume` is the synthetic stack the experiments generate inside `out`."""
+  return os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
+
+
+def claim_directory(out: str, volume: str | None = None) -> None:
+  """Claims `out` for the experiments (see `fibseg_jax.outputs`): empty, new or ours.
+
+  Raises:
+    ValueError: `out` holds other files, or is or holds `volume`.
+  """
+  try:
+    outputs.claim(
+      out,
+      kind=KIND,
+      flag="--out",
+      inputs={"--volume": volume} if volume and not _generated(volume, out) else {},
+      is_own=lambda p: (
+        outputs.marker_kind(p) == KIND
+        or any(os.path.exists(os.path.join(p, f)) for f in ("fourway.json", "suggestion.json"))
+      ),
+      directory=True,
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+  outputs.write_marker(out, KIND)
 
 
 def _train(
@@ -176,6 +207,7 @@ def run_fourway(
   log=print,
 ) -> dict[str, Any]:
   """The four-way table over `seeds`; writes out/fourway.json and returns it."""
+  claim_directory(out, volume)
   vol = volume_lib.open_volume(volume)
   results: dict[str, list[dict[str, Any]]] = {"supervised": [], "semi": []}
   for seed in seeds:
@@ -316,6 +348,7 @@ def run_suggestion(
   Args:
     supervised: {seed: workdir} of the 3-slice supervised networks that rank the slices.
   """
+  claim_directory(out, volume)
   vol = volume_lib.open_volume(volume)
   depth = vol.shape[0]
   annotated = set(vol.metadata.annotated_slices)
