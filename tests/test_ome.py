@@ -142,10 +142,11 @@ def test_segmentation_export_is_an_image_label_over_the_volume(seg_path, vol_pat
   )
   assert nodes[-1].metadata["coordinateTransformations"][0][0]["scale"] == [50, 25, 25]
 
-  # Rewriting its own export is allowed; something else at the path needs --overwrite.
+  # Rewriting its own export is allowed; the input volume never, with or without --overwrite.
   export.export_segmentation(seg_path, "zarr")
-  with pytest.raises(store.OutputError, match="already exists; pass --overwrite"):
-    export.export_segmentation(seg_path, "zarr", vol_path)
+  for overwrite in (False, True):
+    with pytest.raises(store.OutputError, match="is the input --input"):
+      export.export_segmentation(seg_path, "zarr", vol_path, overwrite=overwrite)
 
 
 def test_tiff_export_carries_values_voxel_size_and_classes(seg_path, tmp_path):
@@ -203,8 +204,12 @@ def test_segment_script_writes_the_tiff_export_and_names_a_taken_path(trained, t
 
   taken = str(tmp_path / "taken.ome.zarr")
   os.makedirs(taken)
-  proc = test_infer.run_segment(*flags, "--format=zarr", f"--export={taken}")
-  assert proc.returncode == 1 and "Traceback" not in proc.stderr
-  assert proc.stderr.strip().splitlines()[-1] == (
-    f"error: --export={taken} already exists; pass --overwrite to replace it"
-  )
+  with open(os.path.join(taken, "notes.txt"), "w") as f:
+    f.write("not ours")
+  for extra in ([], ["--overwrite"]):
+    proc = test_infer.run_segment(*flags, "--format=zarr", f"--export={taken}", *extra)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.stderr.strip().splitlines()[-1].startswith(
+      f"error: --export={taken} exists and is a directory that is not a fibseg zarr export"
+    )
+  assert os.listdir(taken) == ["notes.txt"]

@@ -13,7 +13,8 @@ read exactly as before):
 
 In every viewer label array, value = class index + 1 and 0 = not annotated (or not
 segmented): napari, neuroglancer, Avizo and Dragonfly all draw 0 as background, and class
-0 (pores) must stay visible. `image-label` names each value's class and colour.
+0 (pores) must stay visible. `image-label` names each value's class and its colour, which
+follows the class name (`palette`), as in every figure.
 
 Pyramid: level k halves y and x of level k-1 (and z, once z voxels would otherwise be
 finer than y-x ones) until the larger y-x side is at most `PYRAMID_SIDE` pixels. Images
@@ -31,6 +32,8 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
+from fibseg_jax.data import palette
+
 OME_VERSION = "0.5"
 UNIT = "nanometer"  # UDUNITS-2 name, as NGFF asks; voxel sizes are stored in nm
 VIEW = "ome"  # the NGFF image group inside a volume
@@ -42,20 +45,10 @@ CHUNK_YX = 512
 _IN_FLIGHT = 4
 
 
-def class_colors(n: int) -> np.ndarray:
-  """RGB colours [n, 3] in [0, 1] for class indices 0..n-1, the same in every figure and
-  viewer: the synthetic phantom's palette (pore near black, C-S-H grey-green,
-  portlandite blue, clinker orange), then matplotlib's tab10 and tab20b."""
-  import matplotlib  # noqa: PLC0415 - only figures and label metadata need it
-
-  from fibseg_jax.data import synth  # noqa: PLC0415 - synth imports the volume store
-
-  palette = [tuple(c) for c in synth.CLASS_COLORS]
-  tab = matplotlib.colormaps["tab10"].colors
-  palette += [tuple(c) for c in tab if tuple(c) not in palette]
-  while len(palette) < n:
-    palette += [tuple(c) for c in matplotlib.colormaps["tab20b"].colors]
-  return np.asarray(palette[:n], np.float64)
+def class_colors(classes: Sequence[str] | int) -> np.ndarray:
+  """RGB colours [n, 3] in [0, 1] of the classes, by name (`palette.class_colors`): the
+  same in every figure and viewer, whatever the class's index or the class count."""
+  return palette.class_colors(classes)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,7 +178,7 @@ def label_attributes(
   """
   colors = [{"label-value": NOT_LABELLED, "rgba": [0, 0, 0, 0]}]
   properties = [{"label-value": NOT_LABELLED, "class": unlabelled}]
-  for i, (cls, rgb) in enumerate(zip(classes, class_colors(len(classes)), strict=True)):
+  for i, (cls, rgb) in enumerate(zip(classes, class_colors(classes), strict=True)):
     value = i + LABEL_OFFSET
     rgba = [int(round(255 * c)) for c in rgb] + [255]
     colors.append({"label-value": value, "rgba": rgba})

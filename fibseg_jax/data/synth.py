@@ -41,18 +41,15 @@ import tifffile
 from scipy import ndimage
 from tqdm import tqdm
 
+from fibseg_jax import outputs
+from fibseg_jax.data import palette
 from fibseg_jax.data import volume as volume_lib
 
 CLASSES = ("pore", "csh", "portlandite", "clinker")
 CHANNELS = ("ICE", "TLD")
 PORE, CSH, PORTLANDITE, CLINKER = range(len(CLASSES))
-# Preview colours (RGB in 0..1), one per class.
-CLASS_COLORS = (
-  (0.05, 0.05, 0.08),  # pore: near black
-  (0.56, 0.66, 0.50),  # csh: grey-green
-  (0.25, 0.48, 0.88),  # portlandite: blue
-  (0.96, 0.60, 0.16),  # clinker: orange
-)
+# Class colours (RGB in 0..1), one per class: the viewer palette's, by name.
+CLASS_COLORS = tuple(palette.class_color(c) for c in CLASSES)
 
 # Mean detector signal of each phase, [class, channel] as a fraction of the detector range.
 # ICE confuses C-S-H with portlandite (0.07 apart, under noise of ~0.08); TLD confuses
@@ -545,14 +542,29 @@ def check_annotated(annotate: Sequence[int], num_slices: int) -> tuple[int, ...]
   return tuple(sorted({int(z) for z in annotate}))
 
 
+TIFF_FOLDERS_KIND = "synthetic stack"
+
+
+def _is_tiff_folders(path: str) -> bool:
+  """Whether `path` holds a stack `write_tiff_folders` wrote (its stack.json says so)."""
+  try:
+    with open(os.path.join(path, "stack.json")) as f:
+      return "synthetic" in json.load(f)
+  except (OSError, ValueError, TypeError):
+    return False
+
+
 def _prepare_destination(path: str, overwrite: bool) -> str:
-  """A hidden temporary sibling of `path` to write into, after checking `path`."""
+  """A hidden temporary sibling of `path` to write into, after claiming `path` (only an
+  earlier synthetic stack is replaced; see `fibseg_jax.outputs`)."""
   path = os.path.abspath(path)
-  if os.path.lexists(path) and not overwrite:
-    raise ValueError(f"out: {path} already exists; pass --overwrite to replace it")
-  parent = os.path.dirname(path)
-  if not os.path.isdir(parent):
-    raise ValueError(f"out: parent directory {parent} does not exist")
+  try:
+    outputs.claim(
+      path, kind=TIFF_FOLDERS_KIND, flag="--out", overwrite=overwrite, is_own=_is_tiff_folders
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+  outputs.remove_stale_partials(path)
   tmp = volume_lib.partial_sibling(path)
   os.mkdir(tmp)
   return tmp
@@ -610,12 +622,9 @@ def write_tiff_folders(
     }
     with open(os.path.join(tmp, "stack.json"), "w") as f:
       json.dump(info, f, indent=1)
-    if os.path.lexists(final):
-      if os.path.isdir(final) and not os.path.islink(final):
-        shutil.rmtree(final)
-      else:
-        os.remove(final)
-    os.rename(tmp, final)
+    if os.path.isdir(final) and not os.listdir(final):
+      os.rmdir(final)
+    outputs.replace(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)
     raise
@@ -661,51 +670,61 @@ def write_volume(
     return writer.commit(extra_attrs={"synthetic": stack.config.to_json()})
 
 
-def save_preview(stack: SynthStack, z: int, path: str | os.PathLike) -> None:
-  """Saves a PNG of slice z: ICE | TLD | truth, with a class legend and a 1 um scale bar.
+def save_preview(
+  stack: SynthStack, z: int, path: str | os.PathLike, *, name: str | None = None
+) -> None:
+  """Saves a PNG of slice z: ICE | TLD | truth, with a class legend, a scale bar and a
+  title naming the stack, the slice and the voxel size.
 
   Args:
     stack: the stack.
     z: slice index.
     path: PNG file to write.
+    name: what to call the stack in the title (e.g. where it was written); default
+      "synthetic cement paste, seed N".
 
   Raises:
     ValueError: z outside the stack.
   """
   # Figure + Agg canvas directly, so no global matplotlib backend is touched.
   from matplotlib.backends.backend_agg import FigureCanvasAgg
-  from matplotlib.colors import ListedColormap
   from matplotlib.figure import Figure
   from matplotlib.patches import Patch
 
   nz, ny, nx = stack.labels.shape
   if not 0 <= z < nz:
     raise ValueError(f"preview slice {z} outside the stack; expected 0..{nz - 1}")
-  fig = Figure(figsize=(15, 4.9 * ny / nx + 0.45), dpi=100, layout="constrained")
+  fig = Figure(figsize=(15, 4.9 * ny / nx + 0.8), dpi=100, layout="constrained")
   FigureCanvasAgg(fig)
   axes = fig.subplots(1, 3)
   for c, ax in enumerate(axes[:2]):
     img = stack.image[z, :, :, c].astype(np.float32)
     lo, hi = np.percentile(img, (0.5, 99.5))
     ax.imshow(img, cmap="gray", vmin=lo, vmax=max(hi, lo + 1), interpolation="nearest")
-    ax.set_title(f"{stack.channels[c]} (slice {z})")
-  cmap = ListedColormap(CLASS_COLORS[: len(stack.classes)])
+    ax.set_title(f"{stack.channels[c]} detector")
+  n = len(stack.classes)
   axes[2].imshow(
-    stack.labels[z], cmap=cmap, vmin=-0.5, vmax=len(stack.classes) - 0.5, interpolation="nearest"
+    stack.labels[z],
+    cmap=palette.class_colormap(stack.classes),
+    vmin=-0.5,
+    vmax=n - 0.5,
+    interpolation="nearest",
   )
   axes[2].set_title("truth")
+  colors = palette.class_colors(stack.classes)
   axes[2].legend(
-    handles=[Patch(color=CLASS_COLORS[i], label=n) for i, n in enumerate(stack.classes)],
+    handles=[Patch(color=colors[i], label=c) for i, c in enumerate(stack.classes)],
     loc="upper right",
     fontsize=8,
     framealpha=0.8,
   )
-  bar_px = 1000.0 / stack.voxel_size_nm[2]
-  if bar_px < 0.8 * nx:
-    y0 = ny * 0.94
-    axes[0].plot([nx * 0.05, nx * 0.05 + bar_px], [y0, y0], color="yellow", lw=3)
-    axes[0].text(nx * 0.05, y0 - ny * 0.02, "1 µm", color="yellow", fontsize=9)
+  palette.add_scale_bar(axes[0], stack.voxel_size_nm[2], nx)
   for ax in axes:
     ax.set_xticks([])
     ax.set_yticks([])
+  voxel = " x ".join(f"{v:g}" for v in stack.voxel_size_nm)
+  fig.suptitle(
+    f"{name or f'synthetic cement paste, seed {stack.config.seed}'}: slice {z} "
+    f"(z = 0-{nz - 1}); voxel {voxel} nm [z, y, x]"
+  )
   fig.savefig(os.fspath(path), format="png")

@@ -27,11 +27,13 @@ from typing import Any
 import numpy as np
 import tensorstore as ts
 
-from fibseg_jax.data import ingest
+from fibseg_jax import outputs
+from fibseg_jax.data import ingest, palette
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import figures, metrics, quantify
 
 NOT_SEGMENTED = volume_lib.IGNORE_LABEL
+REPORT_KIND = "report"  # the marker of a report directory (`fibseg_jax.outputs`)
 # How a materials scientist names the fraction of a phase (matched in class names).
 PHASE_QUANTITIES = (("pore", "porosity"), ("clinker", "unhydrated fraction"), ("unhydrated", ""))
 
@@ -500,6 +502,14 @@ def _slice_images(report: Report, z: int) -> dict[str, np.ndarray]:
   return {name: norm[..., i] for i, name in enumerate(names)}
 
 
+def figure_stack_name(report: Report) -> str:
+  """The stack named in the figures' titles: the image volume shown, else the volume the
+  prediction was segmented from, else the prediction."""
+  if report.image is not None:
+    return palette.stack_name(report.image.root)
+  return palette.stack_name(report.prediction.source or report.prediction.path)
+
+
 def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool = True):
   """Writes report.json, report.md, one PNG per evaluated slice and the z profile.
 
@@ -513,7 +523,13 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
     "structure" and "pore_sizes" (None when not drawn).
   """
   out_dir = os.fspath(out_dir)
-  os.makedirs(out_dir, exist_ok=True)
+  inputs = {"--prediction": report.prediction.path, "--truth": report.truth.description}
+  if report.image is not None:
+    inputs["--image"] = report.image.root
+  try:
+    outputs.claim(out_dir, kind=REPORT_KIND, flag="--out", inputs=inputs, directory=True)
+  except outputs.OutputError as e:
+    raise EvaluationError(str(e)) from e
   paths: dict[str, Any] = {
     "json": os.path.join(out_dir, "report.json"),
     "markdown": os.path.join(out_dir, "report.md"),
@@ -523,6 +539,7 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
     "pore_sizes": None,
   }
   if figures_on:
+    stack = figure_stack_name(report)
     for z, m in report.per_slice.items():
       path = os.path.join(out_dir, f"slice_{z:04d}.png")
       figures.slice_figure(
@@ -532,7 +549,9 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
         truth=report.truth.read(z),
         prediction=report.prediction.array[z].read().result(),
         classes=report.classes,
-        title=f"slice {z}: accuracy {_fmt(m.accuracy)}, mean IoU {_fmt(m.mean_iou)}",
+        title=f"accuracy {_fmt(m.accuracy)}, mean IoU {_fmt(m.mean_iou)}",
+        stack=stack,
+        voxel_size_nm=report.voxel_size_nm,
       )
       paths["slices"][z] = path
     paths["fractions"] = os.path.join(out_dir, "fractions_z.png")
@@ -543,13 +562,14 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
       classes=report.classes,
       truth={z: m.truth_fractions for z, m in report.per_slice.items()},
       voxel_size_nm=report.voxel_size_nm,
+      stack=stack,
     )
     if report.structure is not None:
       paths["structure"] = os.path.join(out_dir, "structure.png")
-      figures.structure_figure(paths["structure"], structure=report.structure)
+      figures.structure_figure(paths["structure"], structure=report.structure, stack=stack)
       if any(p.sizes is not None for p in report.structure.phases):
         paths["pore_sizes"] = os.path.join(out_dir, "pore_sizes.png")
-        figures.pore_size_figure(paths["pore_sizes"], structure=report.structure)
+        figures.pore_size_figure(paths["pore_sizes"], structure=report.structure, stack=stack)
   doc = report.to_json()
   doc["figures"] = {
     "slices": {str(z): os.path.basename(p) for z, p in paths["slices"].items()},
@@ -558,10 +578,8 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
       for key in ("fractions", "structure", "pore_sizes")
     },
   }
-  with open(paths["json"], "w") as f:
-    json.dump(doc, f, indent=1, allow_nan=False)
-  with open(paths["markdown"], "w") as f:
-    f.write(markdown(report, paths))
+  outputs.write_text(paths["json"], json.dumps(doc, indent=1, allow_nan=False))
+  outputs.write_text(paths["markdown"], markdown(report, paths))
   return paths
 
 

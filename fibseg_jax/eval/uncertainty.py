@@ -19,7 +19,10 @@ from typing import Any
 
 import numpy as np
 from matplotlib.figure import Figure
+from matplotlib.ticker import FuncFormatter
 
+from fibseg_jax import outputs
+from fibseg_jax.data import palette
 from fibseg_jax.eval import figures
 from fibseg_jax.infer import store
 from fibseg_jax.infer.segment import normalised_entropy
@@ -143,7 +146,12 @@ def suggest(
   scores = slice_uncertainty(probabilities, kind)
   ranking = rank_slices(scores, annotated)
   chosen = [z for z, _ in ranking[: max(int(top), 0)]]
-  os.makedirs(out, exist_ok=True)
+  try:
+    outputs.claim(
+      out, kind="suggest", flag="--out", inputs={f"--{kind}": probabilities}, directory=True
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
   document = {
     kind: os.fspath(probabilities),
     "measure": "mean over the slice of entropy(p) / log(classes); 0 certain, 1 uniform",
@@ -152,17 +160,36 @@ def suggest(
     "ranking": [{"z": z, "uncertainty": s} for z, s in ranking],
     "suggested": chosen,
   }
-  with open(os.path.join(out, "suggest.json"), "w") as f:
-    json.dump(document, f, indent=1)
-  _profile_figure(os.path.join(out, "uncertainty_z.png"), scores, annotated, chosen)
+  outputs.write_text(os.path.join(out, "suggest.json"), json.dumps(document, indent=1))
+  _profile_figure(
+    os.path.join(out, "uncertainty_z.png"), scores, annotated, chosen, source=probabilities
+  )
   if chosen:
     maps = {z: _slice_map(array, kind, z) for z in chosen}
-    _maps_figure(os.path.join(out, "uncertainty_top.png"), maps, scores)
+    _maps_figure(os.path.join(out, "uncertainty_top.png"), maps, scores, source=probabilities)
   return document
 
 
-def _profile_figure(path: str, scores, annotated, chosen) -> None:
-  fig = Figure(figsize=(8, 3), dpi=100, layout="constrained")
+def _figure_context(source: Any) -> tuple[str, tuple[float, ...] | None]:
+  """(stack name, (z, y, x) voxel size in nm or None) of segment.py's array `source`,
+  from the run record it stored; ("", None) when there is none."""
+  if source is None:
+    return "", None
+  try:
+    info = store.read_attributes(source).get(store.ATTRIBUTE, {})
+  except (store.OutputError, ValueError):
+    return palette.stack_name(source), None
+  run = info.get("run", {}) if isinstance(info, dict) else {}
+  voxel = run.get("voxel_size_nm")
+  voxel = tuple(float(v) for v in voxel) if voxel and len(voxel) == 3 else None
+  return palette.stack_name(run.get("source") or source), voxel
+
+
+def _profile_figure(path: str, scores, annotated, chosen, *, source: Any = None) -> None:
+  """uncertainty_z.png: the mean uncertainty of every slice, annotated and suggested
+  slices marked, titled with the stack that `source` (the uncertainty array) came from."""
+  stack, voxel = _figure_context(source)
+  fig = Figure(figsize=(8, 3.2), dpi=100, layout="constrained")
   ax = fig.subplots()
   z = np.arange(len(scores))
   ax.plot(z, scores, color="0.2", marker=".", label="mean uncertainty")
@@ -175,18 +202,37 @@ def _profile_figure(path: str, scores, annotated, chosen) -> None:
   ax.set_xlabel("slice z")
   ax.set_ylabel("entropy / log(classes)")
   ax.set_ylim(0, max(float(np.max(scores)) * 1.1, 1e-3) if len(scores) else 1)
+  ax.xaxis.get_major_locator().set_params(integer=True)
+  if voxel is not None and len(scores):
+    dz = voxel[0] / 1000.0
+    depth = ax.secondary_xaxis("top", functions=(lambda v: v * dz, lambda v: v / dz))
+    depth.set_xlabel("depth (µm)")
+    depth.xaxis.set_major_formatter(FuncFormatter(lambda v, _: palette.plain_number(v)))
   ax.grid(alpha=0.3)
   ax.legend(fontsize=8)
+  what = "model uncertainty per slice"
+  fig.suptitle(f"{what}: {stack}" if stack else what, fontsize=10)
   fig.savefig(path, format="png")
 
 
-def _maps_figure(path: str, maps: dict[int, np.ndarray], scores) -> None:
-  fig = Figure(figsize=(3.2 * len(maps), 3.4), dpi=100, layout="constrained")
+def _maps_figure(path: str, maps: dict[int, np.ndarray], scores, *, source: Any = None) -> None:
+  """uncertainty_top.png: the uncertainty maps of the suggested slices, with a scale bar
+  when `source` (the uncertainty array) records the voxel size."""
+  stack, voxel = _figure_context(source)
+  first = next(iter(maps.values()))
+  aspect = voxel[1] / voxel[2] if voxel is not None else 1.0
+  height = 3.2 * aspect * first.shape[0] / first.shape[1]
+  fig = Figure(figsize=(3.2 * len(maps) + 1.2, height + 0.9), dpi=100, layout="constrained")
   axes = np.atleast_1d(fig.subplots(1, len(maps)))
-  for ax, (z, m) in zip(axes, maps.items(), strict=True):
+  for i, (ax, (z, m)) in enumerate(zip(axes, maps.items(), strict=True)):
     step = max(1, math.ceil(max(m.shape) / figures.MAX_DISPLAY_PX))
-    image = ax.imshow(m[::step, ::step], cmap="magma", vmin=0, vmax=1)
-    ax.set_title(f"z = {z}: mean {scores[z]:.3f}", fontsize=9)
+    shown = m[::step, ::step]
+    image = ax.imshow(shown, cmap="magma", vmin=0, vmax=1, aspect=aspect)
+    ax.set_title(f"slice {z}: mean {scores[z]:.3f}", fontsize=9)
     ax.set_axis_off()
+    if i == 0 and voxel is not None:
+      palette.add_scale_bar(ax, voxel[2] * step, shown.shape[1])
   fig.colorbar(image, ax=list(axes), shrink=0.8, label="entropy / log(classes)")
+  what = "most uncertain unannotated slices"
+  fig.suptitle(f"{what}: {stack}" if stack else what, fontsize=10)
   fig.savefig(path, format="png")

@@ -227,7 +227,7 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
 def _imagej_lut(classes: Sequence[str]) -> np.ndarray:
   """ImageJ colour table [3, 256] uint8: value i + 1 in class i's colour, 0 black."""
   lut = np.zeros((3, 256), np.uint8)
-  colors = np.rint(255 * ome.class_colors(len(classes))).astype(np.uint8)
+  colors = np.rint(255 * ome.class_colors(classes)).astype(np.uint8)
   lut[:, ome.LABEL_OFFSET : ome.LABEL_OFFSET + len(classes)] = colors.T
   return lut
 

@@ -20,7 +20,7 @@ import jax
 import ml_collections
 import numpy as np
 
-from fibseg_jax import baselines, checkpoint, infer, models
+from fibseg_jax import baselines, checkpoint, infer, models, outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import metrics
 from fibseg_jax.study import budget as budget_lib
@@ -52,10 +52,7 @@ def read_result(directory: str) -> dict[str, Any] | None:
 def write_json(path: str, value: Any) -> None:
   """Writes JSON through a temporary file, so a crash never leaves half a file."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-  tmp = f"{path}.partial"
-  with open(tmp, "w") as f:
-    json.dump(value, f, indent=1, allow_nan=False)
-  os.replace(tmp, path)
+  outputs.write_text(path, json.dumps(value, indent=1, allow_nan=False))
 
 
 def _num(value: float) -> float | None:

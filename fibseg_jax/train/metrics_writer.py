@@ -14,6 +14,8 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from fibseg_jax.data import palette
+
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
 
@@ -80,19 +82,82 @@ def read_metrics(path: str) -> list[dict]:
   return rows
 
 
-def plot_curves(workdir: str, out: str | None = None) -> str | None:
-  """Plots training loss, validation loss and IoU against step; returns the PNG path."""
+def saved_config(workdir: str) -> dict | None:
+  """The experiment config saved with the workdir's latest checkpoint (the JSON orbax
+  writes as checkpoints/<step>/config/metadata), or None when there is none."""
+  root = os.path.join(workdir, "checkpoints")
+  try:
+    steps = sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True)
+  except OSError:
+    return None
+  for step in steps:
+    try:
+      with open(os.path.join(root, str(step), "config", "metadata")) as f:
+        config = json.load(f)
+    except (OSError, ValueError):
+      continue
+    if isinstance(config, dict):
+      return config
+  return None
+
+
+def _get(config: Mapping | None, *keys: str):
+  for key in keys:
+    if config is None:
+      return None
+    config = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
+  return config
+
+
+def describe_run(config: Mapping | None, workdir: str) -> str:
+  """'unet, 3 slices of ICE + TLD, on runs/vol.zarr' for the curves' title, from the
+  experiment config; the workdir's path when there is no config."""
+  if config is None:
+    return f"run {palette.stack_name(os.path.abspath(workdir))}"
+  model = _get(config, "model", "name") or "model"
+  features = _get(config, "model", "features")
+  if isinstance(features, (list, tuple)) and features:
+    model = f"{model} ({'-'.join(str(f) for f in features)} features)"
+  channels = _get(config, "data", "channels") or ()
+  if isinstance(channels, str):
+    channels = [c for c in channels.split(",") if c]
+  slices = _get(config, "data", "slices")
+  inputs = " + ".join(str(c) for c in channels) or "?"
+  if slices:
+    inputs = f"{slices} slice{'s' if int(slices) != 1 else ''} of {inputs}"
+  text = f"{model}, {inputs}"
+  path = _get(config, "data", "path")
+  return f"{text}, on {palette.stack_name(path)}" if path else text
+
+
+def plot_curves(
+  workdir: str, out: str | None = None, *, config: Mapping | None = None
+) -> str | None:
+  """Plots training loss, validation loss and IoU against step; returns the PNG path.
+
+  Each class's IoU curve is drawn in the class's colour of every other figure
+  (`palette`), and the title names the model, its inputs and the volume.
+
+  Args:
+    workdir: the training workdir (its metrics.jsonl).
+    out: the PNG; default workdir/training_curves.png.
+    config: the experiment config (ConfigDict or dict), for the title: model, inputs
+      and volume. Default: the one saved with the workdir's latest checkpoint.
+  """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return None
   rows = read_metrics(path)
+  if config is None:
+    config = saved_config(workdir)
   from matplotlib.figure import Figure  # noqa: PLC0415 - only when plotting
+  from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: PLC0415
 
   def series(key):
     pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
     return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
 
-  fig = Figure(figsize=(11, 4))
+  fig = Figure(figsize=(11, 4.2))
   ax_loss, ax_iou = fig.subplots(1, 2)
   for key, label in (("loss", "train loss"), ("val_loss", "validation loss")):
     s = series(key)
@@ -101,22 +166,39 @@ def plot_curves(workdir: str, out: str | None = None) -> str | None:
   ax_loss.set_xlabel("step")
   ax_loss.set_ylabel("loss (cross-entropy + Dice)")
   ax_loss.set_yscale("log")
+  losses = [v for key in ("loss", "val_loss") for v in (series(key) or ((), ()))[1] if v > 0]
+  if losses:  # plain numbers (0.5, 1, 2) on the log axis, not 5 x 10^-1
+    lo, hi = min(losses) / 1.1, max(losses) * 1.1
+    ax_loss.set_ylim(lo, hi)
+    ax_loss.yaxis.set_major_locator(FixedLocator(palette.log_ticks(lo, hi)))
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: palette.plain_number(v, 2)))
+    ax_loss.yaxis.set_minor_formatter(NullFormatter())
   ax_loss.legend()
   ax_loss.grid(alpha=0.3)
+  ax_loss.set_title("loss", fontsize=10)
   iou_keys = sorted({k for r in rows for k in r if k.startswith("val_iou/")})
+  classes = [str(c) for c in (_get(config, "data", "classes") or ())]
+  order = {c: i for i, c in enumerate(classes)}  # class order, as in every other figure
+  iou_keys.sort(key=lambda k: (order.get(k.split("/", 1)[1], len(order)), k))
   for key in iou_keys:
     s = series(key)
+    name = key.split("/", 1)[1]
     if s:
-      ax_iou.plot(*s, label=key.split("/", 1)[1], alpha=0.7)
+      ax_iou.plot(*s, label=name, color=palette.class_color(name), lw=1.5, alpha=0.85)
   s = series("val_miou")
   if s:
-    ax_iou.plot(*s, label="mean IoU", color="black", linewidth=2, marker="o")
+    ax_iou.plot(
+      *s, label="mean IoU", color="black", linewidth=2.2, ls="--", marker="D", ms=4, mfc="white"
+    )
   ax_iou.set_xlabel("step")
   ax_iou.set_ylabel("validation IoU")
   ax_iou.set_ylim(0, 1)
   ax_iou.legend(fontsize=8)
   ax_iou.grid(alpha=0.3)
-  fig.suptitle(os.path.basename(os.path.abspath(workdir)))
+  ax_iou.set_title("validation IoU per class", fontsize=10)
+  for ax in (ax_loss, ax_iou):
+    ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
+  fig.suptitle(f"training curves: {describe_run(config, workdir)}", fontsize=11)
   fig.tight_layout()
   out = out or os.path.join(workdir, CURVES_FILE)
   fig.savefig(out, dpi=100)
