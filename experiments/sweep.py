@@ -1,49 +1,6 @@
-r"""Artifact sweep: mean IoU against curtaining, detector shading and noise severity.
+"""`fibseg sweep`: see fibseg_jax/cli/sweep.py (kept so the script path keeps working)."""
 
-  python experiments/sweep.py --out=sweep/ [--budget=quick|paper] \
-    [--best_from=study/study.json]
-
-Each artifact goes from 0 to 2x its default strength with the others at default, on
-synthetic stacks of the same sample; at every level the best network on raw data (the
-best row of --best_from, else the budget's: a 3-slice U-Net on ICE+TLD), the cleaned
-classical route and the random forest are trained and scored as in study.py. Writes
-sweep.json and sweep.png (one panel per artifact). Rerunning resumes. --budget=quick
-fits 60 minutes on 2 CPU cores. Compiled steps are cached in OUT/.jax_cache (or
-$JAX_COMPILATION_CACHE_DIR).
-"""
-
-import sys
-
-from absl import app, flags, logging
-
-from fibseg_jax import study
-
-_OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_enum("budget", "quick", list(study.BUDGETS), "Budget of the runs.")
-_BEST_FROM = flags.DEFINE_string(
-  "best_from", None, "A study.json whose best raw-input network is swept."
-)
-
-
-def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax warns at every checkpoint it reads
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not _OUT.value:
-    sys.exit("error: --out is required, e.g. --out=sweep/")
-  study.cache_compilations(_OUT.value)
-  try:
-    study.run_sweep(
-      _OUT.value,
-      study.get_budget(_BUDGET.value),
-      best_from=_BEST_FROM.value,
-      log=lambda line: print(line, flush=True),
-    )
-  except ValueError as e:  # user mistakes: flags, output directory
-    sys.exit(f"error: {e}")
-  print(f"wrote {_OUT.value}/sweep.json, sweep.png")
-
+from fibseg_jax.cli import sweep
 
 if __name__ == "__main__":
-  app.run(main)
+  sweep.run()

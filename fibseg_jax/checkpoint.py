@@ -8,9 +8,11 @@ The latest `keep` checkpoints and the best by validation mean IoU are preserved.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import jax
@@ -26,8 +28,45 @@ BEST_METRIC = "val_miou"
 CHECKPOINT_DIR = "checkpoints"
 
 
+# What orbax warns about on an ordinary read-only open or load of a healthy checkpoint,
+# and on a save without validation metrics (Ctrl-C); a user reads them as a corrupt
+# checkpoint. Item directories (``<step>/state``) never hold the metadata file: the step
+# directory does.
+_ROUTINE_ORBAX_WARNINGS = (
+  "Given directory is read only",
+  "Metadata file does not exist",
+  "Requested `tracked_metric`; did not provide metrics",
+)
+
+
 class CheckpointError(ValueError):
   """A path that is not a checkpoint, or a checkpoint that does not fit the run."""
+
+
+class _RoutineOrbaxWarnings(logging.Filter):
+  """Drops the warnings of `_ROUTINE_ORBAX_WARNINGS` that orbax itself logs, nothing else."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    routine = (
+      record.levelno == logging.WARNING
+      and f"{os.sep}orbax{os.sep}" in record.pathname
+      and str(record.msg).startswith(_ROUTINE_ORBAX_WARNINGS)
+    )
+    return not routine
+
+
+_ROUTINE_FILTER = _RoutineOrbaxWarnings()
+
+
+@contextlib.contextmanager
+def _without_routine_warnings() -> Iterator[None]:
+  """Silences orbax's routine warnings (it logs through absl, logger "absl") meanwhile."""
+  logger = logging.getLogger("absl")
+  logger.addFilter(_ROUTINE_FILTER)
+  try:
+    yield
+  finally:
+    logger.removeFilter(_ROUTINE_FILTER)
 
 
 def _best_fn(metrics: Mapping[str, float]) -> float:
@@ -56,11 +95,14 @@ def manager(directory: str, *, keep: int = 3, read_only: bool = False) -> ocp.Ch
     best_mode="max",
     create=not read_only,
     read_only=read_only,
+    # Read-only takes no saves; saying so spares orbax's warning that it changed it.
+    save_interval_steps=0 if read_only else 1,
     # Saves happen at validation steps only; synchronous saves keep the failure
     # story simple (a step directory exists only once it is complete).
     enable_async_checkpointing=False,
   )
-  return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+  with _without_routine_warnings():
+    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
 
 
 def save(
@@ -71,18 +113,32 @@ def save(
   loader_state: Mapping[str, Any],
   metrics: Mapping[str, float] | None = None,
 ) -> None:
-  """Saves one checkpoint (all processes must call it; orbax writes from process 0)."""
-  mngr.save(
-    step,
-    args=ocp.args.Composite(
-      state=ocp.args.StandardSave(state),
-      config=ocp.args.JsonSave(config.to_dict()),
-      loader=ocp.args.JsonSave(dict(loader_state)),
-    ),
-    metrics=dict(metrics) if metrics else None,
-    force=True,
-  )
-  mngr.wait_until_finished()
+  """Saves one checkpoint and waits until it is complete on disk.
+
+  All processes must call it; orbax writes from process 0 into a temporary directory
+  and finalises it only once complete, so a save cut short never passes for a checkpoint.
+
+  Args:
+    mngr: from `manager`.
+    step: the training step.
+    state: the TrainState pytree.
+    config: the whole experiment config.
+    loader_state: the data position, JSON.
+    metrics: validation metrics; None for a checkpoint saved between validations (on
+      Ctrl-C), which counts among the latest but never as the best.
+  """
+  with _without_routine_warnings():
+    mngr.save(
+      step,
+      args=ocp.args.Composite(
+        state=ocp.args.StandardSave(state),
+        config=ocp.args.JsonSave(config.to_dict()),
+        loader=ocp.args.JsonSave(dict(loader_state)),
+      ),
+      metrics=dict(metrics) if metrics else None,
+      force=True,
+    )
+    mngr.wait_until_finished()
 
 
 def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: Any | None = None):
@@ -165,10 +221,11 @@ class Restored:
 def _restore_state_here(path: str) -> dict[str, Any]:
   """Restores a state saved on any device topology onto this process's first device."""
   checkpointer = ocp.StandardCheckpointer()
-  tree = checkpointer.metadata(path).item_metadata
-  device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
-  return checkpointer.restore(path, target)
+  with _without_routine_warnings():
+    tree = checkpointer.metadata(path).item_metadata
+    device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+    target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), tree)
+    return checkpointer.restore(path, target)
 
 
 def _locate(path: str) -> tuple[str, int | None]:

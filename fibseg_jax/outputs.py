@@ -357,13 +357,18 @@ def format_bytes(n: float) -> str:
   return f"{n:.1f} TB"
 
 
-def disk_full_error(flag: str, path: Any, needed_bytes: float | None, what: str) -> DiskFullError:
+def disk_full_error(
+  flag: str,
+  path: Any,
+  needed_bytes: float | None,
+  what: str,
+  kept: str = "Nothing half-written was kept; free some space (or choose another path)",
+) -> DiskFullError:
   """The one-line error for a filesystem that filled up while writing `path`."""
   where = os.fspath(path) if not isinstance(path, Mapping) else json.dumps(dict(path))
   free = free_bytes(where) if "://" not in where else None
   need = f"; the {what} needs about {format_bytes(needed_bytes)}" if needed_bytes else ""
   have = f", {format_bytes(free)} free now" if free is not None else ""
   return DiskFullError(
-    f"{flag}={where}: no space left on the device{need}{have}. Nothing half-written was "
-    "kept; free some space (or choose another path) and rerun the same command"
+    f"{flag}={where}: no space left on the device{need}{have}. {kept} and rerun the same command"
   )

@@ -56,3 +56,17 @@ def test_demo_runs_end_to_end(tmp_path):
   assert report["structure"]["voxel_size_nm"] == [50, 25, 25]
   assert f"{out}/seg.ome.zarr: valid OME-Zarr 0.5 ImageLabel" in done.stdout
   assert f"{out}/vol.zarr/ome: valid OME-Zarr 0.5 Image" in done.stdout
+
+
+def test_demo_replaces_only_an_earlier_demo(tmp_path):
+  mine = tmp_path / "mine"
+  mine.mkdir()
+  (mine / "notes.txt").write_text("keep")
+  done = subprocess.run(
+    ["bash", "experiments/demo.sh", str(mine)], cwd=REPO, capture_output=True, text=True
+  )
+  assert done.returncode == 1
+  assert done.stderr.strip() == f"error: {mine} exists and is not an earlier demo's output; " + (
+    "choose another folder"
+  )
+  assert os.listdir(mine) == ["notes.txt"]

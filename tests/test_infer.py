@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 import uuid
@@ -555,6 +556,75 @@ def test_bfloat16_compute_of_a_float32_checkpoint(trained, tmp_path):
     infer.segment_from_checkpoint(
       trained, vol_path, output=str(tmp_path / "x.zarr"), dtype="float16", tile=16
     )
+
+
+def test_progress_tells_how_long_after_the_first_block(vol, pixel, capsys):
+  result = segment(vol, pixel, memory_root("seg"), progress=True)
+  assert result.blocks_done == 30
+  err = capsys.readouterr().err
+  assert re.search(
+    r"first block took \d+\.\d s \(compiling included\); about (\d+\.\d s|\d+ min \d+ s) "
+    r"for all 30 blocks\n",
+    err,
+  ), err
+  # A rate that reads (k/M prefixes on pixels, never 0.00x/s) and the blocks done.
+  assert re.search(r"\d+(\.\d+)?[kM]?px/s, 30/30 blocks\]", err), err
+  segment(vol, pixel, memory_root("seg"), progress=True, only_slices=[0], block=512)
+  assert "first block took" not in capsys.readouterr().err  # one block: nothing to foretell
+
+
+def test_durations_read_as_a_person_would_say_them():
+  duration = infer.segment._duration
+  assert [duration(s) for s in (12.34, 59.99, 250, 3599.4, 7500)] == [
+    "12.3 s",
+    "1 min 0 s",
+    "4 min 10 s",
+    "59 min 59 s",
+    "2 h 05 min",
+  ]
+
+
+@pytest.fixture(scope="module")
+def instance_norm(tmp_path_factory):
+  """A workdir with a U-Net that normalises each tile on its own, trained on 32 pixels."""
+  models = pytest.importorskip("fibseg_jax.models")
+  from fibseg_jax import checkpoint  # noqa: PLC0415 - test setup only
+  from fibseg_jax.train import config as config_lib  # noqa: PLC0415
+
+  workdir = tmp_path_factory.mktemp("instance")
+  config = config_lib.base_config()
+  config.model.update({"name": "unet", "num_classes": 3, "depth": 2, "features": (4, 8, 8)})
+  config.model.norm = "instance"
+  config.data.patch = 32
+  config.data.classes = CLASSES
+  variables = segment_child.random_variables(models.build(config.model), (1, 3, 16, 16, 2))
+  checkpoint.save(checkpoint.manager(str(workdir / "checkpoints")), 1, variables, config, {})
+  return str(workdir)
+
+
+def test_tile_below_the_training_patch_of_a_per_tile_norm_is_refused(
+  instance_norm, vol, pixel, tmp_path
+):
+  vol_path = make_volume(str(tmp_path / "vol.zarr"), shape=(2, 48, 48))
+  step = os.path.join(instance_norm, "checkpoints", "1")
+  with pytest.raises(
+    infer.InferenceError,
+    match=re.escape(
+      f"--tile=16 is below the training patch of 32 pixels (data.patch of {step}): the "
+      "model normalises each tile on its own (instance or group norm), so smaller tiles "
+      "see other statistics than in training; use --tile=32 or more"
+    ),
+  ):
+    infer.segment_from_checkpoint(
+      instance_norm, vol_path, output=str(tmp_path / "a"), tile=16, overlap=4
+    )
+  result = infer.segment_from_checkpoint(
+    instance_norm, vol_path, output=str(tmp_path / "b"), tile=32, overlap=8
+  )
+  assert result.complete
+  # Where the block (or the volume) bounds the tiles anyway, --tile does not matter.
+  small = segment(vol, pixel, memory_root("seg"), tile=16, block=8, only_slices=[0], train_patch=32)
+  assert small.complete
 
 
 # --- test-time augmentation ------------------------------------------------------------

@@ -209,7 +209,11 @@ def test_segment_script_writes_the_tiff_export_and_names_a_taken_path(trained, t
   for extra in ([], ["--overwrite"]):
     proc = test_infer.run_segment(*flags, "--format=zarr", f"--export={taken}", *extra)
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    assert proc.stderr.strip().splitlines()[-1].startswith(
-      f"error: --export={taken} exists and is a directory that is not a fibseg zarr export"
+    assert (
+      proc.stderr.strip()
+      .splitlines()[-1]
+      .startswith(
+        f"error: --export={taken} exists and is a directory that is not a fibseg zarr export"
+      )
     )
   assert os.listdir(taken) == ["notes.txt"]

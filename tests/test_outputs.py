@@ -416,3 +416,44 @@ def test_stray_label_values_are_refused_without_classes(tmp_path):
   p = ingest.plan_ingest({"ICE": f"{raw}/ICE/*.tif"}, f"{raw}/labels/*.tif", None)
   with pytest.raises(ingest.IngestError, match="hold no class values .* leave out --labels"):
     ingest.ingest(p, str(tmp_path / "w.zarr"), voxel_size_nm=(1, 1, 1), progress=False)
+
+
+def test_segment_on_a_full_disk_stops_and_resumes(tmp_path, small_disk, segmented):
+  from fibseg_jax import infer
+
+  mount, grow = small_disk
+  rng = np.random.default_rng(2)
+  root = str(tmp_path / "big.zarr")
+  with volume.create_volume(
+    root,
+    shape=(8, 128, 128),
+    dtype="uint16",
+    channels=("ICE",),
+    classes=CLASSES,
+    voxel_size_nm=(50, 25, 25),
+  ) as w:
+    for z in range(8):
+      w.write_slice(z, rng.integers(0, 60000, (128, 128, 1), np.uint16))
+    w.commit()
+  vol = volume.open_volume(root)
+  model, variables = segmented["model"]
+  common = dict(channels=("ICE",), slices=3, tile=32, overlap=8, block=64, batch=4, progress=False)
+  reference = str(tmp_path / "ref.zarr")
+  infer.segment_volume(
+    vol, model, variables, output=reference, probabilities=reference + ".p", **common
+  )
+  out, probs = str(mount / "seg.zarr"), str(mount / "probs.zarr")
+  with pytest.raises(store.OutputError) as e:
+    infer.segment_volume(vol, model, variables, output=out, probabilities=probs, **common)
+  message = str(e.value)
+  assert message.startswith(f"--output={out}: no space left on the device"), message
+  assert "\n" not in message and "needs about" in message
+  grow()
+  result = infer.segment_volume(vol, model, variables, output=out, probabilities=probs, **common)
+  assert result.complete and result.blocks_skipped > 0
+  np.testing.assert_array_equal(
+    infer.open_array(out).read().result(), infer.open_array(reference).read().result()
+  )
+  np.testing.assert_array_equal(
+    infer.open_array(probs).read().result(), infer.open_array(reference + ".p").read().result()
+  )

@@ -204,6 +204,118 @@ def test_sigkill_mid_training_resumes_to_the_same_end(reference, tmp_path):
   assert again.returncode == 0 and f"done: step {STEPS}" in again.stdout
 
 
+# Runs experiments/train.py with the batch of step 3 held back until the test has sent
+# SIGINT: the signal then lands, deterministically, while step 3 is in progress. The
+# save of step 3 gets a second Ctrl-C of its own.
+_HELD_AT_STEP_3 = """
+import os, runpy, signal, sys, time
+from fibseg_jax import checkpoint
+from fibseg_jax.data import loader
+ready, go = sys.argv[1:3]
+batches, save = loader.SlabLoader.batches, checkpoint.save
+def held(self, start_step=0):
+  for step, batch in enumerate(batches(self, start_step), start_step):
+    if step == 2:
+      open(ready, "w").close()
+      deadline = time.time() + 120
+      while not os.path.exists(go) and time.time() < deadline:
+        time.sleep(0.01)
+    yield batch
+def interrupted_save(mngr, step, *args, **kwargs):
+  if step == 3:
+    signal.raise_signal(signal.SIGINT)
+  save(mngr, step, *args, **kwargs)
+loader.SlabLoader.batches, checkpoint.save = held, interrupted_save
+sys.argv = sys.argv[3:]
+"""
+# experiments/train.py from sys.argv, catching KeyboardInterrupt as the command line does.
+_RUN_AS_THE_CLI = """
+try:
+  runpy.run_path(sys.argv[0], run_name="__main__")
+except KeyboardInterrupt as e:
+  print(f"interrupted: {e}", file=sys.stderr)
+  sys.exit(130)
+"""
+# Two Ctrl-C before step 1 is computed: the second stops at once.
+_TWICE_AT_STEP_1 = """
+import runpy, signal, sys
+from fibseg_jax.data import loader
+batches = loader.SlabLoader.batches
+def twice(self, start_step=0):
+  for batch in batches(self, start_step):
+    signal.raise_signal(signal.SIGINT)
+    signal.raise_signal(signal.SIGINT)
+    yield batch
+loader.SlabLoader.batches = twice
+sys.argv = sys.argv[1:]
+"""
+
+
+def test_ctrl_c_saves_the_current_step_and_the_rerun_resumes_exactly(reference, tmp_path):
+  path, ref = reference
+  workdir = str(tmp_path / "interrupted")
+  ready, go = str(tmp_path / "ready"), str(tmp_path / "go")
+  cmd = _train_cmd(path, workdir, steps=STEPS)
+  proc = subprocess.Popen(
+    [sys.executable, "-c", _HELD_AT_STEP_3 + _RUN_AS_THE_CLI, ready, go, *cmd[1:]],
+    env=_env(),
+    cwd=REPO,
+    stdout=subprocess.PIPE,
+    stderr=subprocess.PIPE,
+    text=True,
+  )
+  deadline = time.time() + 180
+  while not os.path.exists(ready) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.02)
+  assert os.path.exists(ready), proc.communicate()[1][-3000:]
+  proc.send_signal(signal.SIGINT)
+  open(go, "w").close()
+  _, stderr = proc.communicate(timeout=180)
+  assert proc.returncode == 130, stderr[-3000:]
+  assert "Traceback" not in stderr
+  assert "Ctrl-C: writing the checkpoint; stopping once it is complete" in stderr
+  assert stderr.strip().splitlines()[-1] == (
+    f"interrupted: stopped at step 3: checkpoint saved in {workdir}; rerun the same command "
+    "to resume"
+  )
+  # Step 3 was finished and saved although --config.train.eval_every=2 saves at 2, 4, 6.
+  mngr = checkpoint.manager(os.path.join(workdir, "checkpoints"), read_only=True)
+  assert mngr.all_steps() == [2, 3]
+  rows = metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert max(r["step"] for r in rows) == 3
+  assert os.path.exists(os.path.join(workdir, "training_curves.png"))
+
+  done = subprocess.run(cmd, env=_env(), cwd=REPO, **_capture())
+  assert done.returncode == 0, done.stderr[-3000:]
+  assert "resuming from step 3" in done.stdout
+  assert not [line for line in done.stderr.splitlines() if line.startswith("W")]  # no orbax
+  resumed, one = _losses(workdir), _losses(ref)
+  assert sorted(resumed) == list(range(1, STEPS + 1))
+  np.testing.assert_allclose([resumed[s] for s in one], [one[s] for s in one], rtol=1e-5)
+  a, b = checkpoint.load(workdir, best=False), checkpoint.load(ref, best=False)
+  assert a.step == b.step == STEPS
+  jax.tree.map(
+    lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6), a.variables, b.variables
+  )
+
+
+def test_a_second_ctrl_c_during_a_step_stops_at_once_without_saving(tmp_path):
+  path = make_volume(str(tmp_path / "vol.zarr"))
+  workdir = str(tmp_path / "run")
+  done = subprocess.run(
+    [sys.executable, "-c", _TWICE_AT_STEP_1 + _RUN_AS_THE_CLI, *_train_cmd(path, workdir)[1:]],
+    env=_env(),
+    cwd=REPO,
+    **_capture(),
+  )
+  assert done.returncode == 130 and "Traceback" not in done.stderr, done.stderr[-3000:]
+  assert done.stderr.strip().splitlines()[-1] == (
+    "interrupted: stopped during step 1, without saving it; rerun the same command to "
+    "resume from the start"
+  )
+  assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
+
+
 def test_checkpoint_load_predicts_and_outputs(tmp_path):
   path = make_volume(str(tmp_path / "vol.zarr"))
   workdir = str(tmp_path / "run")
@@ -304,6 +416,11 @@ def test_load_refuses_a_directory_that_is_not_a_checkpoint(tmp_path):
     ({"model.num_classes": 5}, r"--config.model.num_classes=5 but volume .* has 3 classes"),
     ({"data.path": ""}, r"--config.data.path is required"),
     ({"data.eval_slices": "1,3,4"}, r"no annotated slices"),
+    (
+      {"data.eval_slices": "3,2"},
+      r"^--config.data.eval_slices=3,2: slice 2 has no labels; annotated slices are 1, 3, 4$",
+    ),
+    ({"data.eval_slices": "0,5"}, r"^--config.data.eval_slices=0,5: slices 0, 5 have no labels;"),
   ],
 )
 def test_user_mistakes_caught_before_compiling(tmp_path, change, message):

@@ -200,14 +200,13 @@ def markdown(result: Mapping[str, Any]) -> str:
   return "\n".join(lines) + "\n"
 
 
-def write(result: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
-  """Writes benchmark.json and BENCHMARKS.md into `out_dir` (created if missing).
+def claim(out_dir: str) -> tuple[str, str]:
+  """Claims `out_dir` for the benchmark's files (see `fibseg_jax.outputs`); their paths.
 
-  Returns:
-    The two paths.
+  Raises:
+    outputs.OutputError: `out_dir` holds files the benchmark did not write.
   """
   json_path = os.path.join(out_dir, JSON_NAME)
-  md_path = os.path.join(out_dir, MARKDOWN_NAME)
   outputs.claim(
     out_dir,
     kind="benchmark",
@@ -216,6 +215,16 @@ def write(result: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
     directory=True,
   )
   outputs.write_marker(out_dir, "benchmark")
+  return json_path, os.path.join(out_dir, MARKDOWN_NAME)
+
+
+def write(result: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
+  """Writes benchmark.json and BENCHMARKS.md into `out_dir` (created if missing).
+
+  Returns:
+    The two paths.
+  """
+  json_path, md_path = claim(out_dir)
   outputs.write_text(json_path, json.dumps(result, indent=1) + "\n")
   outputs.write_text(md_path, markdown(result))
   return json_path, md_path

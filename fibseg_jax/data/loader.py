@@ -270,6 +270,21 @@ def validate_config(
       f"{FLAGS['eval_slices']}: slice(s) {bad} outside the volume's slices 0..{depth - 1}"
     )
   annotated = set(volume.metadata.annotated_slices)
+  unlabelled = [z for z in config.eval_slices if z not in annotated]
+  if unlabelled:  # evaluating there would score against nothing
+    which = (
+      f"slice {unlabelled[0]} has"
+      if len(unlabelled) == 1
+      else f"slices {', '.join(map(str, unlabelled))} have"
+    )
+    raise LoaderError(
+      f"{FLAGS['eval_slices']}={','.join(map(str, config.eval_slices))}: {which} no labels; "
+      + (
+        f"annotated slices are {', '.join(map(str, sorted(annotated)))}"
+        if annotated
+        else f"volume {where} has no annotated slices"
+      )
+    )
   if not annotated - set(config.eval_slices):
     if not annotated:
       raise LoaderError(f"volume {where} has no annotated slices")

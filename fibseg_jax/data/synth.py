@@ -554,6 +554,25 @@ def _is_tiff_folders(path: str) -> bool:
     return False
 
 
+def check_destination(path: str, *, tiff: bool, overwrite: bool) -> None:
+  """Checks, before generating, that `write_tiff_folders` (`tiff`) or `write_volume` may
+  write at the local `path` (see `fibseg_jax.outputs`).
+
+  Raises:
+    ValueError: naming --out and what is there.
+  """
+  try:
+    outputs.claim(
+      os.path.abspath(path),
+      kind=TIFF_FOLDERS_KIND if tiff else "volume",
+      flag="--out",
+      overwrite=overwrite,
+      is_own=_is_tiff_folders if tiff else volume_lib.is_volume,
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+
+
 def _prepare_destination(path: str, overwrite: bool) -> str:
   """A hidden temporary sibling of `path` to write into, after claiming `path` (only an
   earlier synthetic stack is replaced; see `fibseg_jax.outputs`)."""

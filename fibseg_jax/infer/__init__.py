@@ -21,6 +21,7 @@ from fibseg_jax.infer.segment import (
   segment_from_checkpoint,
   segment_volume,
 )
+from fibseg_jax.infer.slice import predict_slice
 from fibseg_jax.infer.store import OutputError, open_array, read_attributes
 from fibseg_jax.infer.tiling import (
   Block,
@@ -48,6 +49,7 @@ __all__ = [
   "normalised_entropy",
   "open_array",
   "plan_blocks",
+  "predict_slice",
   "read_attributes",
   "reflect_indices",
   "region_geometry",

@@ -8,7 +8,7 @@ of the region go to the devices in batches; their softmax probabilities, weighte
 blending window, are summed and divided by the summed window, and the block's labels
 (argmax), optional probabilities and optional uncertainty (their normalised entropy)
 are written. The block is then marked done, so a rerun resumes where an interrupted one
-stopped.
+stopped. Ctrl-C stops after the block in progress, its writes and marker complete.
 
 What is held at any time: the slices of one region (at most 2 x `slices` of them, the
 read-ahead included, most shared), one accumulator [region_y, region_x, classes]
@@ -21,15 +21,18 @@ with a per-pixel model; a U-Net adds its activations for one batch.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import dataclasses
 import math
 import os
 import queue
+import signal
+import sys
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from typing import Any
 
 import flax
@@ -40,6 +43,7 @@ import tensorstore as ts
 from tqdm import tqdm
 
 from fibseg_jax import checkpoint as checkpoint_lib
+from fibseg_jax import outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import predict, store, tiling
 from fibseg_jax.infer.tiling import Block, InferenceError, RegionGeometry
@@ -325,6 +329,103 @@ def _to_uint8_uncertainty(probs: np.ndarray) -> np.ndarray:
   return np.rint(normalised_entropy(probs) * 255.0).astype(np.uint8)
 
 
+class _StopRequest:
+  """Ctrl-C (SIGINT) as a request to stop after the block in progress.
+
+  The first Ctrl-C only sets `requested`: the block being computed is finished, its
+  writes and done-marker (and those of the blocks before it) complete, then the loop
+  stops. Another Ctrl-C while those writes complete is noted and changes nothing; while
+  a block is computed it stops at once (KeyboardInterrupt) once the blocks before it are
+  written: a rerun redoes the abandoned one. Takes over SIGINT only from the main thread
+  and only where Python's default handler holds it.
+  """
+
+  def __init__(self):
+    self.requested = False
+    self._draining = False
+    self._previous = None
+    self._enabled = (
+      threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+
+  def install(self) -> _StopRequest:
+    if self._enabled:
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def restore(self) -> None:
+    """Gives SIGINT back to the handler it had."""
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    if self._draining:
+      self.requested = True
+      tqdm.write("Ctrl-C: finishing the writes of the blocks done, then stopping", file=sys.stderr)
+      return
+    if self.requested:
+      raise KeyboardInterrupt  # segment_volume words it, knowing the count
+    self.requested = True
+    tqdm.write(
+      "Ctrl-C: stopping after the block in progress (Ctrl-C again: stop now)", file=sys.stderr
+    )
+
+  @contextlib.contextmanager
+  def draining(self) -> Iterator[None]:
+    """A context in which Ctrl-C cannot stop the writes of finished blocks."""
+    self._draining = True
+    try:
+      yield
+    finally:
+      self._draining = False
+
+
+def _duration(seconds: float) -> str:
+  """A duration as a person reads it: "12.3 s", "4 min 10 s", "2 h 05 min"."""
+  if seconds < 59.95:
+    return f"{seconds:.1f} s"
+  if seconds < 3599.5:
+    whole = round(seconds)
+    return f"{whole // 60} min {whole % 60} s"
+  minutes = round(seconds / 60)
+  return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _estimate(seconds: float, first: Block, blocks: Sequence[Block]) -> str:
+  """The time of all `blocks` from that of the `first`, in proportion to their pixels."""
+  total = seconds * sum(b.pixels for b in blocks) / first.pixels
+  return (
+    f"first block took {_duration(seconds)} (compiling included); about {_duration(total)} "
+    f"for all {len(blocks)} blocks"
+  )
+
+
+def _check_tile_against_training(
+  tile: int,
+  train_patch: int | None,
+  shape_yx: Sequence[int],
+  block: int,
+  overlap: int,
+  checkpoint: str | None,
+) -> None:
+  """Refuses a --tile below the training patch where --tile is what bounds the tiles."""
+  if not train_patch or tile >= train_patch:
+    return
+  # A region (block and halo) smaller than --tile is one tile of its own size.
+  widest = max(min(block, n) + 2 * overlap for n in shape_yx)
+  if tile >= widest:
+    return
+  where = f" (data.patch of {checkpoint})" if checkpoint else ""
+  raise InferenceError(
+    f"--tile={tile} is below the training patch of {train_patch} pixels{where}: the model "
+    "normalises each tile on its own (instance or group norm), so smaller tiles see other "
+    f"statistics than in training; use --tile={train_patch} or more"
+  )
+
+
 def _barrier(name: str) -> None:
   if jax.process_count() > 1:
     from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host runs only
@@ -407,6 +508,7 @@ def segment_volume(
   tta: bool = False,
   only_slices: Sequence[int] | None = None,
   uncertainty: Any | None = None,
+  train_patch: int | None = None,
 ) -> SegmentationResult:
   """Segments every slice of a volume into a zarr v3 label array.
 
@@ -429,7 +531,8 @@ def segment_volume(
     size_multiple: the model's y and x must be multiples of this (2**depth).
     checkpoint: where the model came from, stored in the output attributes.
     overwrite: replace existing output arrays.
-    progress: show a progress bar (stderr) with Mpixel/s.
+    progress: show a progress bar (stderr) with the pixel rate and the blocks done, and
+      after the first block the estimated time of all of this process's blocks.
     process_index: this process's share of the blocks; default `jax.process_index()`.
     process_count: number of shares; default `jax.process_count()`.
     devices: devices to shard tiles over; default this process's devices.
@@ -440,13 +543,23 @@ def segment_volume(
       the output counts as complete without them.
     uncertainty: optional path of a [z, y, x] uint8 array, round(255 * entropy(p) /
       log(classes)) of the blended probabilities p: 0 = certain, 255 = uniform.
+    train_patch: the y-x side of the training patches of a model that normalises each
+      tile on its own (instance or group norm), or None (no such model, or unknown). A
+      `tile` below it is refused rather than warned about: such tiles feed the norm
+      other statistics than training did, and the labels change without any sign of
+      it. Tiles that the volume or the block bound anyway are not refused.
 
   Returns:
     A `SegmentationResult`.
 
   Raises:
     InferenceError: a flag value the model or volume cannot take (missing channel,
-      tile not a multiple of the size multiple, wrong number of classes, ...).
+      tile not a multiple of the size multiple or below `train_patch`, wrong number of
+      classes, ...).
+    KeyboardInterrupt: Ctrl-C, with a one-line message: the block in progress is
+      finished, it and the blocks before it written and marked done ("stopped after N
+      of M blocks; rerun the same command to resume"); a second Ctrl-C while a block
+      is computed stops at once, leaving that block to the rerun.
     store.OutputError: the output exists and is complete, belongs to another run, or
       is something else.
     VolumeError: the volume cannot be opened.
@@ -462,6 +575,7 @@ def segment_volume(
   if slices < 1 or slices % 2 == 0:
     raise InferenceError(f"slices={slices} must be odd (the model's slab depth)")
   tiling.check_tiling(tile, overlap, size_multiple)
+  _check_tile_against_training(tile, train_patch, volume.shape[1:], block, overlap, checkpoint)
   if block < 1 or (block > CHUNK_YX and block % CHUNK_YX):
     raise InferenceError(f"--block={block} must be at most {CHUNK_YX} or a multiple of it")
   if not classes:
@@ -536,22 +650,30 @@ def segment_volume(
   skipped = len(mine) - len(todo)
 
   start = time.perf_counter()
+  # Pixels with SI prefixes (874px/s, 87.4kpx/s, 2.10Mpx/s): readable however slow the
+  # model; the blocks done are the postfix.
   bar = tqdm(
     total=sum(b.pixels for b in todo),
-    unit="Mpx",
-    unit_scale=1e-6,
+    unit="px",
+    unit_scale=True,
     disable=not progress,
     desc=f"segment {volume_lib.describe(output)}",
-    bar_format="{l_bar}{bar}| {n:.2f}/{total:.2f} Mpx [{elapsed}<{remaining}, {rate_noinv_fmt}]",
+    bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt}px [{elapsed}<{remaining}, {rate_noinv_fmt}"
+    "{postfix}]",
+    postfix=f"0/{len(todo)} blocks",
   )
   in_flight: list[tuple[Block, list[ts.Future]]] = []
+  finished = 0  # blocks of this call with their done-marker
 
   def finish(keep: int) -> None:
+    nonlocal finished
     while len(in_flight) > keep:
       done_block, futures = in_flight.pop(0)
       for f in futures:
         f.result()
       out.mark_done(done_block.key).result()
+      finished += 1
+      bar.set_postfix_str(f"{finished}/{len(todo)} blocks", refresh=False)
       bar.update(done_block.pixels)
 
   reader = SlabReader(
@@ -564,8 +686,12 @@ def segment_volume(
     size_multiple=size_multiple,
   )
   blend = RegionBlender(predictor, overlap)
+  stop = _StopRequest().install()
+  estimated = False
   try:
     for blk, geom, slab in reader:
+      if stop.requested:
+        break
       probs = blend(slab, geom.tile_yx)
       cy, cx = geom.crop
       probs = probs[cy : cy + blk.y1 - blk.y0, cx : cx + blk.x1 - blk.x0]
@@ -584,12 +710,44 @@ def segment_volume(
           )
         )
       in_flight.append((blk, futures))
+      if progress and not estimated and len(todo) > 1:
+        estimated = True
+        tqdm.write(_estimate(time.perf_counter() - start, blk, todo), file=sys.stderr)
+      if stop.requested:
+        break
       finish(keep=_WRITES_IN_FLIGHT)
       _release_free_memory()
-    finish(keep=0)
+    with stop.draining():
+      finish(keep=0)
+  except KeyboardInterrupt:
+    with stop.draining():
+      finish(keep=0)  # the blocks computed before it keep their work
+    raise KeyboardInterrupt(
+      f"stopped after {skipped + finished} of {len(mine)} blocks (the block in progress "
+      "abandoned); rerun the same command to resume"
+    ) from None
+  except Exception as e:
+    if not outputs.is_disk_full(e):
+      raise
+    for _, futures in in_flight:  # nothing may still be writing when we return
+      for f in futures:
+        try:
+          f.result()
+        except Exception:  # noqa: BLE001 - already failing; these blocks are redone
+          pass
+    paths = [p for p in (output, probabilities, uncertainty) if p is not None]
+    per_pixel = 2 + (len(classes) if probabilities is not None else 0)  # labels + uncertainty
+    remaining = sum(b.pixels for b in todo[finished:])
+    done_pixels = sum(b.pixels for b in mine) - remaining
+    raise _disk_full(paths, skipped + finished, done_pixels, remaining, per_pixel) from e
   finally:
+    stop.restore()
     reader.close()
     bar.close()
+  if stop.requested and finished < len(todo):
+    raise KeyboardInterrupt(
+      f"stopped after {skipped + finished} of {len(mine)} blocks; rerun the same command to resume"
+    )
   seconds = time.perf_counter() - start
   complete = {b.key for b in blocks} <= out.finished_keys()
   return SegmentationResult(
@@ -605,6 +763,24 @@ def segment_volume(
     segmented=tuple(b.key for b in todo),
     uncertainty=uncertainty,
   )
+
+
+def _disk_full(
+  paths: Sequence[Any], done: int, done_pixels: int, remaining_pixels: int, per_pixel: int
+):
+  """The one-line error for a full disk. Finished blocks are kept (a rerun resumes them);
+  the space still needed is extrapolated from what they took, or bounded by the raw size."""
+  local = [volume_lib.local_path(p) for p in paths]
+  written = sum(outputs.dir_size(p) for p in local if p is not None and os.path.exists(p))
+  rate = written / done_pixels if done_pixels and written else per_pixel
+  err = outputs.disk_full_error(
+    "--output",
+    volume_lib.describe(paths[0]),
+    rate * remaining_pixels,
+    "rest of the run",
+    kept=f"The {done} finished blocks are kept (a rerun resumes after them); free some space",
+  )
+  return store.OutputError(str(err))
 
 
 def segment_from_checkpoint(
@@ -667,6 +843,13 @@ def segment_from_checkpoint(
       return model
     return model.clone(config=dataclasses.replace(model.config, dtype=dtype))
 
+  # Batch norm at inference uses its running statistics: any tile size sees the same.
+  patches = [
+    int(m.config.data.patch)
+    for m in members
+    if m.model.config.norm in ("instance", "group") and m.config.data.get("patch")
+  ]
+  train_patch = max(patches, default=None)
   if len(members) == 1:
     model, variables = in_dtype(restored.model), restored.variables
   else:
@@ -682,5 +865,6 @@ def segment_from_checkpoint(
     size_multiple=math.lcm(*(m.size_multiple for m in members)),
     checkpoint=",".join(m.path for m in members),
     output=output,
+    train_patch=train_patch,
     **kwargs,
   )

@@ -1,14 +1,23 @@
 """The experiment config shared by every model: data, model and training fields.
 
-Experiment files under experiments/configs/ start from `base_config()` and fill in
+Experiment files under fibseg_jax/configs/ start from `base_config()` and fill in
 `config.model`. The names here are part of the command-line interface
 (`--config.data.channels=ICE,TLD`, `--config.train.batch_size=8`, ...), and the whole
-config is saved with every checkpoint so a checkpoint alone rebuilds its model.
+config is saved with every checkpoint so a checkpoint alone rebuilds its model. `FIELDS`
+holds each field's default with one line of help, which `fibseg train --config=...
+--show_config` prints.
 """
 
 from __future__ import annotations
 
+import inspect
+import re
+from collections.abc import Mapping
+from typing import Any
+
 import ml_collections
+
+from fibseg_jax import models
 
 
 class ConfigError(ValueError):
@@ -19,61 +28,125 @@ class ConfigError(ValueError):
   """
 
 
+# Every field of `base_config()`: (dotted name, default, one line of help), in the order
+# `fibseg train --show_config` prints them. The model's own fields (model.depth,
+# model.features, ...) are documented in its config class (`field_help`).
+FIELDS: tuple[tuple[str, Any, str], ...] = (
+  ("data.path", "", "volume to train on, written by `fibseg ingest` or `fibseg make-synthetic`"),
+  ("data.channels", "ICE,TLD", "comma-separated channel names of the volume the model takes"),
+  ("data.slices", 3, "slab depth, odd: the annotated slice and (slices - 1) / 2 either side"),
+  ("data.patch", 192, "y-x side of a training patch in pixels (a multiple of 2**model.depth)"),
+  ("data.val_fraction", 0.25, "share of the annotated area held out for validation"),
+  ("data.val_block", 128, "side of a square validation block in pixels"),
+  ("data.split_seed", 0, "seed of the validation split, independent of train.seed"),
+  ("data.eval_slices", "", "comma-separated z of annotated slices kept for evaluation only"),
+  ("data.classes", (), "class names; filled from the volume at the start of training"),
+  ("data.augment", True, "augment the training patches (the flips and jitters below)"),
+  ("data.flips", True, "in-plane flips and quarter turns"),
+  ("data.gain", 0.1, "magnitude of the per-channel intensity gain jitter"),
+  ("data.offset", 0.1, "magnitude of the per-channel intensity offset jitter"),
+  ("data.gamma", 0.2, "magnitude of the per-channel gamma jitter"),
+  ("data.reverse_slab", True, "also read slabs upside down (z reversed)"),
+  ("data.prefetch", 2, "batches read ahead of the training step"),
+  ("data.workers", 4, "threads that normalise and augment a batch"),
+  ("model.name", "unet", "the network: unet (2D / 2.5D U-Net) or sensor3d (U-Net + ConvLSTMs)"),
+  ("model.num_classes", -1, "output classes; -1: take the class count from the volume"),
+  ("train.seed", 0, "seed of the initial weights and of the batches"),
+  ("train.batch_size", 8, "patches per step, over all devices and processes"),
+  ("train.steps", 2000, "training steps in all (a resumed run stops at the same step)"),
+  ("train.learning_rate", 1e-3, "peak learning rate (AdamW; linear warm-up, cosine decay to 1%)"),
+  ("train.warmup_steps", 100, "steps of linear warm-up to the peak learning rate"),
+  ("train.weight_decay", 1e-4, "AdamW weight decay"),
+  ("train.grad_clip", 1.0, "clip the global gradient norm to this; 0 = no clipping"),
+  ("train.dice_weight", 1.0, "weight of the soft Dice loss added to the cross-entropy"),
+  (
+    "train.class_weights",
+    True,
+    "weight classes by inverse-sqrt label frequency of the training area",
+  ),
+  ("train.eval_every", 200, "validation, and a checkpoint, every N steps"),
+  ("train.keep", 3, "latest checkpoints kept (the best one by validation mean IoU is kept too)"),
+  (
+    "train.init_from",
+    "",
+    "fine-tune: start from the weights of another run (its workdir or a checkpoint step "
+    "directory), with a fresh optimizer",
+  ),
+  ("train.log_every", 20, "training metrics logged every N steps"),
+  # Semi-supervised training from the unannotated slices (fibseg_jax.train.state.Semi): a
+  # teacher, the moving average of the weights, labels unlabelled patches from the whole
+  # stack and the student learns them under augmentation.
+  ("semi.weight", 0.0, "weight of the semi-supervised loss on unannotated slices; 0 = off"),
+  ("semi.mode", "pseudo", "pseudo: the teacher's confident labels; soft: its probabilities"),
+  ("semi.threshold", 0.9, "confidence a teacher's pseudo-label needs"),
+  ("semi.ema", 0.99, "teacher = moving average of the weights with this decay; 0 = the student"),
+  ("semi.rampup", 0.25, "share of train.steps over which semi.weight rises to full"),
+  ("semi.batch_size", -1, "unlabelled patches per step; -1: train.batch_size"),
+)
+
+# One line of help per field of `base_config()`.
+HELP: dict[str, str] = {name: text for name, _, text in FIELDS}
+
+
 def base_config() -> ml_collections.ConfigDict:
-  """Defaults of the paper's setting: three annotated slices, 25% held out."""
+  """Defaults of the paper's setting: three annotated slices, 25% held out (`FIELDS`)."""
   config = ml_collections.ConfigDict()
-
-  config.data = ml_collections.ConfigDict()
-  config.data.path = ""  # volume written by experiments/ingest.py or make_synthetic.py
-  config.data.channels = "ICE,TLD"  # comma-separated channel names of the volume
-  config.data.slices = 3  # odd: the annotated slice and (slices - 1) / 2 either side
-  config.data.patch = 192  # y-x side of a training patch
-  config.data.val_fraction = 0.25  # of the annotated area, in square blocks
-  config.data.val_block = 128  # side of a validation block in pixels
-  config.data.split_seed = 0  # seed of the validation split, independent of train.seed
-  config.data.eval_slices = ""  # comma-separated z of slices kept for evaluation only
-  config.data.classes = ()  # filled from the volume at the start of training
-  config.data.augment = True
-  config.data.flips = True  # in-plane flips and quarter turns
-  config.data.gain = 0.1  # per-channel intensity jitter magnitudes
-  config.data.offset = 0.1
-  config.data.gamma = 0.2
-  config.data.reverse_slab = True  # also read slabs upside down (z reversed)
-  config.data.prefetch = 2
-  config.data.workers = 4  # threads that normalise and augment a batch
-
-  config.model = ml_collections.ConfigDict()
-  config.model.name = "unet"
-  config.model.num_classes = -1  # -1: take the class count from the volume
-
-  config.train = ml_collections.ConfigDict()
-  config.train.seed = 0
-  config.train.batch_size = 8  # global, over all devices and processes
-  config.train.steps = 2000
-  config.train.learning_rate = 1e-3
-  config.train.warmup_steps = 100
-  config.train.weight_decay = 1e-4
-  config.train.grad_clip = 1.0
-  config.train.dice_weight = 1.0
-  config.train.class_weights = True  # inverse-sqrt label frequency of the training area
-  config.train.eval_every = 200  # validation, and a checkpoint, every N steps
-  config.train.keep = 3  # latest checkpoints kept (the best one is kept too)
-  # Fine-tuning: start from the weights of another run (its workdir or a checkpoint step
-  # directory) instead of a random init; the optimizer starts afresh.
-  config.train.init_from = ""
-  config.train.log_every = 20
-
-  # Semi-supervised training from the unannotated slices (fibseg_jax.train.state.Semi):
-  # a teacher, the moving average of the weights, labels unlabelled patches from the whole
-  # stack and the student learns them under augmentation. weight 0 turns it off.
-  config.semi = ml_collections.ConfigDict()
-  config.semi.weight = 0.0  # weight of the unsupervised loss
-  config.semi.mode = "pseudo"  # "pseudo": confident pseudo-labels; "soft": probabilities
-  config.semi.threshold = 0.9  # confidence of a pseudo-label
-  config.semi.ema = 0.99  # teacher = moving average of the weights; 0 = the student
-  config.semi.rampup = 0.25  # share of train.steps over which the weight rises to full
-  config.semi.batch_size = -1  # unlabelled patches per step; -1: train.batch_size
+  for name, default, _ in FIELDS:
+    section, field = name.split(".")
+    if section not in config:
+      config[section] = ml_collections.ConfigDict()
+    config[section][field] = default
   return config
+
+
+def flat_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[str, Any]:
+  """{dotted name: value} of every leaf of a config, e.g. {"train.steps": 2000, ...}."""
+  out: dict[str, Any] = {}
+  for key, value in config.items():
+    if isinstance(value, ml_collections.ConfigDict | Mapping):
+      out.update({f"{key}.{k}": v for k, v in flat_fields(value).items()})
+    else:
+      out[key] = value
+  return out
+
+
+def _attribute_help(cls: type) -> dict[str, str]:
+  """{field: its text as one line} from the Attributes of a Google-style class docstring."""
+  lines = inspect.getdoc(cls).splitlines()
+  if "Attributes:" not in lines:
+    return {}
+  out: dict[str, str] = {}
+  name = None
+  for line in lines[lines.index("Attributes:") + 1 :]:
+    if not line.startswith("  "):
+      break
+    match = re.match(r"  (\w+): (.*)", line)
+    if match:
+      name, text = match.groups()
+      out[name] = text.strip()
+    elif name is not None:  # a continuation line
+      out[name] += " " + line.strip()
+  return {name: text.removesuffix(".") for name, text in out.items()}
+
+
+def field_help(config: ml_collections.ConfigDict) -> dict[str, str]:
+  """One line of help per dotted field of an experiment config ("" where none is known).
+
+  Base fields are documented in `FIELDS`; `model.*` in the Attributes of the model's
+  config class (e.g. `UNetConfig`), whose defaults experiment files copy.
+  """
+  model_help: dict[str, str] = {}
+  name = config.get("model", {}).get("name")
+  if name in models.MODELS:
+    model_help = _attribute_help(models.MODELS[name][0])
+  out = {}
+  for dotted in flat_fields(config):
+    section, _, field = dotted.partition(".")
+    text = HELP.get(dotted)
+    if text is None and section == "model":
+      text = model_help.get(field)
+    out[dotted] = text or ""
+  return out
 
 
 def parse_ints(value: str | int | list | tuple, flag: str) -> tuple[int, ...]:

@@ -4,15 +4,21 @@
 of the user's config and data runs before anything is compiled. Restarting with the
 same workdir resumes from the latest checkpoint and ends at the same step count; the
 data stream is a pure function of (seed, step), so a resumed run sees the same batches
-as one that never stopped.
+as one that never stopped. Ctrl-C finishes the current step, saves a checkpoint there
+and raises KeyboardInterrupt with a one-line message (see `train_and_evaluate`).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
+import signal
+import sys
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -63,6 +69,11 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     raise
   except volume_lib.VolumeError as e:
     raise ConfigError(str(e) if "--config" in str(e) else f"--config.data.path: {e}") from None
+  if not volume.classes or not volume.metadata.annotated_slices:
+    raise ConfigError(
+      f"--config.data.path={d.path} has no labels (ingested to be segmented only); "
+      "ingest it again with --labels (and --classes) to train on it"
+    )
   num_classes = len(volume.classes)
   if config.model.num_classes in (-1, None):
     config.model.num_classes = num_classes
@@ -301,6 +312,61 @@ def _as_model_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {**local, "labels": local["labels"].astype(np.int32)}
 
 
+class _StopRequest:
+  """Ctrl-C (SIGINT) as a request to stop after the current training step.
+
+  The first Ctrl-C only sets `requested`; the loop finishes the step, saves and stops.
+  Another Ctrl-C while a checkpoint is written is noted and changes nothing, so the
+  checkpoint is complete; at any other time it stops at once (KeyboardInterrupt, nothing
+  saved past the last checkpoint: the step in flight cannot be saved, its input state
+  was donated to it). Takes over SIGINT only from the main thread and only where Python's
+  default handler holds it; elsewhere Ctrl-C behaves as it did.
+  """
+
+  def __init__(self, enabled: bool):
+    self.requested = False
+    self._saving = False
+    self._previous = None
+    self._enabled = (
+      enabled
+      and threading.current_thread() is threading.main_thread()
+      and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    )
+
+  def __enter__(self) -> _StopRequest:
+    if self._enabled:
+      self._previous = signal.signal(signal.SIGINT, self._handle)
+    return self
+
+  def __exit__(self, *exc_info) -> None:
+    if self._previous is not None:
+      signal.signal(signal.SIGINT, self._previous)
+      self._previous = None
+
+  def _handle(self, signum, frame) -> None:
+    del signum, frame
+    if self._saving:
+      self.requested = True
+      tqdm.write("Ctrl-C: writing the checkpoint; stopping once it is complete", file=sys.stderr)
+      return
+    if self.requested:
+      raise KeyboardInterrupt  # the loop words it, knowing the step
+    self.requested = True
+    tqdm.write(
+      "Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: stop now, without it)",
+      file=sys.stderr,
+    )
+
+  @contextlib.contextmanager
+  def saving(self) -> Iterator[None]:
+    """A context in which Ctrl-C cannot stop a checkpoint half written."""
+    self._saving = True
+    try:
+      yield
+    finally:
+      self._saving = False
+
+
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -317,7 +383,27 @@ def train_and_evaluate(
   Raises:
     ConfigError: a user mistake in the config, the volume or the workdir, found before
       anything is compiled. Any other exception is a bug.
+    KeyboardInterrupt: Ctrl-C, with a one-line message. The step in flight is finished
+      and saved (``stopped at step N: checkpoint saved in WORKDIR; rerun the same command
+      to resume``), so a rerun continues exactly as if nothing had stopped it; a second
+      Ctrl-C during the step stops at once without that checkpoint, one during the save
+      only waits for it. A multi-process run cannot save on Ctrl-C (its processes get
+      the signal at different steps): its message names the validation step a rerun
+      resumes from.
   """
+  try:
+    return _train_and_evaluate(config, workdir, progress)
+  except KeyboardInterrupt as e:
+    if e.args:  # worded by the loop
+      raise
+    raise KeyboardInterrupt(
+      "stopped before training began: nothing new to save; rerun the same command to resume"
+    ) from None
+
+
+def _train_and_evaluate(
+  config: ml_collections.ConfigDict, workdir: str, progress: bool
+) -> dict[str, Any]:
   exp = prepare(config)
   config = exp.config
   start = check_workdir(config, workdir) or 0
@@ -381,41 +467,81 @@ def train_and_evaluate(
     total=steps, initial=start, desc="train", unit="step", disable=not (progress and is_main)
   )
   tick, tick_step = time.perf_counter(), start
-  try:
-    for step in range(start, steps):
-      batch = parallel.global_batch(_as_model_batch(next(batches)), batch_sharding)
-      state, metrics = train_step(state, batch)
-      # Wait for the step so the progress bar tells the truth; the loader's prefetch
-      # thread keeps reading meanwhile, so little is lost.
-      metrics["loss"].block_until_ready()
-      done = step + 1
-      if done % int(t.log_every) == 0 or done == steps:
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.perf_counter()
-        metrics["patches_per_s"] = (done - tick_step) * lc.batch_size / max(now - tick, 1e-9)
-        tick, tick_step = now, done
-        last_loss = metrics["loss"]
-        writer.write(done, metrics)
-        bar.set_postfix(loss=f"{last_loss:.4f}", patches_s=f"{metrics['patches_per_s']:.1f}")
-      if done % int(t.eval_every) == 0 or done == steps:
-        val = _validate(eval_step, state, loader, batch_sharding, classes)
-        writer.write(done, val)
-        checkpoint.save(mngr, done, state, config, {"step": done, "seed": int(t.seed)}, val)
-        if best["val_miou"] is None or val["val_miou"] > best["val_miou"]:
-          best = {"step": done, **val}
-        bar.set_postfix(
-          loss=f"{last_loss:.4f}" if last_loss is not None else "-",
-          val_miou=f"{val['val_miou']:.3f}",
-        )
-      bar.update(1)
-  finally:
-    bar.close()
-    loader.close()
-    writer.close()
+  # Saving on Ctrl-C needs every process to stop at the same step, and processes get
+  # their signals at different steps; several processes keep their validation-step
+  # checkpoints only (a rerun resumes from the last of them).
+  processes = jax.process_count()
+  stop = _StopRequest(enabled=processes == 1)
+  saved = start  # the step of the latest checkpoint (0: none)
+  current = start  # the step in flight, counted from 1
+  stopped = False
+
+  def save(step: int, val: dict[str, float] | None) -> None:
+    nonlocal saved
+    with stop.saving():
+      checkpoint.save(mngr, step, state, config, {"step": step, "seed": int(t.seed)}, val)
+    saved = step
+
+  with stop:
+    try:
+      for step in range(start, steps):
+        current = step + 1
+        batch = parallel.global_batch(_as_model_batch(next(batches)), batch_sharding)
+        state, metrics = train_step(state, batch)
+        # Wait for the step so the progress bar tells the truth; the loader's prefetch
+        # thread keeps reading meanwhile, so little is lost.
+        metrics["loss"].block_until_ready()
+        done = step + 1
+        if done % int(t.log_every) == 0 or done == steps:
+          metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+          now = time.perf_counter()
+          metrics["patches_per_s"] = (done - tick_step) * lc.batch_size / max(now - tick, 1e-9)
+          tick, tick_step = now, done
+          last_loss = metrics["loss"]
+          writer.write(done, metrics)
+          bar.set_postfix(loss=f"{last_loss:.4f}", patches_s=f"{metrics['patches_per_s']:.1f}")
+        if done % int(t.eval_every) == 0 or done == steps:
+          val = _validate(eval_step, state, loader, batch_sharding, classes)
+          writer.write(done, val)
+          save(done, val)
+          if best["val_miou"] is None or val["val_miou"] > best["val_miou"]:
+            best = {"step": done, **val}
+          bar.set_postfix(
+            loss=f"{last_loss:.4f}" if last_loss is not None else "-",
+            val_miou=f"{val['val_miou']:.3f}",
+          )
+        bar.update(1)
+        if stop.requested and done < steps:
+          if saved != done:
+            save(done, None)  # no validation: it would delay the stop
+          stopped = True
+          break
+    except KeyboardInterrupt as e:
+      if e.args:
+        raise
+      resume = f"step {saved}" if saved else "the start"
+      why = (
+        f"a run of {processes} processes saves only at its validation steps (every "
+        f"--config.train.eval_every={t.eval_every})"
+        if processes > 1
+        else "without saving it"
+      )
+      raise KeyboardInterrupt(
+        f"stopped during step {current}, {why}; rerun the same command to resume from {resume}"
+      ) from None
+    finally:
+      bar.close()
+      loader.close()
+      writer.close()
+    with stop.saving():  # the curves (so far); a Ctrl-C now only repeats the request
+      curves = metrics_writer.plot_curves(workdir, config=config) if is_main else None
+  if stopped:
+    raise KeyboardInterrupt(
+      f"stopped at step {saved}: checkpoint saved in {workdir}; rerun the same command to resume"
+    )
   best_step = mngr.best_step()
   if best_step is not None and best_step != best.get("step"):
     best = {"step": best_step}  # found by an earlier run of this workdir
-  curves = metrics_writer.plot_curves(workdir) if is_main else None
   summary = {"step": steps, "best": best, "last_loss": last_loss, "curves": curves}
   if is_main:
     print(f"done: step {steps}; best step {best['step']}; curves {curves}")

@@ -1,0 +1,72 @@
+r"""Ranks the slices nobody annotated by the model's uncertainty: which to annotate next.
+
+  fibseg segment --workdir=runs/unet --input=vol.zarr --output=seg.zarr \
+    --uncertainty=unc.zarr
+  fibseg suggest --uncertainty=unc.zarr --volume=vol.zarr --out=suggest/
+
+Uncertainty = entropy of the blended class probabilities / log(classes), averaged over
+each slice. Give exactly one of --uncertainty (segment.py's per-voxel uncertainty array
+[z, y, x], already that entropy; one byte a voxel) or --probabilities (its class
+probability array [z, y, x, classes], whose entropy is computed here). Writes
+suggest.json (every slice's score, the ranking), uncertainty_z.png (the profile along z,
+annotated and suggested slices marked) and uncertainty_top.png (the suggested slices'
+uncertainty maps). Annotated slices come from --volume's metadata (or --annotated) and
+are left out of the ranking.
+"""
+
+import sys
+
+from absl import flags
+
+from fibseg_jax.cli import runner
+from fibseg_jax.data import volume
+from fibseg_jax.eval import uncertainty
+from fibseg_jax.infer import store
+from fibseg_jax.train import config as config_lib
+
+_PROBABILITIES = flags.DEFINE_string(
+  "probabilities", None, "segment.py's --probabilities array [z, y, x, classes]."
+)
+_UNCERTAINTY = flags.DEFINE_string(
+  "uncertainty", None, "segment.py's --uncertainty array [z, y, x] (instead of --probabilities)."
+)
+_VOLUME = flags.DEFINE_string("volume", None, "The segmented volume (its annotated slices).")
+_ANNOTATED = flags.DEFINE_string(
+  "annotated", None, "Annotated slices instead of --volume's, e.g. 5,11,17."
+)
+_OUT = flags.DEFINE_string("out", None, "Output directory.")
+_TOP = flags.DEFINE_integer("top", 3, "How many slices to suggest.")
+
+
+def main(argv):
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {argv[1:]}")
+  given = [flag for flag in (_UNCERTAINTY, _PROBABILITIES) if flag.value]
+  if len(given) != 1:
+    sys.exit(
+      "error: give exactly one of --uncertainty=unc.zarr or --probabilities=probs.zarr "
+      "(segment.py's outputs)"
+      + (f"; got both {given[0].value} and {given[1].value}" if len(given) == 2 else "")
+    )
+  if not _OUT.value:
+    sys.exit("error: --out is required")
+  try:
+    if _ANNOTATED.value is not None:
+      annotated = config_lib.parse_ints(_ANNOTATED.value, "--annotated")
+    elif _VOLUME.value:
+      annotated = volume.open_volume(_VOLUME.value).metadata.annotated_slices
+    else:
+      sys.exit("error: give --volume=vol.zarr (or --annotated=5,11,17) to leave out annotated")
+    document = uncertainty.suggest(
+      given[0].value, _OUT.value, annotated=annotated, top=_TOP.value, kind=given[0].name
+    )
+  except (ValueError, store.OutputError, volume.VolumeError) as e:
+    sys.exit(f"error: {e}")
+  for rank, row in enumerate(document["ranking"][: _TOP.value], 1):
+    print(f"{rank}. slice {row['z']}: uncertainty {row['uncertainty']:.4f}")
+  print(f"wrote {_OUT.value}/suggest.json, uncertainty_z.png, uncertainty_top.png")
+
+
+def run(argv: list[str] | None = None) -> None:
+  """`fibseg suggest`: `main` under absl (see `runner.run_module`)."""
+  runner.run_module(sys.modules[__name__], argv)
