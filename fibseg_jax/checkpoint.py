@@ -22,6 +22,7 @@ from flax import serialization
 from orbax.checkpoint import checkpoint_managers
 
 from fibseg_jax import models
+from fibseg_jax.data import lists
 
 ITEMS = ("state", "config", "loader")
 BEST_METRIC = "val_miou"
@@ -199,11 +200,9 @@ class Restored:
 
   @property
   def channels(self) -> tuple[str, ...]:
-    channels = self.config.data.channels
     # "ICE,TLD" from the command line, a list when a config file gave a tuple.
-    if isinstance(channels, str):
-      channels = channels.split(",")
-    return tuple(str(c).strip() for c in channels if str(c).strip())
+    names = lists.parse_list(self.config.data.channels, str, flag="data.channels")
+    return tuple(c for c in names if c)
 
   @property
   def slices(self) -> int:

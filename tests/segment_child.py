@@ -10,6 +10,7 @@ alone and tiling cannot change them.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -49,9 +50,8 @@ def main(argv: list[str]) -> None:
   mode, root, output = argv[1:4]
   vol = volume.open_volume(root, check_labels=False)
   model, variables = pixel_model(3, len(vol.channels))
-  kwargs = dict(
-    channels=vol.channels, slices=3, tile=64, overlap=16, block=128, batch=3, progress=False
-  )
+  settings = infer.SegmentSettings(tile=64, overlap=16, block=128, batch=3, progress=False)
+  kwargs = dict(channels=vol.channels, slices=3, settings=settings)
   if mode == "memory":
     before = machine.peak_rss_mib()
     result = infer.segment_volume(vol, model, variables, output=output, **kwargs)
@@ -76,8 +76,9 @@ def main(argv: list[str]) -> None:
       variables,
       output=output + ".one",
       probabilities=output + ".one.probs",
-      devices=jax.devices()[:1],
-      **kwargs,
+      channels=vol.channels,
+      slices=3,
+      settings=dataclasses.replace(settings, devices=jax.devices()[:1]),
     )
     read = lambda p: infer.open_array(p).read().result()
     predictor = infer.TilePredictor(

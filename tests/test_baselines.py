@@ -6,7 +6,7 @@ from scipy import ndimage
 
 from fibseg_jax import baselines
 from fibseg_jax.data import loader as loader_lib
-from fibseg_jax.data import synth, volume
+from fibseg_jax.data import split, synth, volume
 from fibseg_jax.eval import metrics
 
 TRAIN, EVAL = (2, 4, 6), 7
@@ -155,7 +155,7 @@ def test_training_pixels_are_the_networks_training_pixels(stack_volume):
   with loader_lib.SlabLoader(stack_volume, net) as loader:
     masks = loader.split_masks()
   for z in TRAIN:
-    np.testing.assert_array_equal(labels[z] != 255, masks[z] == loader_lib.REGION_TRAIN)
+    np.testing.assert_array_equal(labels[z] != 255, masks[z] == split.REGION_TRAIN)
   share = sum((labels[z] != 255).sum() for z in TRAIN) / (len(TRAIN) * 128 * 128)
   assert 0.7 <= share <= 0.8
 

@@ -1,5 +1,6 @@
 """Whole-volume segmentation: tiling, blending, coverage, resume, processes, devices, memory."""
 
+import dataclasses
 import json
 import os
 import re
@@ -86,12 +87,15 @@ def whole_image_probabilities(apply, variables, vol, z, *, slices=3, pad=0, mult
 
 
 def segment(vol, model_and_vars, output, **kwargs):
+  """`segment_volume` with small defaults; `SegmentSettings` fields go to its settings."""
   model, variables = model_and_vars
-  defaults = dict(
-    channels=CHANNELS, slices=3, tile=16, overlap=4, block=32, batch=3, progress=False
-  )
-  defaults.update(kwargs)
-  return infer.segment_volume(vol, model, variables, output=output, **defaults)
+  fields = {f.name for f in dataclasses.fields(infer.SegmentSettings)}
+  given = dict(tile=16, overlap=4, block=32, batch=3, progress=False)
+  given.update({k: v for k, v in kwargs.items() if k in fields})
+  rest = dict(channels=CHANNELS, slices=3)
+  rest.update({k: v for k, v in kwargs.items() if k not in fields})
+  settings = infer.SegmentSettings(**given)
+  return infer.segment_volume(vol, model, variables, output=output, settings=settings, **rest)
 
 
 def read(path):
@@ -542,7 +546,11 @@ def test_bfloat16_compute_of_a_float32_checkpoint(trained, tmp_path):
   for dtype in ("float32", "bfloat16"):
     out, probs = str(tmp_path / f"{dtype}.zarr"), str(tmp_path / f"{dtype}_p.zarr")
     infer.segment_from_checkpoint(
-      trained, vol_path, output=out, probabilities=probs, dtype=dtype, tile=16, overlap=4
+      trained,
+      vol_path,
+      output=out,
+      probabilities=probs,
+      settings=infer.SegmentSettings(dtype=dtype, tile=16, overlap=4),
     )
     results[dtype] = read(out), read(probs).astype(np.float32) / 255
   (labels32, probs32), (labels16, probs16) = results["float32"], results["bfloat16"]
@@ -554,7 +562,10 @@ def test_bfloat16_compute_of_a_float32_checkpoint(trained, tmp_path):
 
   with pytest.raises(infer.InferenceError, match="--dtype=float16: expected one of"):
     infer.segment_from_checkpoint(
-      trained, vol_path, output=str(tmp_path / "x.zarr"), dtype="float16", tile=16
+      trained,
+      vol_path,
+      output=str(tmp_path / "x.zarr"),
+      settings=infer.SegmentSettings(dtype="float16", tile=16),
     )
 
 
@@ -574,7 +585,7 @@ def test_progress_tells_how_long_after_the_first_block(vol, pixel, capsys):
 
 
 def test_durations_read_as_a_person_would_say_them():
-  duration = infer.segment._duration
+  duration = infer.progress.duration
   assert [duration(s) for s in (12.34, 59.99, 250, 3599.4, 7500)] == [
     "12.3 s",
     "1 min 0 s",
@@ -616,10 +627,16 @@ def test_tile_below_the_training_patch_of_a_per_tile_norm_is_refused(
     ),
   ):
     infer.segment_from_checkpoint(
-      instance_norm, vol_path, output=str(tmp_path / "a"), tile=16, overlap=4
+      instance_norm,
+      vol_path,
+      output=str(tmp_path / "a"),
+      settings=infer.SegmentSettings(tile=16, overlap=4),
     )
   result = infer.segment_from_checkpoint(
-    instance_norm, vol_path, output=str(tmp_path / "b"), tile=32, overlap=8
+    instance_norm,
+    vol_path,
+    output=str(tmp_path / "b"),
+    settings=infer.SegmentSettings(tile=32, overlap=8),
   )
   assert result.complete
   # Where the block (or the volume) bounds the tiles anyway, --tile does not matter.
@@ -696,7 +713,11 @@ def test_ensemble_averages_the_members_probabilities(trained, tmp_path):
   for name, members in (("a", [trained]), ("b", [other]), ("ab", [trained, other])):
     out = str(tmp_path / f"{name}.zarr")
     infer.segment_from_checkpoint(
-      members, vol_path, output=out, probabilities=out + "p", tile=16, overlap=4
+      members,
+      vol_path,
+      output=out,
+      probabilities=out + "p",
+      settings=infer.SegmentSettings(tile=16, overlap=4),
     )
     probs[name] = read(out + "p").astype(np.float32)
   assert np.abs(probs["a"] - probs["b"]).max() > 20  # the members really differ

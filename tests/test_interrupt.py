@@ -27,9 +27,9 @@ import os, signal, sys, time
 sys.path.insert(0, os.path.join(sys.argv[1], "tests"))
 import segment_child
 from fibseg_jax import infer
-from fibseg_jax.infer import segment
+from fibseg_jax.infer import blend
 mode, root, output, ready, go = sys.argv[2:7]
-blend, calls = segment.RegionBlender.__call__, []
+blended, calls = blend.RegionBlender.__call__, []
 def held(self, slab, tile_yx):
   calls.append(len(calls))
   if len(calls) == 3 and mode == "twice":
@@ -40,13 +40,13 @@ def held(self, slab, tile_yx):
     deadline = time.time() + 120
     while not os.path.exists(go) and time.time() < deadline:
       time.sleep(0.01)
-  return blend(self, slab, tile_yx)
-segment.RegionBlender.__call__ = held
+  return blended(self, slab, tile_yx)
+blend.RegionBlender.__call__ = held
 model, variables = segment_child.pixel_model(3, 2)
 try:
   infer.segment_volume(
-    root, model, variables, output=output, channels=("ICE", "TLD"), slices=3, tile=16,
-    overlap=4, block=32, batch=3, progress=False,
+    root, model, variables, output=output, channels=("ICE", "TLD"), slices=3,
+    settings=infer.SegmentSettings(tile=16, overlap=4, block=32, batch=3, progress=False),
   )
 except KeyboardInterrupt as e:
   print(f"interrupted: {e}", file=sys.stderr)

@@ -12,9 +12,11 @@ import uuid
 import numpy as np
 import pytest
 
-from fibseg_jax.data import loader as loader_lib
+from fibseg_jax.data import reader, split
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.data.loader import LoaderConfig, PatchPlan, SlabLoader
+from fibseg_jax.data.loader import LoaderConfig, SlabLoader
+from fibseg_jax.data.plans import PatchPlan
+from fibseg_jax.train import losses
 
 IGNORE = volume_lib.IGNORE_LABEL
 DEPTH, SIZE = 6, 64
@@ -91,16 +93,16 @@ def _take(iterator, n):
 
 
 def test_slab_indices_reflect_like_numpy_pad():
-  np.testing.assert_array_equal(loader_lib.slab_indices(0, 5, 6), [2, 1, 0, 1, 2])
-  np.testing.assert_array_equal(loader_lib.slab_indices(5, 5, 6), [3, 4, 5, 4, 3])
-  np.testing.assert_array_equal(loader_lib.slab_indices(3, 1, 6), [3])
-  np.testing.assert_array_equal(loader_lib.slab_indices(0, 3, 1), [0, 0, 0])
+  np.testing.assert_array_equal(reader.slab_indices(0, 5, 6), [2, 1, 0, 1, 2])
+  np.testing.assert_array_equal(reader.slab_indices(5, 5, 6), [3, 4, 5, 4, 3])
+  np.testing.assert_array_equal(reader.slab_indices(3, 1, 6), [3])
+  np.testing.assert_array_equal(reader.slab_indices(0, 3, 1), [0, 0, 0])
   for depth in (2, 3, 6):
     for slices in (1, 3, 5, 9):
       padded = np.pad(np.arange(depth), slices // 2, mode="reflect")
       for center in range(depth):
         np.testing.assert_array_equal(
-          loader_lib.slab_indices(center, slices, depth), padded[center : center + slices]
+          reader.slab_indices(center, slices, depth), padded[center : center + slices]
         )
 
 
@@ -132,7 +134,7 @@ def test_training_batches_follow_the_plan_and_hold_training_pixels(volume):
       coords = _decode(loader, batch["image"])
       np.testing.assert_array_equal(coords[:, 1, 0, 0], np.stack([plan.z, plan.y0, plan.x0], 1))
       for i in range(8):
-        slab = loader_lib.slab_indices(plan.z[i], 3, DEPTH)
+        slab = reader.slab_indices(plan.z[i], 3, DEPTH)
         np.testing.assert_array_equal(coords[i, :, 0, 0, 0], slab)
       assert batch["labels"].dtype == np.uint8 and batch["labels"].shape == (8, 16, 16)
       assert ((batch["labels"] != IGNORE).sum((1, 2)) > 0).all()
@@ -150,16 +152,16 @@ def test_split_holds_out_a_quarter_in_whole_blocks(volume):
   assert sorted(masks) == [0, 2, 5]
   for z, y0, y1, x0, x1 in blocks:
     assert (y1 - y0, x1 - x0) == (16, 16)
-    assert (masks[z][y0:y1, x0:x1] == loader_lib.REGION_VALIDATION).all()
-  val_pixels = sum(int((m == loader_lib.REGION_VALIDATION).sum()) for m in masks.values())
+    assert (masks[z][y0:y1, x0:x1] == split.REGION_VALIDATION).all()
+  val_pixels = sum(int((m == split.REGION_VALIDATION).sum()) for m in masks.values())
   assert val_pixels == loader.val_area
   # Both annotated halves of the stack give validation blocks (blocks drawn jointly).
   assert len({b[0] for b in blocks}) >= 2
-  assert (masks[2][:, :32] == loader_lib.REGION_UNLABELLED).all()
+  assert (masks[2][:, :32] == split.REGION_UNLABELLED).all()
   # Training histogram = labels of the training region, counted independently.
   expected = np.zeros(4, np.int64)
   for z, m in masks.items():
-    np.add.at(expected, volume.read_labels(z)[m == loader_lib.REGION_TRAIN], 1)
+    np.add.at(expected, volume.read_labels(z)[m == split.REGION_TRAIN], 1)
   np.testing.assert_array_equal(counts, expected)
   assert counts.sum() == loader.train_area
   assert "25.0%" in loader.summary()
@@ -188,7 +190,7 @@ def test_validation_and_unannotated_pixels_never_labelled_in_training(volume):
       labelled = batch["labels"] != IGNORE
       z, y, x = (centre[..., i][labelled] for i in range(3))
       region = np.stack([masks[int(zz)][yy, xx] for zz, yy, xx in zip(z, y, x, strict=True)])
-      assert (region == loader_lib.REGION_TRAIN).all()
+      assert (region == split.REGION_TRAIN).all()
       # Alignment: each label is the volume's label at the voxel its image pixel shows.
       np.testing.assert_array_equal(batch["labels"][labelled], expected_label(z, y, x))
       assert EVAL_ONLY_CLASS not in batch["labels"]
@@ -253,7 +255,7 @@ def test_eval_slices_are_never_trained_or_validated(volume):
   with SlabLoader(volume, _config(eval_slices=(5,), batch_size=8)) as loader:
     assert loader.train_slices == (0, 2)
     masks = loader.split_masks()
-    assert (masks[5] == loader_lib.REGION_EVALUATION).all()
+    assert (masks[5] == split.REGION_EVALUATION).all()
     for batch in loader.validation_batches():
       assert EVAL_ONLY_CLASS not in batch["labels"]
     assert all(b[0] != 5 for b in loader.validation_blocks())
@@ -285,7 +287,7 @@ def test_validation_tiles_label_each_validation_pixel_once(volume, patch):
     empty = [b for b in batches for row in b["labels"] if (row == IGNORE).all()]
     assert len(empty) == padding
   for z, m in masks.items():
-    np.testing.assert_array_equal(hits[z], (m == loader_lib.REGION_VALIDATION).astype(int))
+    np.testing.assert_array_equal(hits[z], (m == split.REGION_VALIDATION).astype(int))
 
 
 def test_same_seed_and_step_give_the_same_batch(volume):
@@ -403,12 +405,12 @@ def test_prefetcher_reraises_reader_errors_and_stops():
       raise KeyError(f"cannot read {key}")
     return key * 10
 
-  prefetcher = loader_lib.Prefetcher(produce, range(10), depth=2)
+  prefetcher = reader.Prefetcher(produce, range(10), depth=2)
   assert [next(prefetcher) for _ in range(3)] == [0, 10, 20]
   with pytest.raises(KeyError, match="cannot read 3"):
     next(prefetcher)
   assert not prefetcher.running
-  assert list(loader_lib.Prefetcher(produce, range(3), depth=1)) == [0, 10, 20]
+  assert list(reader.Prefetcher(produce, range(3), depth=1)) == [0, 10, 20]
 
 
 def test_close_stops_the_prefetch_threads(volume):
@@ -424,12 +426,12 @@ def test_close_stops_the_prefetch_threads(volume):
 
 
 def test_class_weights_inverse_sqrt_frequency():
-  np.testing.assert_allclose(loader_lib.class_weights([100, 400, 0]), [4 / 3, 2 / 3, 0])
-  weights = loader_lib.class_weights(np.array([9, 9]))
+  np.testing.assert_allclose(losses.class_weights([100, 400, 0]), [4 / 3, 2 / 3, 0])
+  weights = losses.class_weights(np.array([9, 9]))
   assert weights.dtype == np.float32
   np.testing.assert_allclose(weights, [1, 1])
   with pytest.raises(ValueError, match="no labelled training pixels"):
-    loader_lib.class_weights([0, 0])
+    losses.class_weights([0, 0])
 
 
 def test_split_seed_fixes_the_split_across_training_seeds(volume):

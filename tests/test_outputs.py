@@ -4,6 +4,7 @@ Each writer is pointed, with and without --overwrite, at a folder of raw TIFFs w
 unrelated file in it, at its own input, and at an earlier output of its own kind.
 """
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -13,10 +14,10 @@ import numpy as np
 import pytest
 import tifffile
 
+from fibseg_jax import eval as evaluation
 from fibseg_jax import outputs
 from fibseg_jax.bench import report as bench_report
 from fibseg_jax.data import ingest, synth, volume
-from fibseg_jax.eval import report as evaluation
 from fibseg_jax.eval import uncertainty
 from fibseg_jax.infer import export, store
 from fibseg_jax.study import comparison, semi
@@ -208,11 +209,7 @@ def segmented(tmp_path_factory):
     uncertainty=str(tmp / "unc.zarr"),
     channels=("ICE",),
     slices=3,
-    tile=16,
-    overlap=4,
-    block=32,
-    batch=2,
-    progress=False,
+    settings=infer.SegmentSettings(tile=16, overlap=4, block=32, batch=2, progress=False),
   )
   return {
     "root": root,
@@ -229,12 +226,12 @@ def test_segment_refuses_what_it_did_not_write(segmented, tmp_path):
   raw = raw_folder(str(tmp_path / "raw"))
   before = snapshot(raw)
   model, variables = segmented["model"]
-  common = dict(channels=("ICE",), slices=3, tile=16, overlap=4, block=32, progress=False)
+  common = dict(channels=("ICE",), slices=3)
+  settings = infer.SegmentSettings(tile=16, overlap=4, block=32, progress=False)
   for overwrite in (False, True):
+    given = dataclasses.replace(settings, overwrite=overwrite)
     with pytest.raises(store.OutputError, match="not a zarr array|not a labels array"):
-      infer.segment_volume(
-        segmented["vol"], model, variables, output=raw, overwrite=overwrite, **common
-      )
+      infer.segment_volume(segmented["vol"], model, variables, output=raw, settings=given, **common)
     # A zarr array that segment.py did not write (the volume's own image array).
     with pytest.raises(store.OutputError, match="inside the input volume"):
       infer.segment_volume(
@@ -242,7 +239,7 @@ def test_segment_refuses_what_it_did_not_write(segmented, tmp_path):
         model,
         variables,
         output=segmented["root"] + "/image",
-        overwrite=overwrite,
+        settings=given,
         **common,
       )
   assert snapshot(raw) == before
@@ -250,7 +247,12 @@ def test_segment_refuses_what_it_did_not_write(segmented, tmp_path):
   segment_child_array(foreign)
   with pytest.raises(store.OutputError, match="not a labels array written by segment.py"):
     infer.segment_volume(
-      segmented["vol"], model, variables, output=foreign, overwrite=True, **common
+      segmented["vol"],
+      model,
+      variables,
+      output=foreign,
+      settings=dataclasses.replace(settings, overwrite=True),
+      **common,
     )
   assert store.read_attributes(foreign) == {"mine": True}
 
@@ -386,10 +388,7 @@ def test_a_stack_without_labels_is_ingested_for_segmentation(tmp_path, segmented
     classes=CLASSES,
     channels=("ICE",),
     slices=3,
-    tile=16,
-    overlap=4,
-    block=32,
-    progress=False,
+    settings=infer.SegmentSettings(tile=16, overlap=4, block=32, progress=False),
   )
   assert store.read_attributes(seg)["classes"] == list(CLASSES)
 
@@ -437,7 +436,11 @@ def test_segment_on_a_full_disk_stops_and_resumes(tmp_path, small_disk, segmente
     w.commit()
   vol = volume.open_volume(root)
   model, variables = segmented["model"]
-  common = dict(channels=("ICE",), slices=3, tile=32, overlap=8, block=64, batch=4, progress=False)
+  common = dict(
+    channels=("ICE",),
+    slices=3,
+    settings=infer.SegmentSettings(tile=32, overlap=8, block=64, batch=4, progress=False),
+  )
   reference = str(tmp_path / "ref.zarr")
   infer.segment_volume(
     vol, model, variables, output=reference, probabilities=reference + ".p", **common

@@ -225,11 +225,8 @@ def test_predict_slice_is_what_segment_writes():
     classes=restored.classes,
     output=out,
     probabilities=out + "-probs",
-    tile=32,
-    overlap=8,
-    batch=4,
     size_multiple=restored.size_multiple,
-    progress=False,
+    settings=infer.SegmentSettings(tile=32, overlap=8, batch=4, progress=False),
   )
   written = infer.open_array(out)[0].read().result()
   np.testing.assert_array_equal(labels, written)

@@ -33,6 +33,7 @@ from fibseg_jax.baselines import cleaning as cleaning_lib
 from fibseg_jax.baselines import forest as forest_lib
 from fibseg_jax.baselines import threshold
 from fibseg_jax.data import loader as loader_lib
+from fibseg_jax.data import split
 from fibseg_jax.data import volume as volume_lib
 
 ROUTES = ("otsu", "clean_otsu", "forest")
@@ -206,6 +207,6 @@ def training_slices(
   images, labels = {}, {}
   for z in train:
     label = vol.read_labels(z)
-    labels[z] = np.where(masks[z] == loader_lib.REGION_TRAIN, label, IGNORE_LABEL).astype(np.uint8)
+    labels[z] = np.where(masks[z] == split.REGION_TRAIN, label, IGNORE_LABEL).astype(np.uint8)
     images[z] = vol.read_image(z)[..., index]
   return images, labels

@@ -9,6 +9,7 @@ from typing import Any
 import jax
 
 from fibseg_jax import models
+from fibseg_jax.data import lists
 
 CHANNELS = ("ICE", "TLD")
 CLASSES = ("pore", "csh", "portlandite", "clinker")
@@ -142,11 +143,10 @@ def parse_ints(values: Sequence[str] | None, flag: str, count: int | None = None
   """
   if values is None:
     return None
-  try:
-    ints = tuple(int(v) for v in values)
-  except ValueError:
-    text = ",".join(values)
-    raise BenchmarkError(f"--{flag}={text}: expected comma-separated integers") from None
+  text = ",".join(values)
+  ints = lists.parse_list(
+    text, int, flag=f"--{flag}", error=BenchmarkError, expected="comma-separated integers"
+  )
   if count is not None and len(ints) != count:
     raise BenchmarkError(f"--{flag}={','.join(values)}: expected {count} integers (z,y,x)")
   return ints

@@ -74,13 +74,15 @@ def segment(spec: Mapping[str, Any]) -> dict[str, Any]:
     channels=spec["channels"],
     slices=spec["slices"],
     output=spec["output"],
-    tile=spec["tile"],
-    overlap=spec["overlap"],
-    batch=spec["batch"],
-    block=spec["block"],
     size_multiple=models.size_multiple(spec["model"]),
-    overwrite=True,
-    progress=False,
+    settings=infer.SegmentSettings(
+      tile=spec["tile"],
+      overlap=spec["overlap"],
+      batch=spec["batch"],
+      block=spec["block"],
+      overwrite=True,
+      progress=False,
+    ),
   )
   return {
     "rss_before_mib": before,

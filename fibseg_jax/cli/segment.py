@@ -62,7 +62,7 @@ _BLOCK = flags.DEFINE_integer(
 _DTYPE = flags.DEFINE_enum(
   "dtype",
   None,
-  list(infer.segment.COMPUTE_DTYPES),
+  list(infer.settings.COMPUTE_DTYPES),
   "Compute dtype instead of the training one; bfloat16 is for GPUs/TPUs (parameters stay "
   "float32; on CPU it is no faster).",
 )
@@ -137,17 +137,19 @@ def main(argv):
       model_paths,
       _INPUT.value,
       output=_OUTPUT.value,
-      dtype=_DTYPE.value,
-      tta=_TTA.value,
-      only_slices=only_slices,
       probabilities=_PROBABILITIES.value,
       uncertainty=_UNCERTAINTY.value,
-      tile=_TILE.value,
-      overlap=_OVERLAP.value,
-      batch=_BATCH.value,
-      block=_BLOCK.value,
-      window=_WINDOW.value,
-      overwrite=_OVERWRITE.value,
+      settings=infer.SegmentSettings(
+        tile=_TILE.value,
+        overlap=_OVERLAP.value,
+        batch=_BATCH.value,
+        block=_BLOCK.value,
+        window=_WINDOW.value,
+        tta=_TTA.value,
+        only_slices=only_slices,
+        dtype=_DTYPE.value,
+        overwrite=_OVERWRITE.value,
+      ),
     )
   except checkpoint.CheckpointError as e:
     sys.exit(f"error: {which}: {e}")

@@ -8,6 +8,14 @@ labelled 255 are left out; undefined per-class scores are NaN and left out of me
 """
 
 from fibseg_jax.eval.figures import class_colors, colorize, fractions_figure, slice_figure
+from fibseg_jax.eval.inputs import (
+  EvaluationError,
+  Prediction,
+  Truth,
+  open_image,
+  open_prediction,
+  open_truth,
+)
 from fibseg_jax.eval.metrics import (
   MetricsError,
   SegmentationMetrics,
@@ -18,18 +26,8 @@ from fibseg_jax.eval.metrics import (
   metrics_from_confusion,
   segmentation_metrics,
 )
-from fibseg_jax.eval.report import (
-  EvaluationError,
-  Prediction,
-  Report,
-  Truth,
-  evaluate,
-  markdown,
-  open_prediction,
-  open_truth,
-  parse_slices,
-  write_report,
-)
+from fibseg_jax.eval.render import markdown, write_report
+from fibseg_jax.eval.report import Report, evaluate, parse_slices
 
 __all__ = [
   "EvaluationError",
@@ -48,6 +46,7 @@ __all__ = [
   "fractions_figure",
   "markdown",
   "metrics_from_confusion",
+  "open_image",
   "open_prediction",
   "open_truth",
   "parse_slices",

@@ -25,28 +25,16 @@ from fibseg_jax import outputs
 from fibseg_jax.data import palette
 from fibseg_jax.eval import figures
 from fibseg_jax.infer import store
-from fibseg_jax.infer.segment import normalised_entropy
+from fibseg_jax.infer.blend import normalised_entropy
 
 # What each kind of input array holds: its rank and what to call it in messages.
 KINDS = {"probabilities": 4, "uncertainty": 3}
 _SHAPES = {"probabilities": "[z, y, x, classes]", "uncertainty": "[z, y, x]"}
 
 
-def entropy(probabilities: np.ndarray) -> np.ndarray:
-  """Normalised entropy of class probabilities.
-
-  Args:
-    probabilities: `[..., classes]`, uint8 (round(255 p), as segment.py writes) or float.
-
-  Returns:
-    `[...]` float32 in [0, 1]: entropy / log(classes); 0 for a one-class model. The
-    same function segmentation writes --uncertainty with (`infer.normalised_entropy`).
-  """
-  p = np.asarray(probabilities)
-  if np.issubdtype(p.dtype, np.integer):
-    p = p.astype(np.float32) / 255.0
-  # uint8 rounding leaves sums near, not at, 1: normalised_entropy divides by the sum.
-  return normalised_entropy(p)
+# Normalised entropy of class probabilities [..., classes] (uint8 as segment.py writes
+# them, or float): the function segmentation writes --uncertainty with.
+entropy = normalised_entropy
 
 
 def open_uncertainty_source(path: Any, kind: str | None = None) -> tuple[Any, str]:
@@ -68,16 +56,15 @@ def open_uncertainty_source(path: Any, kind: str | None = None) -> tuple[Any, st
   if kind is not None and kind not in KINDS:
     raise ValueError(f"kind={kind!r}: expected one of {sorted(KINDS)}")
   where = f"--{kind}={path}" if kind else f"{path}"
-  array = store.open_array(path)
+  seg = store.open_segmentation(path)
+  array = seg.array
   found = next((k for k, rank in KINDS.items() if rank == array.rank), None)
   if found is None or (kind is not None and found != kind):
     expected = [kind] if kind else list(KINDS)
     shapes = " or ".join(f"{k} {_SHAPES[k]}" for k in expected)
     raise ValueError(f"{where}: expected {shapes}, got rank {array.rank}")
-  written_as = store.read_attributes(path).get(store.ATTRIBUTE, {})
-  written_as = written_as.get("kind") if isinstance(written_as, dict) else None
-  if written_as is not None and written_as != found:
-    raise ValueError(f"{where} is segment.py's {written_as} array, not its {found} array")
+  if seg.kind is not None and seg.kind != found:
+    raise ValueError(f"{where} is segment.py's {seg.kind} array, not its {found} array")
   return array, found
 
 
@@ -176,13 +163,10 @@ def _figure_context(source: Any) -> tuple[str, tuple[float, ...] | None]:
   if source is None:
     return "", None
   try:
-    info = store.read_attributes(source).get(store.ATTRIBUTE, {})
+    seg = store.open_segmentation(source)
   except (store.OutputError, ValueError):
     return palette.stack_name(source), None
-  run = info.get("run", {}) if isinstance(info, dict) else {}
-  voxel = run.get("voxel_size_nm")
-  voxel = tuple(float(v) for v in voxel) if voxel and len(voxel) == 3 else None
-  return palette.stack_name(run.get("source") or source), voxel
+  return palette.stack_name(seg.source or source), seg.voxel_size_nm
 
 
 def _profile_figure(path: str, scores, annotated, chosen, *, source: Any = None) -> None:

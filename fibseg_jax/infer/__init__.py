@@ -1,9 +1,9 @@
 """Whole-volume segmentation: overlapping tiles, blended, written block by block.
 
   result = infer.segment_volume(
-      "vol.zarr", model, variables, channels=("ICE", "TLD"), slices=3,
-      output="seg.zarr", probabilities="probs.zarr", uncertainty="unc.zarr", tile=512,
-      overlap=64, batch=8, size_multiple=16)
+      "vol.zarr", model, variables, channels=("ICE", "TLD"), slices=3, size_multiple=16,
+      output="seg.zarr", probabilities="probs.zarr", uncertainty="unc.zarr",
+      settings=infer.SegmentSettings(tile=512, overlap=64, batch=8))
 
 `segment_from_checkpoint` does the same from a training workdir or checkpoint. The
 output is a zarr v3 array [z, y, x] uint8 whose attributes name the classes (with
@@ -12,15 +12,11 @@ after an interruption resumes, and each process of a multi-process run takes its
 blocks.
 """
 
+from fibseg_jax.infer.blend import blend_region, normalised_entropy
 from fibseg_jax.infer.predict import TilePredictor
-from fibseg_jax.infer.segment import (
-  SegmentationResult,
-  SlabReader,
-  blend_region,
-  normalised_entropy,
-  segment_from_checkpoint,
-  segment_volume,
-)
+from fibseg_jax.infer.reader import SlabReader
+from fibseg_jax.infer.segment import segment_from_checkpoint, segment_volume
+from fibseg_jax.infer.settings import SegmentationResult, SegmentSettings
 from fibseg_jax.infer.slice import predict_slice
 from fibseg_jax.infer.store import OutputError, open_array, read_attributes
 from fibseg_jax.infer.tiling import (
@@ -40,6 +36,7 @@ __all__ = [
   "Block",
   "InferenceError",
   "OutputError",
+  "SegmentSettings",
   "SegmentationResult",
   "SlabReader",
   "TilePredictor",

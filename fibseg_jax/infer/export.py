@@ -121,21 +121,17 @@ def _exported_from(path: Any, fmt: str) -> str | None:
   return head[len(prefix) :] if sep and head.startswith(prefix) else None
 
 
-def _segmentation(labels: Any) -> tuple[ts.TensorStore, tuple[str, ...], list[float], Any]:
-  """(array [z, y, x], classes, voxel size nm, source volume) of a segment.py output."""
+def _segmentation(labels: Any) -> store.Segmentation:
+  """The segment.py labels output at `labels`, with its classes and voxel size."""
   where = volume_lib.describe(labels)
-  attrs = store.read_attributes(labels)
-  array = store.open_array(labels)
-  if array.rank != 3 or array.dtype.name != "uint8":
-    raise OutputError(f"{where}: expected labels [z, y, x] uint8, got {array.dtype.name}")
-  run = attrs.get(store.ATTRIBUTE, {}).get("run", {})
-  classes = tuple(str(c) for c in attrs.get("classes", ()))
-  if not classes:
+  seg = store.open_segmentation(labels)
+  if seg.array.rank != 3 or seg.array.dtype.name != "uint8":
+    raise OutputError(f"{where}: expected labels [z, y, x] uint8, got {seg.array.dtype.name}")
+  if not seg.classes:
     raise OutputError(f"{where}: its attributes name no classes; was it written by segment.py?")
-  voxel = run.get("voxel_size_nm")
-  if not voxel or len(voxel) != 3:
+  if seg.voxel_size_nm is None:
     raise OutputError(f"{where}: its run record has no voxel_size_nm; segment it again")
-  return array, classes, [float(v) for v in voxel], run.get("source")
+  return seg
 
 
 def _slices(array: ts.TensorStore) -> Iterator[np.ndarray]:
@@ -176,7 +172,8 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
     OutputError: `path` exists without `overwrite`, or `labels` is not a segmentation.
   """
   check_path(path, "zarr", overwrite=overwrite, labels=store.source_id(labels))
-  array, classes, voxel, source = _segmentation(labels)
+  seg = _segmentation(labels)
+  array, classes, voxel, source = seg.array, seg.classes, seg.voxel_size_nm, seg.source
   final = volume_lib.local_path(path)
   if final is not None:
     outputs.remove_stale_partials(final)
@@ -249,7 +246,8 @@ def write_tiff(labels: Any, path: str | os.PathLike, *, overwrite: bool = False)
   """
   path = os.fspath(path)
   check_path(path, "tiff", overwrite=overwrite, labels=store.source_id(labels))
-  array, classes, voxel, _ = _segmentation(labels)
+  seg = _segmentation(labels)
+  array, classes, voxel = seg.array, seg.classes, seg.voxel_size_nm
   shape = tuple(int(s) for s in array.shape)
   vz, vy, vx = (v / 1000.0 for v in voxel)  # micrometres
   names = ", ".join(f"{i + ome.LABEL_OFFSET}={c}" for i, c in enumerate(classes))

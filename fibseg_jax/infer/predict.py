@@ -17,20 +17,19 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fibseg_jax import xla
+from fibseg_jax.data import augment
 from fibseg_jax.infer import tiling
 
 DATA_AXIS = "data"
 
 
-def tta_transforms(tile_yx: Sequence[int], slices: int) -> list[tuple[bool, int, bool]]:
-  """The test-time transforms of a tile: (reverse z, quarter turns, flip x).
+def tta_transforms(tile_yx: Sequence[int], slices: int) -> list[augment.Symmetry]:
+  """The test-time transforms of a tile (`augment.test_time_symmetries`).
 
   Quarter turns only for square tiles (else 0 or 2 turns: with the x flip, the 4 flips);
   z reversal only for slabs of several slices.
   """
-  turns = (0, 1, 2, 3) if tile_yx[0] == tile_yx[1] else (0, 2)
-  reversals = (False, True) if slices > 1 else (False,)
-  return [(z, k, f) for z in reversals for k in turns for f in (False, True)]
+  return list(augment.test_time_symmetries(tile_yx[0] == tile_yx[1], slices > 1))
 
 
 def augmented_mean(probabilities: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
@@ -45,13 +44,9 @@ def augmented_mean(probabilities: Callable[[jax.Array], jax.Array], x: jax.Array
   """
   total = None
   transforms = tta_transforms(x.shape[2:4], x.shape[1])
-  for reverse, turns, flip in transforms:
-    t = x[:, ::-1] if reverse else x
-    t = jnp.rot90(t, turns, axes=(2, 3))
-    t = t[:, :, :, ::-1] if flip else t
-    p = probabilities(t)
-    p = p[:, :, ::-1] if flip else p  # undo in reverse order
-    p = jnp.rot90(p, -turns, axes=(1, 2))
+  for symmetry in transforms:
+    p = probabilities(augment.apply(x, symmetry, y_axis=2, slab_axis=1, xp=jnp))
+    p = augment.undo(p, symmetry, y_axis=1, xp=jnp)
     total = p if total is None else total + p
   return total / len(transforms)
 

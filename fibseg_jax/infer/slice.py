@@ -19,7 +19,7 @@ import jax
 import numpy as np
 
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.infer import predict, segment, tiling
+from fibseg_jax.infer import blend, predict, reader, tiling
 from fibseg_jax.infer.tiling import InferenceError
 
 
@@ -85,7 +85,7 @@ def predict_slice(
     tta=tta,
   )
   whole_slice = tiling.Block(int(z), 0, height, 0, width)
-  reader = segment.SlabReader(
+  slabs = reader.SlabReader(
     volume,
     [whole_slice],
     channel_indices=channel_indices,
@@ -94,8 +94,8 @@ def predict_slice(
     tile=tile,
     size_multiple=multiple,
   )
-  for _, geom, slab in reader:
-    probabilities = segment.blend_region(predictor, slab, geom.tile_yx, overlap)
+  for _, geom, slab in slabs:
+    probabilities = blend.blend_region(predictor, slab, geom.tile_yx, overlap)
     cy, cx = geom.crop
   probabilities = np.ascontiguousarray(probabilities[cy : cy + height, cx : cx + width])
   return np.argmax(probabilities, axis=-1).astype(np.uint8), probabilities

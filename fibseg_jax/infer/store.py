@@ -25,6 +25,7 @@ from typing import Any
 
 import tensorstore as ts
 
+from fibseg_jax import outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer.tiling import InferenceError
 
@@ -147,6 +148,112 @@ def open_array(path: Any) -> ts.TensorStore:
     # tensorstore's message repeats the whole JSON spec; keep its first clause
     reason = str(e).split(": {", 1)[0]
     raise OutputError(f"{where}: cannot open zarr v3 array: {reason}") from e
+
+
+class NotAnArray(OutputError):
+  """No zarr v3 array at a path.
+
+  Attributes:
+    reason: "missing" (nothing there, or a file), "no_metadata" (no zarr.json),
+      "bad_metadata" (zarr.json is not JSON) or "not_array" (a group, or not zarr v3).
+    node_type: what zarr.json says is there, for "not_array".
+  """
+
+  def __init__(self, message: str, reason: str, node_type: Any = None):
+    super().__init__(message)
+    self.reason = reason
+    self.node_type = node_type
+
+
+@dataclasses.dataclass(frozen=True)
+class Segmentation:
+  """An opened segmentation output: labels, or a companion array (or any zarr v3 array).
+
+  Attributes:
+    path: as given.
+    array: tensorstore; [z, y, x] uint8 for labels and uncertainty, [z, y, x, classes]
+      uint8 for probabilities (rank and dtype are the caller's to check).
+    classes: class names from the attributes, or () when it has none.
+    run: the run record segment.py stored (`ATTRIBUTE`), or {}.
+    kind: what segment.py wrote it as ("labels", "probabilities", "uncertainty"), or
+      None for an array it did not write.
+    attributes: all of the array's attributes.
+  """
+
+  path: Any
+  array: ts.TensorStore
+  classes: tuple[str, ...]
+  run: dict[str, Any]
+  kind: str | None = None
+  attributes: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+  @property
+  def source(self) -> str | None:
+    """The input volume it was segmented from (run record), or None."""
+    source = self.run.get("source")
+    return str(source) if source else None
+
+  @property
+  def voxel_size_nm(self) -> tuple[float, float, float] | None:
+    """(z, y, x) voxel size in nm of the source volume (run record), or None."""
+    voxel = self.run.get("voxel_size_nm")
+    return tuple(float(v) for v in voxel) if voxel and len(voxel) == 3 else None
+
+  @property
+  def shape(self) -> tuple[int, ...]:
+    return tuple(int(s) for s in self.array.shape)
+
+
+def open_segmentation(path: Any) -> Segmentation:
+  """Opens an existing segmentation output (never creates or deletes anything).
+
+  The one place that reads a segment.py array with what its attributes say about it:
+  evaluation, export and slice suggestion open their inputs here.
+
+  Raises:
+    NotAnArray: nothing at `path`, or not a zarr v3 array (`reason` says which).
+    OutputError: the array cannot be opened.
+  """
+  where = volume_lib.describe(path)
+  local = volume_lib.local_path(path)
+  if local is not None and not os.path.isdir(local):
+    what = "is a file, not a zarr array directory" if os.path.isfile(local) else "nothing there"
+    raise NotAnArray(f"{where}: no such array ({what})", "missing")
+  kv = ts.KvStore.open(volume_lib.kvstore_spec(path), context=volume_lib.CONTEXT).result()
+  raw = kv.read("zarr.json").result()
+  if raw.state != "value":
+    raise NotAnArray(f"{where}: no such array (no zarr.json)", "no_metadata")
+  try:
+    meta = json.loads(raw.value)
+  except json.JSONDecodeError as e:
+    raise NotAnArray(f"{where}/zarr.json is not valid JSON: {e}", "bad_metadata") from e
+  node_type = meta.get("node_type")
+  if meta.get("zarr_format") != 3 or node_type != "array":
+    raise NotAnArray(
+      f"{where} is not a zarr v3 array (it is a {node_type})", "not_array", node_type
+    )
+  try:
+    array = ts.open(
+      {"driver": "zarr3", "kvstore": volume_lib.kvstore_spec(path)},
+      open=True,
+      context=volume_lib.CONTEXT,
+    ).result()
+  except ValueError as e:
+    # tensorstore's message repeats the whole JSON spec; keep its first clause
+    reason = str(e).split(": {", 1)[0]
+    raise OutputError(f"{where}: cannot open zarr v3 array: {reason}") from e
+  attrs = dict(meta.get("attributes", {}))
+  info = attrs.get(ATTRIBUTE, {})
+  info = info if isinstance(info, Mapping) else {}
+  run = info.get("run", {})
+  return Segmentation(
+    path=path,
+    array=array,
+    classes=tuple(str(c) for c in attrs.get("classes", ())),
+    run=dict(run) if isinstance(run, Mapping) else {},
+    kind=info.get("kind"),
+    attributes=attrs,
+  )
 
 
 def _spec(path: Any, shape, chunks, dimension_names, attributes, mode: str) -> dict[str, Any]:
@@ -474,3 +581,21 @@ def open_output(
     _markers=markers,
     uncertainty=opened.get("uncertainty"),
   )
+
+
+def disk_full_error(
+  paths: Sequence[Any], done: int, done_pixels: int, remaining_pixels: int, per_pixel: int
+):
+  """The one-line error for a full disk. Finished blocks are kept (a rerun resumes them);
+  the space still needed is extrapolated from what they took, or bounded by the raw size."""
+  local = [volume_lib.local_path(p) for p in paths]
+  written = sum(outputs.dir_size(p) for p in local if p is not None and os.path.exists(p))
+  rate = written / done_pixels if done_pixels and written else per_pixel
+  err = outputs.disk_full_error(
+    "--output",
+    volume_lib.describe(paths[0]),
+    rate * remaining_pixels,
+    "rest of the run",
+    kept=f"The {done} finished blocks are kept (a rerun resumes after them); free some space",
+  )
+  return OutputError(str(err))

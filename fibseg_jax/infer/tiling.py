@@ -22,7 +22,7 @@ from collections.abc import Sequence
 import numpy as np
 
 # Training and inference must reflect slabs identically: one definition, in data.
-from fibseg_jax.data.loader import slab_indices  # noqa: F401 - re-exported
+from fibseg_jax.data.reader import slab_indices  # noqa: F401 - part of infer's API
 
 WINDOWS = ("cosine", "gaussian")
 # sigma of the Gaussian window as a fraction of the tile side (as in MONAI's
@@ -254,3 +254,26 @@ def region_geometry(
   y_index = reflect_indices(block.y0 - halo, block.y0 - halo + ly + py, shape_yx[0])
   x_index = reflect_indices(block.x0 - halo, block.x0 - halo + lx + px, shape_yx[1])
   return RegionGeometry(y_index, x_index, (ty, tx), (halo, halo))
+
+
+def check_tile_against_training(
+  tile: int,
+  train_patch: int | None,
+  shape_yx: Sequence[int],
+  block: int,
+  overlap: int,
+  checkpoint: str | None,
+) -> None:
+  """Refuses a --tile below the training patch where --tile is what bounds the tiles."""
+  if not train_patch or tile >= train_patch:
+    return
+  # A region (block and halo) smaller than --tile is one tile of its own size.
+  widest = max(min(block, n) + 2 * overlap for n in shape_yx)
+  if tile >= widest:
+    return
+  where = f" (data.patch of {checkpoint})" if checkpoint else ""
+  raise InferenceError(
+    f"--tile={tile} is below the training patch of {train_patch} pixels{where}: the model "
+    "normalises each tile on its own (instance or group norm), so smaller tiles see other "
+    f"statistics than in training; use --tile={train_patch} or more"
+  )

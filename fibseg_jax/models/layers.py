@@ -11,31 +11,62 @@ float32 parameters.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable
-from typing import Protocol
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from fibseg_jax.models import checks
+
 # PyTorch's InstanceNorm / BatchNorm / GroupNorm epsilon, so MONAI ports match numerically.
 NORM_EPSILON = 1e-5
 
 
-class BackboneConfig(Protocol):
-  """The config fields the 2D blocks read (both model configs have them)."""
+@dataclasses.dataclass(frozen=True)
+class BackboneConfig:
+  """The fields shared by the model configs: the 2D backbone the blocks here read.
 
-  depth: int
-  features: tuple[int, ...]
-  norm: str
-  norm_groups: int
-  activation: str
-  negative_slope: float
-  upsample: str
-  dropout: float
-  conv_bias: bool
-  dtype: str
+  The defaults are MONAI's ``BasicUNet(spatial_dims=2)``; each model's config subclasses
+  this, adds its own fields and may change a default.
+
+  Attributes:
+    num_classes: output classes (phases).
+    depth: number of 2x2 max-poolings; y and x must be multiples of 2**depth.
+    features: widths, one per level from the top (`depth + 1` entries); a `depth + 2`th
+      entry sets the width of the top decoder level on its own (MONAI's f5), whose
+      upsample then keeps its channels instead of halving them.
+    norm: "batch", "instance" (affine), "group" or "none".
+    norm_groups: number of groups for `norm="group"`.
+    activation: "relu", "leaky_relu", "elu", "gelu" or "silu".
+    negative_slope: slope of "leaky_relu" below zero.
+    upsample: "transpose" (2x2 stride-2 transposed conv) or "resize" (bilinear, 3x3 conv).
+    dropout: rate after every norm, as in MONAI's conv blocks.
+    conv_bias: bias on the 3x3 convolutions (redundant before batch norm).
+    dtype: compute dtype, "float32" or "bfloat16"; parameters and logits are float32.
+  """
+
+  num_classes: int = 4
+  depth: int = 4
+  features: tuple[int, ...] = (32, 32, 64, 128, 256, 32)
+  norm: str = "instance"
+  norm_groups: int = 8
+  activation: str = "leaky_relu"
+  negative_slope: float = 0.1
+  upsample: str = "transpose"
+  dropout: float = 0.0
+  conv_bias: bool = True
+  dtype: str = "float32"
+
+  def __post_init__(self):
+    checks.check_backbone_config(self)
+
+  @property
+  def size_multiple(self) -> int:
+    """y and x of an input must be multiples of this."""
+    return 2**self.depth
 
 
 def compute_dtype(config: BackboneConfig) -> jnp.dtype:

@@ -30,44 +30,27 @@ from fibseg_jax.models import checks, convlstm, layers
 
 
 @dataclasses.dataclass(frozen=True)
-class Sensor3DConfig:
-  """Hyperparameters of `Sensor3D`.
+class Sensor3DConfig(layers.BackboneConfig):
+  """Hyperparameters of `Sensor3D`: `layers.BackboneConfig` (smaller by default) and the
+  ConvLSTMs.
 
   Attributes:
-    num_classes: output classes (phases).
-    depth: number of 2x2 max-poolings; y and x must be multiples of 2**depth.
     features: widths, one per level from the top (`depth + 1` entries), optionally
       followed by the width of the top decoder level (see `UNetConfig.features`).
     norm: "batch", "instance" (affine), "group" or "none"; applied per slice.
-    norm_groups: number of groups for `norm="group"`.
-    activation: "relu", "leaky_relu", "elu", "gelu" or "silu".
-    negative_slope: slope of "leaky_relu" below zero.
-    upsample: "transpose" (2x2 stride-2 transposed conv) or "resize" (bilinear, 3x3 conv).
-    dropout: rate after every norm.
-    conv_bias: bias on the 3x3 convolutions.
-    dtype: compute dtype, "float32" or "bfloat16"; parameters and logits are float32.
     lstm_levels: levels followed by a bidirectional ConvLSTM over the slices: `depth`
       (or -1) is the bottleneck, l < depth the output of decoder level l, 0 the last one
       before the head. Negative values count from the bottleneck as in Python indexing.
     lstm_kernel: kernel side of the ConvLSTM convolutions.
   """
 
-  num_classes: int = 4
   depth: int = 3
   features: tuple[int, ...] = (16, 32, 64, 128)
-  norm: str = "instance"
-  norm_groups: int = 8
-  activation: str = "leaky_relu"
-  negative_slope: float = 0.1
-  upsample: str = "transpose"
-  dropout: float = 0.0
-  conv_bias: bool = True
-  dtype: str = "float32"
   lstm_levels: tuple[int, ...] = (-1, 0)
   lstm_kernel: int = 3
 
   def __post_init__(self):
-    checks.check_backbone_config(self)
+    super().__post_init__()
     if not isinstance(self.lstm_levels, tuple):
       raise checks.ModelConfigError(
         f"model.lstm_levels={self.lstm_levels!r} must be a tuple of levels"
@@ -95,11 +78,6 @@ class Sensor3DConfig:
       raise checks.ModelConfigError(
         f"model.lstm_kernel={self.lstm_kernel!r} must be an odd positive integer"
       )
-
-  @property
-  def size_multiple(self) -> int:
-    """y and x of an input must be multiples of this."""
-    return 2**self.depth
 
   @property
   def level_widths(self) -> tuple[int, ...]:

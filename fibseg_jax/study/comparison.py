@@ -441,10 +441,6 @@ def _write(
   return document
 
 
-def _iou(value: float | None) -> str:
-  return "n/a" if value is None else f"{value:.3f}"
-
-
 def _pp(value: float | None) -> str:
   return "n/a" if value is None else f"{100 * value:+.1f}"
 

@@ -117,13 +117,20 @@ def network_config(
   config.model.update(budget.model(architecture))
   config.model.name = architecture
   config.model.num_classes = -1
+  # The list fields as tuples; their base defaults are command-line strings ("ICE,TLD"),
+  # so the section is rebuilt rather than assigned field by field (ConfigDict keeps types).
+  config.data = ml_collections.ConfigDict(
+    {
+      **config.data.to_dict(),
+      "channels": tuple(channels),
+      "eval_slices": tuple(sorted(int(z) for z in held_out)),
+    }
+  )
   d, t = config.data, config.train
   d.path = volume
-  d.channels = ",".join(channels)
   d.slices = int(slices)
   d.patch = budget.patch
   d.val_block = budget.val_block
-  d.eval_slices = ",".join(str(z) for z in sorted(held_out))
   d.workers = budget.workers
   t.seed = int(seed)
   t.steps = budget.steps
@@ -166,7 +173,9 @@ def segment_and_score(
   budget: budget_lib.Budget,
   truth_volume: volume_lib.Volume,
   eval_slices: Sequence[int],
-  **segment_kwargs: Any,
+  *,
+  tta: bool = False,
+  only_slices: Sequence[int] | None = None,
 ) -> tuple[dict[str, Any], infer.SegmentationResult]:
   """Segments `volume` with the budget's tiling and scores the evaluation slices.
 
@@ -177,7 +186,8 @@ def segment_and_score(
     budget: the tiling.
     truth_volume: whose labels are the truth.
     eval_slices: slices scored.
-    **segment_kwargs: more `segment_from_checkpoint` arguments (tta, only_slices, ...).
+    tta: average over flips, quarter turns and slab reversal (`SegmentSettings.tta`).
+    only_slices: segment only these slices, or None for all (`SegmentSettings`).
 
   Returns:
     (`score`'s dict, the segmentation result).
@@ -186,12 +196,15 @@ def segment_and_score(
     model,
     volume,
     output=output,
-    tile=budget.tile,
-    overlap=budget.overlap,
-    batch=budget.infer_batch,
-    overwrite=True,
-    progress=False,
-    **segment_kwargs,
+    settings=infer.SegmentSettings(
+      tile=budget.tile,
+      overlap=budget.overlap,
+      batch=budget.infer_batch,
+      tta=tta,
+      only_slices=only_slices,
+      overwrite=True,
+      progress=False,
+    ),
   )
   labels = infer.open_array(output)
   predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}

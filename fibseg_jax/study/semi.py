@@ -377,11 +377,13 @@ def run_suggestion(
         vol,
         output=os.path.join(directory, "seg.zarr"),
         probabilities=probs,
-        tile=budget.tile,
-        overlap=budget.overlap,
-        batch=budget.infer_batch,
-        overwrite=True,
-        progress=False,
+        settings=infer.SegmentSettings(
+          tile=budget.tile,
+          overlap=budget.overlap,
+          batch=budget.infer_batch,
+          overwrite=True,
+          progress=False,
+        ),
       )
       scores = uncertainty.slice_uncertainty(probs)
       ranked = uncertainty.rank_slices(scores, sorted(exclude))

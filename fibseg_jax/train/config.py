@@ -18,6 +18,7 @@ from typing import Any
 import ml_collections
 
 from fibseg_jax import models
+from fibseg_jax.data import lists
 
 
 class ConfigError(ValueError):
@@ -42,7 +43,8 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   ("data.eval_slices", "", "comma-separated z of annotated slices kept for evaluation only"),
   ("data.classes", (), "class names; filled from the volume at the start of training"),
   ("data.augment", True, "augment the training patches (the flips and jitters below)"),
-  ("data.flips", True, "in-plane flips and quarter turns"),
+  ("data.flips", True, "in-plane flips (and quarter turns unless data.rot90 says otherwise)"),
+  ("data.rot90", None, "in-plane quarter turns, true or false; unset: as data.flips"),
   ("data.gain", 0.1, "magnitude of the per-channel intensity gain jitter"),
   ("data.offset", 0.1, "magnitude of the per-channel intensity offset jitter"),
   ("data.gamma", 0.2, "magnitude of the per-channel gamma jitter"),
@@ -84,6 +86,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   ("semi.batch_size", -1, "unlabelled patches per step; -1: train.batch_size"),
 )
 
+# Fields whose default (None) means "decided by another field", with the type they take.
+_UNSET_TYPES: dict[str, type] = {"data.rot90": bool}
+
 # One line of help per field of `base_config()`.
 HELP: dict[str, str] = {name: text for name, _, text in FIELDS}
 
@@ -95,6 +100,8 @@ def base_config() -> ml_collections.ConfigDict:
     section, field = name.split(".")
     if section not in config:
       config[section] = ml_collections.ConfigDict()
+    if name in _UNSET_TYPES:  # a fresh typed placeholder, so --config.x=true can set it
+      default = ml_collections.config_dict.placeholder(_UNSET_TYPES[name])
     config[section][field] = default
   return config
 
@@ -112,7 +119,7 @@ def flat_fields(config: ml_collections.ConfigDict | Mapping[str, Any]) -> dict[s
 
 def _attribute_help(cls: type) -> dict[str, str]:
   """{field: its text as one line} from the Attributes of a Google-style class docstring."""
-  lines = inspect.getdoc(cls).splitlines()
+  lines = (cls.__doc__ and inspect.cleandoc(cls.__doc__) or "").splitlines()
   if "Attributes:" not in lines:
     return {}
   out: dict[str, str] = {}
@@ -138,7 +145,9 @@ def field_help(config: ml_collections.ConfigDict) -> dict[str, str]:
   model_help: dict[str, str] = {}
   name = config.get("model", {}).get("name")
   if name in models.MODELS:
-    model_help = _attribute_help(models.MODELS[name][0])
+    # A model config documents its own fields; the shared ones are in its base classes.
+    for cls in reversed(models.MODELS[name][0].__mro__[:-1]):
+      model_help.update(_attribute_help(cls))
   out = {}
   for dotted in flat_fields(config):
     section, _, field = dotted.partition(".")
@@ -150,25 +159,13 @@ def field_help(config: ml_collections.ConfigDict) -> dict[str, str]:
 
 
 def parse_ints(value: str | int | list | tuple, flag: str) -> tuple[int, ...]:
-  """'3,7' or [3, 7] -> (3, 7), with an error that names the flag."""
-  if isinstance(value, int):
-    return (value,)
-  if isinstance(value, list | tuple):
-    items = list(value)
-  else:
-    items = [v for v in str(value).replace(" ", "").split(",") if v]
-  try:
-    return tuple(int(v) for v in items)
-  except ValueError:
-    raise ConfigError(f"{flag}={value}: expected comma-separated integers, e.g. 3,7") from None
+  """'3,7' or [3, 7] -> (3, 7), with an error that names the flag (`lists.parse_list`)."""
+  return lists.parse_list(value, int, flag=flag, error=ConfigError)
 
 
 def parse_names(value: str | list | tuple, flag: str) -> tuple[str, ...]:
-  """'ICE,TLD' or ['ICE', 'TLD'] -> ('ICE', 'TLD')."""
-  if isinstance(value, list | tuple):
-    names = tuple(str(v).strip() for v in value)
-  else:
-    names = tuple(v.strip() for v in str(value).split(",") if v.strip())
+  """'ICE,TLD' or ['ICE', 'TLD'] -> ('ICE', 'TLD'): at least one, none repeated."""
+  names = lists.parse_list(value, str, flag=flag, error=ConfigError)
   if not names:
     raise ConfigError(f"{flag}: give at least one name, e.g. ICE,TLD")
   if len(set(names)) != len(names):

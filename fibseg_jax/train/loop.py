@@ -10,15 +10,10 @@ and raises KeyboardInterrupt with a one-line message (see `train_and_evaluate`).
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import os
-import signal
-import sys
-import threading
 import time
-from collections.abc import Iterator
 from typing import Any
 
 import jax
@@ -27,11 +22,11 @@ import ml_collections
 import numpy as np
 from tqdm import tqdm
 
-from fibseg_jax import checkpoint, models
+from fibseg_jax import checkpoint, interrupt, models
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train import config as config_lib
-from fibseg_jax.train import losses, metrics_writer, parallel
+from fibseg_jax.train import data_config, losses, metrics_writer, parallel
 from fibseg_jax.train import state as state_lib
 from fibseg_jax.train.config import ConfigError
 
@@ -64,7 +59,6 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     volume = volume_lib.open_volume(d.path)
     channels = config_lib.parse_names(d.channels, "--config.data.channels")
     volume.channel_indices(channels, "--config.data.channels")
-    eval_slices = config_lib.parse_ints(d.eval_slices, "--config.data.eval_slices")
   except ConfigError:
     raise
   except volume_lib.VolumeError as e:
@@ -91,8 +85,6 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
   ):
     if int(value) < low:
       raise ConfigError(f"--config.{name}={value} must be at least {low}")
-  if not 0 < d.val_fraction < 1:
-    raise ConfigError(f"--config.data.val_fraction={d.val_fraction} must be in (0, 1)")
   try:
     model = models.build(config.model)
     del model
@@ -102,32 +94,10 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
     raise ConfigError(f"--config.model / --config.data: {e}") from None
   parallel.check_batch_size(int(t.batch_size))
   semi = _semi(config)
-  unlabelled = 0
+  unlabelled = data_config.unlabelled_batch(config) if semi.enabled else 0
   if semi.enabled:
-    unlabelled = int(t.batch_size) if int(config.semi.batch_size) == -1 else config.semi.batch_size
     parallel.check_batch_size(int(unlabelled), "--config.semi.batch_size")
-  loader_config = loader_lib.LoaderConfig(
-    channels=channels,
-    slices=int(d.slices),
-    patch=int(d.patch),
-    batch_size=int(t.batch_size),
-    val_fraction=float(d.val_fraction),
-    val_block=int(d.val_block),
-    eval_slices=eval_slices,
-    augment=bool(d.augment),
-    flips=bool(d.flips),
-    rot90=bool(d.flips),
-    gain=float(d.gain),
-    offset=float(d.offset),
-    gamma=float(d.gamma),
-    reverse_slab=bool(d.reverse_slab),
-    workers=int(d.workers),
-    seed=int(t.seed),
-    split_seed=int(d.split_seed),
-    prefetch=int(d.prefetch),
-    size_multiple=multiple,
-    unlabelled_batch=int(unlabelled),
-  )
+  loader_config = data_config.loader_config(config, size_multiple=multiple, unlabelled=unlabelled)
   try:
     loader_lib.validate_config(loader_config, volume, jax.process_count())
   except (loader_lib.LoaderError, volume_lib.VolumeError) as e:
@@ -312,61 +282,6 @@ def _as_model_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
   return {**local, "labels": local["labels"].astype(np.int32)}
 
 
-class _StopRequest:
-  """Ctrl-C (SIGINT) as a request to stop after the current training step.
-
-  The first Ctrl-C only sets `requested`; the loop finishes the step, saves and stops.
-  Another Ctrl-C while a checkpoint is written is noted and changes nothing, so the
-  checkpoint is complete; at any other time it stops at once (KeyboardInterrupt, nothing
-  saved past the last checkpoint: the step in flight cannot be saved, its input state
-  was donated to it). Takes over SIGINT only from the main thread and only where Python's
-  default handler holds it; elsewhere Ctrl-C behaves as it did.
-  """
-
-  def __init__(self, enabled: bool):
-    self.requested = False
-    self._saving = False
-    self._previous = None
-    self._enabled = (
-      enabled
-      and threading.current_thread() is threading.main_thread()
-      and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    )
-
-  def __enter__(self) -> _StopRequest:
-    if self._enabled:
-      self._previous = signal.signal(signal.SIGINT, self._handle)
-    return self
-
-  def __exit__(self, *exc_info) -> None:
-    if self._previous is not None:
-      signal.signal(signal.SIGINT, self._previous)
-      self._previous = None
-
-  def _handle(self, signum, frame) -> None:
-    del signum, frame
-    if self._saving:
-      self.requested = True
-      tqdm.write("Ctrl-C: writing the checkpoint; stopping once it is complete", file=sys.stderr)
-      return
-    if self.requested:
-      raise KeyboardInterrupt  # the loop words it, knowing the step
-    self.requested = True
-    tqdm.write(
-      "Ctrl-C: stopping after this step to save a checkpoint (Ctrl-C again: stop now, without it)",
-      file=sys.stderr,
-    )
-
-  @contextlib.contextmanager
-  def saving(self) -> Iterator[None]:
-    """A context in which Ctrl-C cannot stop a checkpoint half written."""
-    self._saving = True
-    try:
-      yield
-    finally:
-      self._saving = False
-
-
 def train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
 ) -> dict[str, Any]:
@@ -415,7 +330,7 @@ def _train_and_evaluate(
     raise ConfigError(str(e)) from None
   weights = None
   if t.class_weights:
-    weights = loader_lib.class_weights(loader.class_counts())
+    weights = losses.class_weights(loader.class_counts())
   classes = tuple(config.data.classes)
 
   mesh = parallel.make_mesh()
@@ -471,14 +386,18 @@ def _train_and_evaluate(
   # their signals at different steps; several processes keep their validation-step
   # checkpoints only (a rerun resumes from the last of them).
   processes = jax.process_count()
-  stop = _StopRequest(enabled=processes == 1)
+  stop = interrupt.StopRequest(
+    first="stopping after this step to save a checkpoint (Ctrl-C again: stop now, without it)",
+    protected="writing the checkpoint; stopping once it is complete",
+    enabled=processes == 1,
+  )
   saved = start  # the step of the latest checkpoint (0: none)
   current = start  # the step in flight, counted from 1
   stopped = False
 
   def save(step: int, val: dict[str, float] | None) -> None:
     nonlocal saved
-    with stop.saving():
+    with stop.protected():
       checkpoint.save(mngr, step, state, config, {"step": step, "seed": int(t.seed)}, val)
     saved = step
 
@@ -533,7 +452,7 @@ def _train_and_evaluate(
       bar.close()
       loader.close()
       writer.close()
-    with stop.saving():  # the curves (so far); a Ctrl-C now only repeats the request
+    with stop.protected():  # the curves (so far); a Ctrl-C now only repeats the request
       curves = metrics_writer.plot_curves(workdir, config=config) if is_main else None
   if stopped:
     raise KeyboardInterrupt(

@@ -1,4 +1,4 @@
-"""Segmentation losses and pixel counts: cross-entropy, soft Dice, confusion matrix, IoU.
+"""Segmentation losses and pixel counts: class weights, cross-entropy, Dice, confusion, IoU.
 
 Every function takes logits `[batch, y, x, classes]` and integer labels `[batch, y, x]` in
 which `IGNORE_LABEL` (255) marks pixels that carry no label (unannotated, validation blocks
@@ -11,6 +11,8 @@ the logits' dtype, so a bfloat16 model still gets a float32 loss.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -217,3 +219,32 @@ def consistency(
     weight = jnp.asarray(class_weights, jnp.float32)[pseudo]
   loss = _safe_ratio(jnp.sum(confident * weight * nll), jnp.sum(weight))
   return loss, jnp.mean(confident)
+
+
+def class_weights(counts: Sequence[int] | np.ndarray) -> np.ndarray:
+  """Inverse-square-root-frequency class weights, mean 1 over the classes present.
+
+  1/sqrt(n) rather than 1/n: rare phases (e.g. pores in cement paste) gain weight without
+  letting a few hundred pixels outweigh the bulk phases. Classes with no training pixels
+  get weight 0; they cannot appear in a training batch, and 0 keeps them from bending the
+  normalisation.
+
+  Args:
+    counts: [classes] training-pixel count per class, `loader.SlabLoader.class_counts()`.
+
+  Returns:
+    [classes] float32 weights.
+
+  Raises:
+    ValueError: if counts is not 1-D, has a negative entry, or is all zero.
+  """
+  counts = np.asarray(counts, np.float64)
+  if counts.ndim != 1 or (counts < 0).any():
+    raise ValueError(f"class counts must be a 1-D array of non-negative counts, got {counts}")
+  present = counts > 0
+  if not present.any():
+    raise ValueError("class counts are all zero: there are no labelled training pixels")
+  weights = np.zeros_like(counts)
+  weights[present] = 1.0 / np.sqrt(counts[present])
+  weights[present] /= weights[present].mean()
+  return weights.astype(np.float32)

@@ -14,6 +14,7 @@ import optax
 from flax import struct
 
 from fibseg_jax import xla
+from fibseg_jax.data import augment
 from fibseg_jax.train import losses
 
 
@@ -120,16 +121,8 @@ def create_state(
 
 
 # The eight symmetries of a square, as (flip x first, then quarter turns), for [b, y, x, ...].
-_D4 = tuple((flip, k) for flip in (False, True) for k in range(4))
-
-
-def _d4(x: jax.Array, flip: bool, k: int, inverse: bool = False) -> jax.Array:
-  """Applies (or undoes) one symmetry to the y-x axes 1, 2 of [b, y, x, ...]."""
-  if not inverse:
-    x = jnp.flip(x, 2) if flip else x
-    return jnp.rot90(x, k, axes=(1, 2))
-  x = jnp.rot90(x, -k, axes=(1, 2))
-  return jnp.flip(x, 2) if flip else x
+# The square symmetries of the y-x plane, one of which moves the student's view a step.
+_D4 = augment.square_symmetries()
 
 
 def semi_views(
@@ -148,13 +141,15 @@ def semi_views(
   pick_rng, reverse_rng = jax.random.split(rng)
   index = jax.random.randint(pick_rng, (), 0, len(_D4))
   reverse = jax.random.bernoulli(reverse_rng)
-  strong = jnp.where(reverse, strong[:, ::-1], strong)
+  reversed_ = augment.apply(strong, augment.Symmetry(reverse=True), y_axis=2, slab_axis=1, xp=jnp)
+  strong = jnp.where(reverse, reversed_, strong)
   flat = strong.reshape(strong.shape[0] * strong.shape[1], *strong.shape[2:])
-  moved = jax.lax.switch(index, [lambda a, g=g: _d4(a, *g) for g in _D4], flat)
-  moved = moved.reshape(strong.shape)
+  moves = [lambda a, g=g: augment.apply(a, g, y_axis=1, xp=jnp) for g in _D4]
+  moved = jax.lax.switch(index, moves, flat).reshape(strong.shape)
 
   def back(logits: jax.Array) -> jax.Array:
-    return jax.lax.switch(index, [lambda a, g=g: _d4(a, *g, inverse=True) for g in _D4], logits)
+    undo = [lambda a, g=g: augment.undo(a, g, y_axis=1, xp=jnp) for g in _D4]
+    return jax.lax.switch(index, undo, logits)
 
   return moved, back
 
