@@ -16,7 +16,7 @@ from fibseg_jax.data import reader, split
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.data.loader import LoaderConfig, SlabLoader
 from fibseg_jax.data.plans import PatchPlan
-from fibseg_jax.train import losses
+from fibseg_jax.train import data_config, losses
 
 IGNORE = volume_lib.IGNORE_LABEL
 DEPTH, SIZE = 6, 64
@@ -77,7 +77,8 @@ def _config(**overrides):
     prefetch=2,
   )
   base.update(overrides)
-  return LoaderConfig(**base)
+  # As training builds it (train.data_config), so errors name the --config flags.
+  return LoaderConfig(**base, flag_names=data_config.FLAGS)
 
 
 def _decode(loader, image):

@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from types import ModuleType
 from typing import Any, NoReturn
 
-from absl import app, flags
+from absl import app, flags, logging
 
 # Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT = 130
@@ -46,6 +46,20 @@ def guarded(main: Callable[[list[str]], Any]) -> Callable[[list[str]], Any]:
       interrupted(e)
 
   return run_main
+
+
+def begin(argv: Sequence[str], *, required: dict[str, str] | None = None) -> None:
+  """The start of a long-running subcommand's main: absl logs at ERROR (orbax logs every
+  step of a restore at INFO) unless --verbosity is given; no stray arguments; the
+  `required` flags (name -> example value) given.
+  """
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.ERROR)
+  if len(argv) > 1:
+    sys.exit(f"error: unexpected arguments {list(argv[1:])}")
+  for name, example in (required or {}).items():
+    if not flags.FLAGS[name].value:
+      sys.exit(f"error: --{name} is required, e.g. --{name}={example}")
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:

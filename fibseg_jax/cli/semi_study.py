@@ -21,7 +21,7 @@ import dataclasses
 import os
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from fibseg_jax import study
 from fibseg_jax.cli import runner
@@ -54,12 +54,7 @@ def _volume(budget: study.Budget) -> str:
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax warns at every checkpoint it reads
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not _OUT.value:
-    sys.exit("error: --out is required, e.g. --out=semi/")
+  runner.begin(argv, required={"out": "semi/"})
   try:
     semi_lib.claim_directory(_OUT.value, _VOLUME.value)
   except ValueError as e:

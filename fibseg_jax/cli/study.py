@@ -17,7 +17,7 @@ steps are cached in OUT/.jax_cache (or $JAX_COMPILATION_CACHE_DIR).
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from fibseg_jax import study
 from fibseg_jax.cli import runner
@@ -34,12 +34,7 @@ _ROWS = flags.DEFINE_list("rows", None, "Only the rows matching these fnmatch pa
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax warns at every checkpoint it reads
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not _OUT.value:
-    sys.exit("error: --out is required, e.g. --out=study/")
+  runner.begin(argv, required={"out": "study/"})
   study.cache_compilations(_OUT.value)
   try:
     train = config_lib.parse_ints(_TRAIN.value, "--train_slices") if _TRAIN.value else None

@@ -14,7 +14,7 @@ $JAX_COMPILATION_CACHE_DIR).
 
 import sys
 
-from absl import flags, logging
+from absl import flags
 
 from fibseg_jax import study
 from fibseg_jax.cli import runner
@@ -27,12 +27,7 @@ _BEST_FROM = flags.DEFINE_string(
 
 
 def main(argv):
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.ERROR)  # orbax warns at every checkpoint it reads
-  if len(argv) > 1:
-    sys.exit(f"error: unexpected arguments {argv[1:]}")
-  if not _OUT.value:
-    sys.exit("error: --out is required, e.g. --out=sweep/")
+  runner.begin(argv, required={"out": "sweep/"})
   study.cache_compilations(_OUT.value)
   try:
     study.run_sweep(

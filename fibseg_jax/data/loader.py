@@ -53,7 +53,6 @@ from fibseg_jax.data.split import LoaderError
 
 # Names callers import from here; each is defined in its own room.
 __all__ = [
-  "FLAGS",
   "IGNORE_LABEL",
   "LoaderConfig",
   "LoaderError",
@@ -62,24 +61,6 @@ __all__ = [
 ]
 
 IGNORE_LABEL = volume_lib.IGNORE_LABEL
-
-# How each LoaderConfig field is spelled on the command line, for error messages.
-FLAGS: Mapping[str, str] = {
-  "channels": "--config.data.channels",
-  "slices": "--config.data.slices",
-  "patch": "--config.data.patch",
-  "batch_size": "--config.train.batch_size",
-  "val_fraction": "--config.data.val_fraction",
-  "val_block": "--config.data.val_block",
-  "eval_slices": "--config.data.eval_slices",
-  "gain": "--config.data.gain",
-  "offset": "--config.data.offset",
-  "gamma": "--config.data.gamma",
-  "prefetch": "--config.data.prefetch",
-  "workers": "--config.data.workers",
-  "size_multiple": "--config.model (its size multiple)",
-  "unlabelled_batch": "--config.semi.batch_size",
-}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -111,6 +92,8 @@ class LoaderConfig:
     size_multiple: the model's required multiple of the patch size (e.g. 2**depth).
     unlabelled_batch: global number of unlabelled patches per training batch, drawn
       from any slice of the stack (images only; no label is read); 0 draws none.
+    flag_names: field -> how the caller's command line spells it, for error messages;
+      the data layer itself knows no flags.
   """
 
   channels: tuple[str, ...]
@@ -133,16 +116,24 @@ class LoaderConfig:
   workers: int = 4
   size_multiple: int = 1
   unlabelled_batch: int = 0
+  flag_names: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
+
+  def flag(self, field: str) -> str:
+    """How `field` is named in errors: as the caller spells it on its command line
+    (`flag_names`, e.g. "--config.data.patch" from `train.data_config`), else the field."""
+    return self.flag_names.get(field, field)
 
   def __post_init__(self):
     # Accept "ICE,TLD" and lists from a command line or a ConfigDict.
     channels = self.channels
     if isinstance(channels, str):
-      channels = lists.parse_list(channels, str, flag="channels", error=LoaderError)
+      channels = lists.parse_list(channels, str, flag=self.flag("channels"), error=LoaderError)
     object.__setattr__(self, "channels", tuple(channels))
     eval_slices = self.eval_slices
     if isinstance(eval_slices, int | str):
-      eval_slices = lists.parse_list(eval_slices, int, flag="eval_slices", error=LoaderError)
+      eval_slices = lists.parse_list(
+        eval_slices, int, flag=self.flag("eval_slices"), error=LoaderError
+      )
     object.__setattr__(self, "eval_slices", tuple(eval_slices))
 
 
@@ -153,7 +144,7 @@ def _is_int(value: Any) -> bool:
 def _check_int(config: LoaderConfig, name: str, minimum: int) -> int:
   value = getattr(config, name)
   if not _is_int(value) or value < minimum:
-    raise LoaderError(f"{FLAGS[name]}={value!r}: must be an integer >= {minimum}")
+    raise LoaderError(f"{config.flag(name)}={value!r}: must be an integer >= {minimum}")
   return int(value)
 
 
@@ -177,61 +168,61 @@ def validate_config(
   where = volume_lib.describe(volume.root)
   depth, height, width = volume.shape
   if not config.channels:
-    raise LoaderError(f"{FLAGS['channels']} is empty; name some of {list(volume.channels)}")
+    raise LoaderError(f"{config.flag('channels')} is empty; name some of {list(volume.channels)}")
   if len(set(config.channels)) != len(config.channels):
-    raise LoaderError(f"{FLAGS['channels']}={list(config.channels)} names a channel twice")
-  channel_index = volume.channel_indices(config.channels, flag=FLAGS["channels"])
+    raise LoaderError(f"{config.flag('channels')}={list(config.channels)} names a channel twice")
+  channel_index = volume.channel_indices(config.channels, flag=config.flag("channels"))
 
   slices = _check_int(config, "slices", 1)
   if slices % 2 == 0:
-    raise LoaderError(f"{FLAGS['slices']}={slices}: must be odd (1, 3, 5, ...)")
+    raise LoaderError(f"{config.flag('slices')}={slices}: must be odd (1, 3, 5, ...)")
 
   multiple = _check_int(config, "size_multiple", 1)
   patch = _check_int(config, "patch", 1)
   if patch > min(height, width):
     raise LoaderError(
-      f"{FLAGS['patch']}={patch} is larger than the volume's y-x size ({height}, {width}) "
+      f"{config.flag('patch')}={patch} is larger than the volume's y-x size ({height}, {width}) "
       f"of {where}"
     )
   if patch % multiple:
     below, above = patch // multiple * multiple, (patch // multiple + 1) * multiple
     nearest = [n for n in (below, above) if 0 < n <= min(height, width)]
     raise LoaderError(
-      f"{FLAGS['patch']}={patch} must be a multiple of {multiple} for this model "
+      f"{config.flag('patch')}={patch} must be a multiple of {multiple} for this model "
       f"(nearest valid: {', '.join(map(str, nearest)) or 'none fits this volume'})"
     )
 
   batch = _check_int(config, "batch_size", 1)
   if batch % process_count:
     raise LoaderError(
-      f"{FLAGS['batch_size']}={batch} must be divisible by the number of processes "
+      f"{config.flag('batch_size')}={batch} must be divisible by the number of processes "
       f"({process_count})"
     )
 
   unlabelled = _check_int(config, "unlabelled_batch", 0)
   if unlabelled % process_count:
     raise LoaderError(
-      f"{FLAGS['unlabelled_batch']}={unlabelled} must be divisible by the number of "
+      f"{config.flag('unlabelled_batch')}={unlabelled} must be divisible by the number of "
       f"processes ({process_count})"
     )
 
   fraction = config.val_fraction
   if not isinstance(fraction, int | float) or not 0 <= fraction < 1:
-    raise LoaderError(f"{FLAGS['val_fraction']}={fraction!r}: must be in [0, 1)")
+    raise LoaderError(f"{config.flag('val_fraction')}={fraction!r}: must be in [0, 1)")
   _check_int(config, "val_block", 1)
   _check_int(config, "prefetch", 0)
   _check_int(config, "workers", 1)
   for name in ("gain", "gamma"):
     value = getattr(config, name)
     if not isinstance(value, int | float) or not 0 <= value < 1:
-      raise LoaderError(f"{FLAGS[name]}={value!r}: must be in [0, 1)")
+      raise LoaderError(f"{config.flag(name)}={value!r}: must be in [0, 1)")
   if not isinstance(config.offset, int | float) or config.offset < 0:
-    raise LoaderError(f"{FLAGS['offset']}={config.offset!r}: must be >= 0")
+    raise LoaderError(f"{config.flag('offset')}={config.offset!r}: must be >= 0")
 
   bad = [z for z in config.eval_slices if not _is_int(z) or not 0 <= z < depth]
   if bad:
     raise LoaderError(
-      f"{FLAGS['eval_slices']}: slice(s) {bad} outside the volume's slices 0..{depth - 1}"
+      f"{config.flag('eval_slices')}: slice(s) {bad} outside the volume's slices 0..{depth - 1}"
     )
   annotated = set(volume.metadata.annotated_slices)
   unlabelled = [z for z in config.eval_slices if z not in annotated]
@@ -242,7 +233,7 @@ def validate_config(
       else f"slices {', '.join(map(str, unlabelled))} have"
     )
     raise LoaderError(
-      f"{FLAGS['eval_slices']}={','.join(map(str, config.eval_slices))}: {which} no labels; "
+      f"{config.flag('eval_slices')}={','.join(map(str, config.eval_slices))}: {which} no labels; "
       + (
         f"annotated slices are {', '.join(map(str, sorted(annotated)))}"
         if annotated
@@ -253,14 +244,10 @@ def validate_config(
     if not annotated:
       raise LoaderError(f"volume {where} has no annotated slices")
     raise LoaderError(
-      f"volume {where} has no annotated slices outside {FLAGS['eval_slices']}="
+      f"volume {where} has no annotated slices outside {config.flag('eval_slices')}="
       f"{list(config.eval_slices)} (annotated: {sorted(annotated)})"
     )
   return channel_index
-
-
-def _flag(field: str) -> str:
-  return FLAGS.get(field, field)
 
 
 class SlabLoader:
@@ -315,7 +302,7 @@ class SlabLoader:
       patch=config.patch,
       val_fraction=config.val_fraction,
       split_seed=config.seed if config.split_seed is None else config.split_seed,
-      flag=_flag,
+      flag=config.flag,
     )
     self.train_area, self.val_area = self.split.train_area, self.split.val_area
     self._reader = PatchReader(

@@ -232,16 +232,7 @@ def open_segmentation(path: Any) -> Segmentation:
     raise NotAnArray(
       f"{where} is not a zarr v3 array (it is a {node_type})", "not_array", node_type
     )
-  try:
-    array = ts.open(
-      {"driver": "zarr3", "kvstore": volume_lib.kvstore_spec(path)},
-      open=True,
-      context=volume_lib.CONTEXT,
-    ).result()
-  except ValueError as e:
-    # tensorstore's message repeats the whole JSON spec; keep its first clause
-    reason = str(e).split(": {", 1)[0]
-    raise OutputError(f"{where}: cannot open zarr v3 array: {reason}") from e
+  array = open_array(path)
   attrs = dict(meta.get("attributes", {}))
   info = attrs.get(ATTRIBUTE, {})
   info = info if isinstance(info, Mapping) else {}

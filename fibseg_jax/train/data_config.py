@@ -16,6 +16,25 @@ from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train.config import ConfigError
 
+# How each LoaderConfig field is spelled on the command line, for error messages.
+FLAGS: Mapping[str, str] = {
+  "channels": "--config.data.channels",
+  "slices": "--config.data.slices",
+  "patch": "--config.data.patch",
+  "batch_size": "--config.train.batch_size",
+  "val_fraction": "--config.data.val_fraction",
+  "val_block": "--config.data.val_block",
+  "eval_slices": "--config.data.eval_slices",
+  "gain": "--config.data.gain",
+  "offset": "--config.data.offset",
+  "gamma": "--config.data.gamma",
+  "prefetch": "--config.data.prefetch",
+  "workers": "--config.data.workers",
+  "size_multiple": "--config.model (its size multiple)",
+  "unlabelled_batch": "--config.semi.batch_size",
+}
+
+
 # LoaderConfig fields read straight from config.data, with their type.
 _DATA_FIELDS: Mapping[str, type] = {
   "slices": int,
@@ -36,7 +55,7 @@ _DATA_FIELDS: Mapping[str, type] = {
 
 def flag(field: str) -> str:
   """The command-line flag of a `LoaderConfig` field, e.g. 'patch' -> '--config.data.patch'."""
-  return loader_lib.FLAGS.get(field, f"--config.data.{field}")
+  return FLAGS.get(field, f"--config.data.{field}")
 
 
 def unlabelled_batch(config: Any) -> int:
@@ -86,5 +105,6 @@ def loader_config(
     seed=int(t["seed"]),
     size_multiple=int(size_multiple),
     unlabelled_batch=unlabelled_batch(config) if unlabelled is None else int(unlabelled),
+    flag_names=FLAGS,
     **values,
   )
