@@ -219,3 +219,22 @@ def test_semi_study_writes_the_four_rows_and_the_slice_test(tmp_path, compile_ca
   again = _run("semi_study.py", *flags, cache=compile_cache)  # resumes: nothing is redone
   assert again.returncode == 0, again.stderr[-3000:]
   assert (out / "semi_s0" / "result.json").stat().st_mtime_ns == finished
+
+
+def test_a_budget_file_of_ones_own(tmp_path):
+  path = tmp_path / "mine.py"
+  path.write_text(
+    "from fibseg_jax.configs.budgets import smoke\n\n"
+    "def get_config():\n"
+    "  config = smoke.get_config()\n"
+    "  config.name = 'mine'\n"
+    "  config.steps = 4\n"
+    "  config.forest.n_estimators = 3\n"
+    "  return config\n"
+  )
+  b = study.get_budget(str(path))
+  assert (b.name, b.steps, b.forest.n_estimators) == ("mine", 4, 3)
+  assert b.cleaning == study.SMOKE.cleaning and b.shape == study.SMOKE.shape
+  path.write_text("def get_config():\n  return {'name': 'x', 'stepz': 1}\n")
+  with pytest.raises(ValueError, match=r"unknown field\(s\) \['stepz'\]"):
+    study.get_budget(str(path))

@@ -30,7 +30,12 @@ from fibseg_jax.study import semi as semi_lib
 from fibseg_jax.train import config as config_lib
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_enum("budget", "quick", list(study.BUDGETS), "Budget of the runs.")
+_BUDGET = flags.DEFINE_string(
+  "budget",
+  "quick",
+  f"Budget of the runs: {', '.join(study.BUDGETS)} (fibseg_jax/configs/budgets/) or a "
+  "budget file of your own with a get_config().",
+)
 _VOLUME = flags.DEFINE_string("volume", None, "Volume; default a synthetic stack in --out.")
 _TRAIN = flags.DEFINE_string("train_slices", None, "Slices to train on; default the budget's.")
 _EVAL = flags.DEFINE_string("eval_slices", None, "Slices to score on; default the budget's.")
@@ -60,7 +65,10 @@ def main(argv):
   except ValueError as e:
     sys.exit(f"error: {e}")
   study.cache_compilations(_OUT.value)
-  budget = study.get_budget(_BUDGET.value)
+  try:
+    budget = study.get_budget(_BUDGET.value)
+  except ValueError as e:
+    sys.exit(f"error: {e}")
   if _STEPS.value:
     every = max(1, _STEPS.value * budget.eval_every // budget.steps)
     budget = dataclasses.replace(budget, steps=_STEPS.value, eval_every=every)

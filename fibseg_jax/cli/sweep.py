@@ -20,7 +20,12 @@ from fibseg_jax import study
 from fibseg_jax.cli import runner
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_enum("budget", "quick", list(study.BUDGETS), "Budget of the runs.")
+_BUDGET = flags.DEFINE_string(
+  "budget",
+  "quick",
+  f"Budget of the runs: {', '.join(study.BUDGETS)} (fibseg_jax/configs/budgets/) or a "
+  "budget file of your own with a get_config().",
+)
 _BEST_FROM = flags.DEFINE_string(
   "best_from", None, "A study.json whose best raw-input network is swept."
 )
