@@ -180,10 +180,15 @@ def claim(
   own = is_own(local) if is_own is not None else marker_kind(local) == kind
   if not own:
     what = "a file" if os.path.isfile(local) else "a directory"
+    rule = (
+      "fibseg writes only into a new or empty folder or its own earlier one"
+      if directory
+      else "fibseg replaces only its own outputs, with or without --overwrite"
+    )
     raise OutputError(
       f"{flag}={where} exists and is {what} that is not a {_describe_kind(kind)} output "
-      "(no fibseg metadata of that kind); fibseg replaces only its own outputs, with or "
-      "without --overwrite: choose a new path, or move it away yourself"
+      f"(no fibseg metadata of that kind); {rule}: choose a new path, or move it away "
+      "yourself"
     )
   if not overwrite:
     raise OutputError(

@@ -578,6 +578,8 @@ def test_progress_tells_how_long_after_the_first_block(vol, pixel, capsys):
     r"for all 30 blocks\n",
     err,
   ), err
+  # The second block, free of compiling, refines it.
+  assert re.search(r"second block took \d+\.\d s; about .* more for the other 28 blocks\n", err)
   # A rate that reads (k/M prefixes on pixels, never 0.00x/s) and the blocks done.
   assert re.search(r"\d+(\.\d+)?[kM]?px/s, 30/30 blocks\]", err), err
   segment(vol, pixel, memory_root("seg"), progress=True, only_slices=[0], block=512)

@@ -24,6 +24,7 @@ import sys
 
 import jax
 from absl import flags, logging
+from tqdm import tqdm
 
 from fibseg_jax import checkpoint, infer
 from fibseg_jax.cli import runner
@@ -172,10 +173,8 @@ def main(argv):
       f"({result.blocks_total} in all)"
     )
   logging.info("segmented blocks (z.y0.x0): %s", " ".join(result.segmented))
-  print(
-    f"segmented {result.mpixels:.1f} Mpixel in {result.seconds:.1f} s "
-    f"({result.mpixels_per_second:.2f} Mpixel/s)"
-  )
+  rate = tqdm.format_sizeof(result.mpixels * 1e6 / max(result.seconds, 1e-9))
+  print(f"segmented {result.mpixels:.2f} Mpixel in {result.seconds:.1f} s ({rate}px/s)")
   print(f"labels:        {result.output}")
   if result.probabilities:
     print(f"probabilities: {result.probabilities}")

@@ -14,6 +14,7 @@ uncertainty maps). Annotated slices come from --volume's metadata (or --annotate
 are left out of the ranking.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -64,7 +65,7 @@ def main(argv):
     sys.exit(f"error: {e}")
   for rank, row in enumerate(document["ranking"][: _TOP.value], 1):
     print(f"{rank}. slice {row['z']}: uncertainty {row['uncertainty']:.4f}")
-  print(f"wrote {_OUT.value}/suggest.json, uncertainty_z.png, uncertainty_top.png")
+  print(f"wrote {os.path.join(_OUT.value, 'suggest.json')}, uncertainty_z.png, uncertainty_top.png")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -733,9 +733,10 @@ def save_preview(
   colors = palette.class_colors(stack.classes)
   axes[2].legend(
     handles=[Patch(color=colors[i], label=c) for i, c in enumerate(stack.classes)],
-    loc="upper right",
+    loc="upper left",
+    bbox_to_anchor=(1.02, 1.0),  # beside the panel, not over the truth
     fontsize=8,
-    framealpha=0.8,
+    frameon=False,
   )
   palette.add_scale_bar(axes[0], stack.voxel_size_nm[2], nx)
   for ax in axes:
@@ -743,7 +744,7 @@ def save_preview(
     ax.set_yticks([])
   voxel = " x ".join(f"{v:g}" for v in stack.voxel_size_nm)
   fig.suptitle(
-    f"{name or f'synthetic cement paste, seed {stack.config.seed}'}: slice {z} "
-    f"(z = 0-{nz - 1}); voxel {voxel} nm [z, y, x]"
+    f"{name or f'synthetic cement paste, seed {stack.config.seed}'}: slice {z} of "
+    f"0-{nz - 1}; voxel {voxel} nm [z, y, x]"
   )
   fig.savefig(os.fspath(path), format="png")

@@ -159,7 +159,9 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
     "",
     "Truth and predicted fractions are over the annotated voxels of the evaluated slices; "
     f"the whole-stack fraction is over all {report.prediction.shape[0]} slices. "
-    "n/a: the class occurs in neither truth nor prediction (left out of the means).",
+    "n/a: undefined for this class: IoU and Dice when it occurs in neither truth nor "
+    "prediction (left out of the means), precision when nothing was predicted as it, "
+    "recall when the truth holds none of it.",
   ]
   quantities = report.phase_quantities()
   if quantities:

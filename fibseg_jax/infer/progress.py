@@ -22,12 +22,22 @@ def duration(seconds: float) -> str:
   return f"{minutes // 60} h {minutes % 60:02d} min"
 
 
-def estimate(seconds: float, first: Block, blocks: Sequence[Block]) -> str:
-  """The time of all `blocks` from that of the `first`, in proportion to their pixels."""
+def estimate(seconds: float, first: Block, blocks: Sequence[Block], done: int = 0) -> str:
+  """The time of `blocks` from that of their `first`, in proportion to their pixels.
+
+  With `done` == 0 (the run's first block, compiling included) the line foretells all of
+  them; after the second block (`done` == 1, the steady rate) the time still to come.
+  """
   total = seconds * sum(b.pixels for b in blocks) / first.pixels
+  if done == 0:
+    return (
+      f"first block took {duration(seconds)} (compiling included); about {duration(total)} "
+      f"for all {len(blocks)} blocks"
+    )
+  rest = total - seconds
   return (
-    f"first block took {duration(seconds)} (compiling included); about {duration(total)} "
-    f"for all {len(blocks)} blocks"
+    f"second block took {duration(seconds)}; about {duration(rest)} more for the other "
+    f"{len(blocks) - 1} blocks"
   )
 
 

@@ -320,7 +320,8 @@ def segment_volume(
     first="stopping after the block in progress (Ctrl-C again: stop now)",
     protected="finishing the writes of the blocks done, then stopping",
   ) as stop:
-    estimated = False
+    estimated = 0  # blocks the time of all was foretold from (first, then second)
+    previous = start
     try:
       for blk, geom, slab in reader:
         if stop.requested:
@@ -343,9 +344,13 @@ def segment_volume(
             )
           )
         in_flight.append((blk, futures))
-        if show_progress and not estimated and len(todo) > 1:
-          estimated = True
-          tqdm.write(progress.estimate(time.perf_counter() - start, blk, todo), file=sys.stderr)
+        now = time.perf_counter()
+        if show_progress and estimated < 2 and len(todo) > estimated + 1:
+          # The first block's time includes compiling; the second tells the steady rate.
+          rest = todo[estimated:]
+          tqdm.write(progress.estimate(now - previous, blk, rest, estimated), file=sys.stderr)
+          estimated += 1
+        previous = now
         if stop.requested:
           break
         finish(keep=_WRITES_IN_FLIGHT)

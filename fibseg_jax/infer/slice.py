@@ -53,7 +53,8 @@ def predict_slice(
     overlap: overlap of neighbouring tiles in pixels.
     batch: tiles per device call.
     window: blending window, "cosine" or "gaussian".
-    tta: average over flips, quarter turns and the slab reversed (8-16x the time).
+    tta: average over flips, quarter turns and the slab reversed (8-16 forward passes
+      a tile; 6-8x the time where measured).
     devices: devices to shard tiles over; default this process's devices.
 
   Returns:

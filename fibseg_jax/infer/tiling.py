@@ -153,7 +153,10 @@ def check_tiling(tile: int, overlap: int, size_multiple: int) -> None:
       f"(2**depth); use {' or '.join(str(v) for v in near)}"
     )
   if not 0 <= overlap < tile:
-    raise InferenceError(f"--overlap={overlap} must be in [0, --tile={tile})")
+    raise InferenceError(
+      f"--overlap={overlap} must be in [0, --tile={tile}): pass a smaller --overlap "
+      f"(e.g. --overlap={tile // 4}; the default is 64) or a larger --tile"
+    )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -171,7 +171,7 @@ def plot_curves(
     lo, hi = min(losses) / 1.1, max(losses) * 1.1
     ax_loss.set_ylim(lo, hi)
     ax_loss.yaxis.set_major_locator(FixedLocator(palette.log_ticks(lo, hi)))
-    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: palette.plain_number(v, 2)))
+    ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: palette.plain_number(v)))
     ax_loss.yaxis.set_minor_formatter(NullFormatter())
   ax_loss.legend()
   ax_loss.grid(alpha=0.3)
