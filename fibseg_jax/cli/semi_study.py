@@ -30,12 +30,7 @@ from fibseg_jax.study import semi as semi_lib
 from fibseg_jax.train import config as config_lib
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_string(
-  "budget",
-  "quick",
-  f"Budget of the runs: {', '.join(study.BUDGETS)} (fibseg_jax/configs/budgets/) or a "
-  "budget file of your own with a get_config().",
-)
+_BUDGET = flags.DEFINE_string("budget", "quick", study.BUDGET_FLAG_HELP)
 _VOLUME = flags.DEFINE_string("volume", None, "Volume; default a synthetic stack in --out.")
 _TRAIN = flags.DEFINE_string("train_slices", None, "Slices to train on; default the budget's.")
 _EVAL = flags.DEFINE_string("eval_slices", None, "Slices to score on; default the budget's.")

@@ -24,12 +24,7 @@ from fibseg_jax.cli import runner
 from fibseg_jax.train import config as config_lib
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_string(
-  "budget",
-  "quick",
-  f"Budget of the runs: {', '.join(study.BUDGETS)} (fibseg_jax/configs/budgets/) or a "
-  "budget file of your own with a get_config().",
-)
+_BUDGET = flags.DEFINE_string("budget", "quick", study.BUDGET_FLAG_HELP)
 _VOLUME = flags.DEFINE_string("volume", None, "Volume to study; default a synthetic stack.")
 _TRAIN = flags.DEFINE_string(
   "train_slices", None, "Annotated slices to train on, e.g. 5,11,17 (default: all but eval)."

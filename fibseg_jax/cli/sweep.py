@@ -20,12 +20,7 @@ from fibseg_jax import study
 from fibseg_jax.cli import runner
 
 _OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_string(
-  "budget",
-  "quick",
-  f"Budget of the runs: {', '.join(study.BUDGETS)} (fibseg_jax/configs/budgets/) or a "
-  "budget file of your own with a get_config().",
-)
+_BUDGET = flags.DEFINE_string("budget", "quick", study.BUDGET_FLAG_HELP)
 _BEST_FROM = flags.DEFINE_string(
   "best_from", None, "A study.json whose best raw-input network is swept."
 )

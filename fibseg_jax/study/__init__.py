@@ -9,6 +9,7 @@ baselines); experiments/study.py and experiments/sweep.py are its entry points.
 """
 
 from fibseg_jax.study.budget import BUDGETS, PAPER, QUICK, SMOKE, Budget
+from fibseg_jax.study.budget import FLAG_HELP as BUDGET_FLAG_HELP
 from fibseg_jax.study.budget import get as get_budget
 from fibseg_jax.study.comparison import (
   Row,
@@ -25,6 +26,7 @@ from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
 __all__ = [
   "ARTIFACTS",
   "BUDGETS",
+  "BUDGET_FLAG_HELP",
   "METHODS",
   "PAPER",
   "QUICK",

@@ -147,6 +147,11 @@ def _shipped() -> dict[str, Budget]:
 
 
 BUDGETS = _shipped()
+# The help of the subcommands' --budget flag.
+FLAG_HELP = (
+  f"Budget of the runs: {', '.join(BUDGETS)} (fibseg_jax/configs/budgets/) or a budget "
+  "file of your own with a get_config()."
+)
 QUICK, PAPER, SMOKE = BUDGETS["quick"], BUDGETS["paper"], BUDGETS["smoke"]
 
 
