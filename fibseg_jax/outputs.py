@@ -30,7 +30,7 @@ import os
 import shutil
 import socket
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from typing import Any
 
 MARKER = ".fibseg-output.json"
@@ -43,10 +43,6 @@ _DISK_FULL_TEXT = ("no space left on device", "disk quota exceeded", "file too l
 class OutputError(ValueError):
   """An output path that a command may not write: it is an input, holds one, or holds
   something the command did not write."""
-
-
-class DiskFullError(OutputError):
-  """The filesystem of an output filled up while writing it."""
 
 
 def _real(path: str | os.PathLike) -> str:
@@ -127,6 +123,7 @@ def claim(
   is_own: Callable[[str], bool] | None = None,
   overwrite: bool = True,
   directory: bool = False,
+  legacy: Sequence[str] = (),
 ) -> bool:
   """Checks that a command may write its output at `path`, before it writes anything.
 
@@ -136,11 +133,13 @@ def claim(
     flag: the flag that named `path`, for messages, e.g. "--out".
     inputs: flag -> input path(s) or glob(s) of the run.
     is_own: tells whether what is at a local path is an earlier output of this kind;
-      default: the directory's `MARKER` names `kind`.
+      default: the directory's `MARKER` names `kind`, or it holds one of `legacy`.
     overwrite: whether an earlier output of the same kind may be replaced (the
       directories of files are rewritten in place and pass True).
     directory: the output is a directory of files (evaluate, suggest, study, sweep):
-      mark it as ours now, creating it if needed.
+      mark it as ours (`MARKER`) once claimed, creating it if needed.
+    legacy: files by which a directory written before markers existed is recognised
+      as this kind's (e.g. "study_config.json"); it gets the marker when claimed.
 
   Returns:
     True when an earlier output of this kind is at `path` (it will be replaced or
@@ -177,7 +176,10 @@ def claim(
     if directory:
       write_marker(local, kind)
     return False
-  own = is_own(local) if is_own is not None else marker_kind(local) == kind
+  if is_own is not None:
+    own = is_own(local)
+  else:
+    own = marker_kind(local) == kind or any(os.path.exists(os.path.join(local, f)) for f in legacy)
   if not own:
     what = "a file" if os.path.isfile(local) else "a directory"
     rule = (
@@ -195,6 +197,8 @@ def claim(
       f"{flag}={where} already exists; pass --overwrite to replace it (it is an earlier "
       f"{_describe_kind(kind)} output)"
     )
+  if directory:
+    write_marker(local, kind)
   return True
 
 
@@ -362,18 +366,19 @@ def format_bytes(n: float) -> str:
   return f"{n:.1f} TB"
 
 
-def disk_full_error(
+def disk_full_message(
   flag: str,
   path: Any,
   needed_bytes: float | None,
   what: str,
   kept: str = "Nothing half-written was kept; free some space (or choose another path)",
-) -> DiskFullError:
-  """The one-line error for a filesystem that filled up while writing `path`."""
+) -> str:
+  """The one line for a filesystem that filled up while writing `path` (each layer raises
+  it as its own error type)."""
   where = os.fspath(path) if not isinstance(path, Mapping) else json.dumps(dict(path))
   free = free_bytes(where) if "://" not in where else None
   need = f"; the {what} needs about {format_bytes(needed_bytes)}" if needed_bytes else ""
   have = f", {format_bytes(free)} free now" if free is not None else ""
-  return DiskFullError(
+  return (
     f"{flag}={where}: no space left on the device{need}{have}. {kept} and rerun the same command"
   )

@@ -211,10 +211,9 @@ def claim(out_dir: str) -> tuple[str, str]:
     out_dir,
     kind="benchmark",
     flag="--out",
-    is_own=lambda p: outputs.marker_kind(p) == "benchmark" or os.path.exists(json_path),
     directory=True,
+    legacy=(JSON_NAME,),
   )
-  outputs.write_marker(out_dir, "benchmark")
   return json_path, os.path.join(out_dir, MARKDOWN_NAME)
 
 

@@ -584,7 +584,7 @@ def _prepare_destination(path: str, overwrite: bool) -> str:
   except outputs.OutputError as e:
     raise ValueError(str(e)) from e
   outputs.remove_stale_partials(path)
-  tmp = volume_lib.partial_sibling(path)
+  tmp = outputs.partial_sibling(path)
   os.mkdir(tmp)
   return tmp
 
@@ -641,8 +641,6 @@ def write_tiff_folders(
     }
     with open(os.path.join(tmp, "stack.json"), "w") as f:
       json.dump(info, f, indent=1)
-    if os.path.isdir(final) and not os.listdir(final):
-      os.rmdir(final)
     outputs.replace(tmp, final)
   except BaseException:
     shutil.rmtree(tmp, ignore_errors=True)

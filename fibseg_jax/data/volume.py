@@ -155,9 +155,6 @@ def child_spec(kvstore: Mapping[str, Any], name: str) -> dict[str, Any]:
   return spec
 
 
-partial_sibling = outputs.partial_sibling
-
-
 def is_volume(path: str | os.PathLike) -> bool:
   """Whether a local path holds a volume written by this package (its group metadata)."""
   try:
@@ -479,7 +476,7 @@ class VolumeWriter:
       except outputs.OutputError as e:
         raise VolumeError(str(e)) from e
       self.removed_partials = outputs.remove_stale_partials(self._final)
-      self._tmp = partial_sibling(self._final)
+      self._tmp = outputs.partial_sibling(self._final)
       self.kvstore = kvstore_spec(self._tmp)
     else:
       self._tmp = None
@@ -542,8 +539,7 @@ class VolumeWriter:
       done = outputs.dir_size(self._tmp)
       needed = done * self.shape[0] / len(self._written)
     self.abort()  # first, so the free space the message names is what a rerun has
-    err = outputs.disk_full_error(self._flag, describe(self.root), needed, "volume")
-    return VolumeError(str(err))
+    return VolumeError(outputs.disk_full_message(self._flag, describe(self.root), needed, "volume"))
 
   def write_slice(self, z: int, image: np.ndarray, labels: np.ndarray | None = None) -> None:
     """Writes one slice; a full disk raises `VolumeError` (see the class doc)."""
@@ -619,8 +615,6 @@ class VolumeWriter:
     attrs.update(extra_attrs or {})
     _write_group_attrs(self.kvstore, attrs)
     if self._tmp is not None:
-      if os.path.isdir(self._final) and not os.listdir(self._final):
-        os.rmdir(self._final)  # an empty directory made for us
       outputs.replace(self._tmp, self._final)
     self.committed = True
     return metadata

@@ -177,7 +177,7 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
   final = volume_lib.local_path(path)
   if final is not None:
     outputs.remove_stale_partials(final)
-  target = volume_lib.partial_sibling(final) if final is not None else path
+  target = outputs.partial_sibling(final) if final is not None else path
   kvstore = volume_lib.kvstore_spec(target)
   if final is None:
     kv = ts.KvStore.open(kvstore, context=volume_lib.CONTEXT).result()
@@ -215,8 +215,6 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
       raise _disk_full(path, array) from e
     raise
   if final is not None:
-    if os.path.isdir(final) and not os.listdir(final):
-      os.rmdir(final)
     outputs.replace(target, final)
   return volume_lib.describe(path)
 
@@ -256,7 +254,7 @@ def write_tiff(labels: Any, path: str | os.PathLike, *, overwrite: bool = False)
     f"{names}; voxel size (z, y, x) nm: {voxel[0]:g}, {voxel[1]:g}, {voxel[2]:g}"
   )
   outputs.remove_stale_partials(path)
-  tmp = volume_lib.partial_sibling(path)
+  tmp = outputs.partial_sibling(path)
   try:
     if int(np.prod(shape)) <= IMAGEJ_MAX_BYTES:
       tifffile.imwrite(
@@ -301,7 +299,7 @@ def write_tiff(labels: Any, path: str | os.PathLike, *, overwrite: bool = False)
 def _disk_full(path: Any, array: ts.TensorStore) -> OutputError:
   """A full disk while exporting: the export needs at most a byte a voxel (+ pyramid)."""
   needed = 1.15 * int(np.prod(array.shape))
-  return OutputError(str(outputs.disk_full_error("--export", path, needed, "export")))
+  return OutputError(outputs.disk_full_message("--export", path, needed, "export"))
 
 
 def export_segmentation(

@@ -582,11 +582,11 @@ def disk_full_error(
   local = [volume_lib.local_path(p) for p in paths]
   written = sum(outputs.dir_size(p) for p in local if p is not None and os.path.exists(p))
   rate = written / done_pixels if done_pixels and written else per_pixel
-  err = outputs.disk_full_error(
+  message = outputs.disk_full_message(
     "--output",
     volume_lib.describe(paths[0]),
     rate * remaining_pixels,
     "rest of the run",
     kept=f"The {done} finished blocks are kept (a rerun resumes after them); free some space",
   )
-  return OutputError(str(err))
+  return OutputError(message)

@@ -257,12 +257,11 @@ def check_output(
       out,
       kind=kind,
       flag="--out",
-      is_own=lambda p: outputs.marker_kind(p) == kind or os.path.exists(path),
       directory=True,
+      legacy=(config_file,),
     )
   except outputs.OutputError as e:
     raise StudyError(str(e)) from e
-  outputs.write_marker(out, kind)
   if os.path.exists(path):
     with open(path) as f:
       saved = json.load(f)

@@ -85,15 +85,11 @@ def claim_directory(out: str, volume: str | None = None) -> None:
       kind=KIND,
       flag="--out",
       inputs={"--volume": volume} if volume and not _generated(volume, out) else {},
-      is_own=lambda p: (
-        outputs.marker_kind(p) == KIND
-        or any(os.path.exists(os.path.join(p, f)) for f in ("fourway.json", "suggestion.json"))
-      ),
       directory=True,
+      legacy=("fourway.json", "suggestion.json"),
     )
   except outputs.OutputError as e:
     raise ValueError(str(e)) from e
-  outputs.write_marker(out, KIND)
 
 
 def _train(
