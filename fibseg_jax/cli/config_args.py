@@ -8,7 +8,6 @@ and what was expected. `describe` prints a config's fields for `--show_config`.
 from __future__ import annotations
 
 import difflib
-import importlib.util
 import os
 import re
 from collections.abc import Sequence
@@ -73,12 +72,10 @@ def load_config(value: str) -> ml_collections.ConfigDict:
   if not os.path.isfile(path):
     what = "is a directory, not a config file" if os.path.isdir(path) else "no such file"
     raise ConfigArgError(f"--config={value}: {what}; {configs_hint()}")
-  spec = importlib.util.spec_from_file_location("fibseg_config_check", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # a bug in the file keeps its traceback
-  if not callable(getattr(module, "get_config", None)):
-    raise ConfigArgError(f"--config={value}: defines no get_config(); {configs_hint()}")
-  return module.get_config(*config_args)
+  try:
+    return configs.load(path, *config_args)
+  except ValueError as e:
+    raise ConfigArgError(f"--config={value}: {e}; {configs_hint()}") from None
 
 
 def config_value(args: Sequence[str]) -> str | None:

@@ -16,10 +16,10 @@ Each is a config file in `fibseg_jax/configs/budgets/` starting from `base.py`;
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
 import os
 from typing import Any
 
+from fibseg_jax import configs
 from fibseg_jax.baselines import CleaningConfig, ForestConfig
 from fibseg_jax.configs import budgets as budget_configs
 
@@ -129,21 +129,16 @@ def _tuples(value: Any) -> Any:
 
 
 def _load(path: str) -> Budget:
-  spec = importlib.util.spec_from_file_location("fibseg_budget_config", path)
-  module = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(module)  # a bug in the file keeps its traceback
-  if not callable(getattr(module, "get_config", None)):
-    raise ValueError(f"--budget={path}: defines no get_config()")
-  return from_config(module.get_config())
+  try:
+    return from_config(configs.load(path))
+  except ValueError as e:
+    raise ValueError(f"--budget={path}: {e}") from None
 
 
 def _shipped() -> dict[str, Budget]:
-  names = sorted(
-    f[: -len(".py")]
-    for f in os.listdir(budget_configs.DIRECTORY)
-    if f.endswith(".py") and not f.startswith("_") and f != "base.py"
-  )
-  return {n: _load(os.path.join(budget_configs.DIRECTORY, f"{n}.py")) for n in names}
+  directory = budget_configs.DIRECTORY
+  names = configs.names(directory, exclude=("base",))
+  return {n: _load(os.path.join(directory, f"{n}.py")) for n in names}
 
 
 BUDGETS = _shipped()
