@@ -41,30 +41,15 @@ from fibseg_jax import interrupt, outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import blend as blend_lib
 from fibseg_jax.infer import predict, progress, store, tiling
-from fibseg_jax.infer.blend import RegionBlender, blend_region, normalised_entropy
+from fibseg_jax.infer.blend import RegionBlender
 from fibseg_jax.infer.reader import SlabReader
 from fibseg_jax.infer.settings import (
   CHUNK_YX,
   COMPUTE_DTYPES,
-  DEFAULT_BLOCK,
   SegmentationResult,
   SegmentSettings,
 )
 from fibseg_jax.infer.tiling import Block, InferenceError
-
-__all__ = [
-  "CHUNK_YX",
-  "COMPUTE_DTYPES",
-  "DEFAULT_BLOCK",
-  "RegionBlender",
-  "SegmentSettings",
-  "SegmentationResult",
-  "SlabReader",
-  "blend_region",
-  "normalised_entropy",
-  "segment_from_checkpoint",
-  "segment_volume",
-]
 
 # Blocks whose writes may be in flight while the next block computes.
 _WRITES_IN_FLIGHT = 2
