@@ -442,3 +442,176 @@ def test_split_seed_fixes_the_split_across_training_seeds(volume):
 
   assert blocks(seed=1, split_seed=5) == blocks(seed=2, split_seed=5)
   assert blocks(seed=1, split_seed=5) != blocks(seed=1, split_seed=6)
+
+
+# The recipe beyond the symmetries (data.augment's warp, degradations, artifacts) and
+# rare-class sampling.
+
+WARP = dict(rotation=180.0, scale=0.5, elastic=3.0, spatial_p=1.0)
+
+
+def _positions(loader, image):
+  """The exact (unrounded) volume positions [..., (z, y, x)] a batch image shows."""
+  offset, scale = loader.volume.normalization(loader.config.channels)
+  order = [loader.config.channels.index(c) for c in "ZYX"]
+  return (image / scale + offset)[..., order]
+
+
+def test_warped_labels_follow_the_image_and_keep_255(volume):
+  """Rotation, scaling and elastic deformation on every patch: each label is the
+  volume's label at the position its (bilinear) image pixel shows, 255 stays 255 (never
+  a class) and the validation and evaluation labels are never read."""
+  config = _config(batch_size=8, eval_slices=(5,), **WARP)
+  with SlabLoader(volume, config) as loader:
+    masks = loader.split_masks()
+    warped = agreed = labelled_total = 0
+    for step in range(6):
+      plan = loader.train_plan(step)
+      batch = loader.read(plan)
+      warped += int((plan.angle != 0).sum())
+      at = _positions(loader, batch["image"][:, 1])
+      # The image is linear in position, so bilinear resampling shows it exactly; away
+      # from the volume's edges (mirrored) the label is the one at the rounded position.
+      inside = ((at[..., 1:] > 0.5) & (at[..., 1:] < SIZE - 1.5)).all(-1)
+      labels = batch["labels"]
+      assert set(np.unique(labels)) <= {0, 1, 2, IGNORE}
+      z, y, x = (np.rint(at[..., i]).astype(np.int64) for i in range(3))
+      region = np.stack(
+        [masks[int(zz)][yy, xx] for zz, yy, xx in zip(z[inside], y[inside], x[inside], strict=True)]
+      )
+      lab = labels[inside]
+      assert (region[lab != IGNORE] == split.REGION_TRAIN).all()
+      # Every label is the volume's training label where its image pixel is (beyond the
+      # volume's edge the image is mirrored and the labels are 255, so not both ways).
+      want = np.where(
+        region == split.REGION_TRAIN, expected_label(z[inside], y[inside], x[inside]), IGNORE
+      )
+      agreed += int((lab == want)[lab != IGNORE].sum())
+      labelled_total += int((lab != IGNORE).sum())
+  assert warped == 6 * 8
+  assert labelled_total > 0.4 * 6 * 8 * 16 * 16
+  assert agreed >= 0.999 * labelled_total
+
+
+def test_warp_is_the_same_for_every_slice_and_drift_moves_only_the_side_slices(volume):
+  config = _config(batch_size=4, **WARP, drift=2.0, artifact_p=1.0)
+  with SlabLoader(volume, config) as loader:
+    plan = loader.train_plan(1)
+    at = _positions(loader, loader.read(plan)["image"])  # [n, s, p, p, 3]
+  assert (plan.drift[:, 1] == 0).all() and np.abs(plan.drift).max() > 0.5
+  for i in range(4):
+    for j in (0, 2):
+      inside = ((at[i, j, ..., 1:] > 2) & (at[i, j, ..., 1:] < SIZE - 3)).all(-1)
+      inside &= ((at[i, 1, ..., 1:] > 2) & (at[i, 1, ..., 1:] < SIZE - 3)).all(-1)
+      shift = at[i, j, ..., 1:][inside] - at[i, 1, ..., 1:][inside]
+      # The symmetry turns the drift with the image (and may reverse the slab); its
+      # length is what was drawn.
+      drawn = plan.drift[i, 2 - j if plan.reverse[i] else j]
+      np.testing.assert_allclose(np.linalg.norm(shift, axis=-1), np.linalg.norm(drawn), atol=1e-3)
+
+
+ALL_ON = dict(
+  **WARP,
+  drift=1.0,
+  noise=0.1,
+  blur=1.0,
+  contrast=0.25,
+  lowres=0.5,
+  invert_gamma=0.5,
+  intensity_p=1.0,
+  curtain=0.3,
+  shading=0.3,
+  charging=0.3,
+  artifact_p=1.0,
+  gain=0.1,
+  offset=0.1,
+  gamma=0.2,
+)
+
+
+def test_the_whole_recipe_is_a_pure_function_of_seed_and_step(volume):
+  config = _config(batch_size=4, workers=3, **ALL_ON)
+  with SlabLoader(volume, config) as a, SlabLoader(volume, config) as b:
+    first = _take(a.batches(start_step=2), 2)
+    again = _take(b.batches(start_step=2), 2)
+    other = next(b.batches(start_step=5))
+  for x, y in zip(first, again, strict=True):
+    np.testing.assert_array_equal(x["image"], y["image"])
+    np.testing.assert_array_equal(x["labels"], y["labels"])
+  assert not np.array_equal(first[0]["image"], other["image"])
+  assert np.isfinite(first[0]["image"]).all()
+
+
+def test_degradations_change_the_image_not_the_labels_and_each_channel_on_its_own(volume):
+  base = _config(batch_size=4, flips=False, rot90=False, reverse_slab=False)
+  with SlabLoader(volume, base) as loader:
+    plan = loader.train_plan(0)
+    clean = loader.read(plan)
+  for name, value in [
+    ("noise", 0.1),
+    ("blur", 1.0),
+    ("contrast", 0.25),
+    ("lowres", 0.5),
+    ("curtain", 0.3),
+    ("shading", 0.3),
+    ("charging", 0.3),
+  ]:
+    p = "artifact_p" if name in ("curtain", "shading", "charging") else "intensity_p"
+    config = dataclasses.replace(base, **{name: value, p: 1.0})
+    with SlabLoader(volume, config) as loader:
+      plan = loader.train_plan(0)
+      out = loader.read(plan)
+    np.testing.assert_array_equal(out["labels"], clean["labels"])
+    change = np.abs(out["image"] - clean["image"])
+    assert change.max() > 1e-3, name
+    # Each detector (channel) draws its own: the changes differ between channels.
+    assert not np.allclose(change[..., 0], change[..., 1]), name
+
+
+def test_curtains_run_along_y_within_a_few_degrees():
+  from fibseg_jax.data import augment
+
+  jitter = augment.Jitter.none(1)._replace(curtain=np.array([0.5], np.float32))
+  along = across = 0.0
+  for seed in range(5):
+    add, mul = augment.artifact_field(jitter, 0, 64, 0.0, np.random.default_rng(seed))
+    assert mul is None
+    along += np.abs(np.diff(add, axis=0)).mean()
+    across += np.abs(np.diff(add, axis=1)).mean()
+  assert along < 0.25 * across
+
+
+def test_rare_class_sampling_raises_the_rare_class_share(volume):
+  # Class 2 of the test volume is rare once most of it is unlabelled.
+  root = _memory_root("rare")
+  with volume_lib.create_volume(
+    root,
+    shape=(3, SIZE, SIZE),
+    dtype="uint8",
+    channels=("A",),
+    classes=("a", "b", "c"),
+    voxel_size_nm=(20, 10, 10),
+  ) as writer:
+    for z in range(3):
+      labels = np.zeros((SIZE, SIZE), np.uint8)
+      labels[:, SIZE // 2 :] = 1
+      labels[40:44, 4:8] = 2  # 16 of 4096 pixels
+      writer.write_slice(z, np.full((SIZE, SIZE, 1), 7, np.uint8), labels)
+    writer.commit()
+  rare = volume_lib.open_volume(root)
+
+  def share(fraction):
+    config = LoaderConfig(
+      channels=("A",),
+      slices=1,
+      patch=16,
+      batch_size=8,
+      val_block=32,
+      rare_fraction=fraction,
+      prefetch=0,
+    )
+    with SlabLoader(rare, config) as loader:
+      labels = np.concatenate([loader.read(loader.train_plan(s))["labels"] for s in range(20)])
+    return (labels == 2).sum() / (labels != IGNORE).sum()
+
+  assert share(0.5) > 5 * share(0.0)

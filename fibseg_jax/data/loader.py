@@ -62,6 +62,20 @@ __all__ = [
 
 IGNORE_LABEL = volume_lib.IGNORE_LABEL
 
+# Recipe fields checked as magnitudes (>= 0) and as probabilities ([0, 1]).
+NON_NEGATIVE = (
+  "rotation",
+  "scale",
+  "elastic",
+  "drift",
+  "noise",
+  "blur",
+  "curtain",
+  "shading",
+  "charging",
+)
+PROBABILITIES = ("spatial_p", "intensity_p", "artifact_p", "invert_gamma", "rare_fraction")
+
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:
@@ -83,6 +97,35 @@ class LoaderConfig:
     offset: per-channel additive jitter on the normalised image, from [-offset, offset].
     gamma: per-channel gamma jitter; exponent drawn from [1 - gamma, 1 + gamma].
     reverse_slab: randomly reverse the order of the slices of a slab.
+    rotation: in-plane rotation by up to this many degrees either way (180: any angle);
+      0 = none. Images resampled bilinearly, labels nearest (255 kept, outside the volume
+      255), the same warp for every slice of a slab.
+    scale: zoom by a factor drawn log-uniformly from [2**-scale, 2**scale] (0.5: about
+      0.7-1.4); 0 = none.
+    elastic: elastic deformation, a smooth displacement field of this magnitude in
+      pixels (control points 32 px apart); 0 = none.
+    spatial_p: probability of each of rotation, scaling and elastic deformation.
+    drift: in-plane shift between consecutive slices of a slab, up to this many pixels
+      per slice (a random walk out from the labelled centre slice); 0 = none.
+    noise: additive Gaussian noise, standard deviation up to this (normalised units;
+      the normalised range is about [-1, 1]); 0 = none.
+    blur: Gaussian blur with sigma from [blur / 2, blur] pixels; 0 = none.
+    contrast: contrast factor from [1 - contrast, 1 + contrast] about the mean; 0 = none.
+    lowres: simulated low resolution: down by a factor from [1 - lowres, 1] and back up;
+      0 = none.
+    invert_gamma: probability that the gamma jitter bends the inverted image.
+    intensity_p: probability of each of noise, blur, contrast and low resolution, per
+      channel.
+    curtain: depth of the FIB-SEM curtaining stripes (normalised units) along the
+      milling direction (y), within 4 degrees; 0 = none.
+    shading: amplitude of a smooth multiplicative detector-shading field; 0 = none.
+    charging: brightness of charging streaks along the scan lines and bright patches;
+      0 = none.
+    artifact_p: probability of each of curtaining, shading and charging per channel
+      (each detector on its own), and of drift per patch.
+    rare_fraction: share of each batch's patches drawn class-balanced: a class uniformly
+      among those with training pixels, then a cell by its pixels of that class (nnU-Net
+      oversamples foreground in 33%); 0 = all by labelled area.
     seed: seed of the training stream (and of the split unless `split_seed` is set).
     split_seed: seed of the validation split; None uses `seed`. Fix it to compare
       models or seeds on the same held-out blocks.
@@ -110,6 +153,22 @@ class LoaderConfig:
   offset: float = 0.1
   gamma: float = 0.2
   reverse_slab: bool = True
+  rotation: float = 0.0
+  scale: float = 0.0
+  elastic: float = 0.0
+  spatial_p: float = 0.2
+  drift: float = 0.0
+  noise: float = 0.0
+  blur: float = 0.0
+  contrast: float = 0.0
+  lowres: float = 0.0
+  invert_gamma: float = 0.0
+  intensity_p: float = 0.15
+  curtain: float = 0.0
+  shading: float = 0.0
+  charging: float = 0.0
+  artifact_p: float = 0.3
+  rare_fraction: float = 0.0
   seed: int = 0
   split_seed: int | None = None
   prefetch: int = 2
@@ -216,8 +275,17 @@ def validate_config(
     value = getattr(config, name)
     if not isinstance(value, int | float) or not 0 <= value < 1:
       raise LoaderError(f"{config.flag(name)}={value!r}: must be in [0, 1)")
-  if not isinstance(config.offset, int | float) or config.offset < 0:
-    raise LoaderError(f"{config.flag('offset')}={config.offset!r}: must be >= 0")
+  for name in ("offset", *NON_NEGATIVE):
+    value = getattr(config, name)
+    if not isinstance(value, int | float) or not value >= 0:
+      raise LoaderError(f"{config.flag(name)}={value!r}: must be >= 0")
+  for name in (*PROBABILITIES, "lowres", "contrast"):
+    value = getattr(config, name)
+    if not isinstance(value, int | float) or not 0 <= value <= (
+      1 if name in PROBABILITIES else 0.99
+    ):
+      high = "1]" if name in PROBABILITIES else "1)"
+      raise LoaderError(f"{config.flag(name)}={value!r}: must be in [0, {high}")
 
   bad = [z for z in config.eval_slices if not _is_int(z) or not 0 <= z < depth]
   if bad:

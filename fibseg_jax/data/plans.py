@@ -27,6 +27,7 @@ if TYPE_CHECKING:
 # Random streams of (seed, stream, step); split.SPLIT_STREAM is 0.
 TRAIN_STREAM = 1
 UNLABELLED_STREAM = 2
+OWN_ALL = 2**62  # an `own` bound past any volume: the patch keeps all it reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,10 +38,16 @@ class PatchPlan:
     z: central slice; -1 marks a padding entry (zero image, all-255 labels).
     y0, x0: top-left corner of the patch in the volume.
     own: [n, 4] (y0, y1, x0, x1) volume region whose labels the patch keeps; labels
-      outside it read 255 (validation tiles own exactly their share of a block).
+      outside it read 255 (validation tiles own exactly their share of a block;
+      training patches own everything, `OWN_ALL`).
     flip_y, flip_x, reverse: bool flips of y, x and the slice order.
     rot90: number of counter-clockwise quarter turns in y-x, 0..3.
     gain, offset, gamma: [n, channels] intensity jitter.
+    angle, scale, elastic: [n] the resampling warp (0, 1, 0: none; `augment.Warp`).
+    drift: [n, slices, 2] in-plane shift of each slice of the slab (0 for the centre).
+    field_seed: [n] seed of the patch's random fields (elastic, stripes, noise).
+    invert, contrast, noise, blur, lowres, curtain, shading, charging: [n, channels]
+      the rest of the patch's `augment.Jitter`.
   """
 
   z: np.ndarray
@@ -54,6 +61,19 @@ class PatchPlan:
   gain: np.ndarray
   offset: np.ndarray
   gamma: np.ndarray
+  angle: np.ndarray
+  scale: np.ndarray
+  elastic: np.ndarray
+  drift: np.ndarray
+  field_seed: np.ndarray
+  invert: np.ndarray
+  contrast: np.ndarray
+  noise: np.ndarray
+  blur: np.ndarray
+  lowres: np.ndarray
+  curtain: np.ndarray
+  shading: np.ndarray
+  charging: np.ndarray
 
   def __len__(self) -> int:
     return len(self.z)
@@ -73,13 +93,34 @@ class PatchPlan:
       turns=int(self.rot90[i]),
     )
 
+  def warp(self, i: int) -> augment.Warp:
+    """The resampling of patch i."""
+    return augment.Warp(
+      angle=float(self.angle[i]),
+      scale=float(self.scale[i]),
+      elastic=float(self.elastic[i]),
+      drift=self.drift[i],
+      field_seed=int(self.field_seed[i]),
+    )
+
+  def jitter(self, i: int) -> augment.Jitter:
+    """The intensity augmentation of patch i."""
+    return augment.Jitter(*(getattr(self, name)[i] for name in augment.Jitter._fields))
+
   @classmethod
   def identity(
-    cls, z: np.ndarray, y0: np.ndarray, x0: np.ndarray, own: np.ndarray, channels: int
+    cls,
+    z: np.ndarray,
+    y0: np.ndarray,
+    x0: np.ndarray,
+    own: np.ndarray,
+    channels: int,
+    slices: int = 1,
   ) -> PatchPlan:
     """A plan without augmentation."""
     n = len(z)
     false = np.zeros(n, bool)
+    none = augment.Jitter.none(channels)
     return cls(
       z=z,
       y0=y0,
@@ -92,6 +133,24 @@ class PatchPlan:
       gain=np.ones((n, channels), np.float32),
       offset=np.zeros((n, channels), np.float32),
       gamma=np.ones((n, channels), np.float32),
+      angle=np.zeros(n, np.float32),
+      scale=np.ones(n, np.float32),
+      elastic=np.zeros(n, np.float32),
+      drift=np.zeros((n, slices, 2), np.float32),
+      field_seed=np.zeros(n, np.uint64),
+      **{
+        name: np.repeat(getattr(none, name)[None], n, axis=0)
+        for name in (
+          "invert",
+          "contrast",
+          "noise",
+          "blur",
+          "lowres",
+          "curtain",
+          "shading",
+          "charging",
+        )
+      },
     )
 
 
@@ -110,6 +169,11 @@ def train_plan(
   _, height, width = shape
   rng = np.random.default_rng([config.seed, TRAIN_STREAM, int(step)])
   pick = np.searchsorted(cells.cell_cumsum, rng.random(n) * cells.cell_cumsum[-1], "right")
+  rare = int(round(config.rare_fraction * n))
+  if rare:
+    pick[n - rare :] = rare_cells(
+      cells, rare, np.random.default_rng([config.seed, TRAIN_STREAM, int(step), 2])
+    )
   s, cy, cx = np.unravel_index(cells.cells[pick], cells.cells_shape)
   # Any placement that contains the whole cell, clipped to the volume.
   y0 = rng.integers(
@@ -118,7 +182,25 @@ def train_plan(
   x0 = rng.integers(
     np.maximum(0, cells.cell_x[cx + 1] - patch), np.minimum(cells.cell_x[cx], width - patch) + 1
   )
-  return _augmented(config, rng, np.asarray(cells.train_slices)[s], y0, x0, c)
+  extra = np.random.default_rng([config.seed, TRAIN_STREAM, int(step), 1])
+  return _augmented(config, rng, extra, np.asarray(cells.train_slices)[s], y0, x0, c)
+
+
+def rare_cells(cells: split.Split, n: int, rng: np.random.Generator) -> np.ndarray:
+  """Indices into `cells.cells` of n cells drawn class-balanced.
+
+  Each draw picks a class uniformly among those with training pixels, then a cell with
+  probability proportional to its pixels of that class, so a class holding 1% of the
+  training area is in as many of these patches as one holding 90%.
+  """
+  counts = cells.cell_class_counts  # [cells, classes]
+  present = np.flatnonzero(counts.sum(0))
+  classes = present[rng.integers(0, len(present), n)]
+  cumsum = np.cumsum(counts[:, classes], axis=0)  # [cells, n]
+  return np.array(
+    [np.searchsorted(cumsum[:, j], rng.random() * cumsum[-1, j], "right") for j in range(n)],
+    np.int64,
+  )
 
 
 def unlabelled_plan(config: LoaderConfig, shape: Sequence[int], step: int) -> PatchPlan:
@@ -132,19 +214,23 @@ def unlabelled_plan(config: LoaderConfig, shape: Sequence[int], step: int) -> Pa
   z = rng.integers(0, depth, n)
   y0 = rng.integers(0, height - config.patch + 1, n)
   x0 = rng.integers(0, width - config.patch + 1, n)
-  return _augmented(config, rng, z, y0, x0, len(config.channels))
+  extra = np.random.default_rng([config.seed, UNLABELLED_STREAM, int(step), 1])
+  return _augmented(config, rng, extra, z, y0, x0, len(config.channels))
 
 
 def _augmented(
   config: LoaderConfig,
   rng: np.random.Generator,
+  extra: np.random.Generator,
   z: np.ndarray,
   y0: np.ndarray,
   x0: np.ndarray,
   c: int,
 ) -> PatchPlan:
-  """A plan of whole patches at (z, y0, x0) with augmentation drawn from rng."""
-  n, patch = len(z), config.patch
+  """A plan of whole patches at (z, y0, x0) with augmentation drawn from rng (the
+  symmetries and jitter of the first recipe) and `extra` (the rest), each a stream of its
+  own so switching a part of the recipe on leaves the draws of the others as they were."""
+  n = len(z)
   # Drawn whatever the switches say, so the stream (and the patches) do not depend on them.
   flip_y, flip_x, reverse = rng.random((3, n)) < 0.5
   rot90 = rng.integers(0, 4, n)
@@ -156,7 +242,8 @@ def _augmented(
     z=z,
     y0=y0,
     x0=x0,
-    own=np.stack([y0, y0 + patch, x0, x0 + patch], axis=1),
+    # Whole patches keep every label they read, a warped one's corners too.
+    own=np.tile(np.array([0, OWN_ALL, 0, OWN_ALL], np.int64), (n, 1)),
     flip_y=flip_y & (on and config.flips),
     flip_x=flip_x & (on and config.flips),
     rot90=rot90 * (on and config.rot90),
@@ -164,7 +251,59 @@ def _augmented(
     gain=(gain if on else np.ones_like(gain)).astype(np.float32),
     offset=(offset if on else np.zeros_like(offset)).astype(np.float32),
     gamma=(gamma if on else np.ones_like(gamma)).astype(np.float32),
+    **_recipe(config, extra, n, c),
   )
+
+
+def _recipe(
+  config: LoaderConfig, rng: np.random.Generator, n: int, c: int
+) -> dict[str, np.ndarray]:
+  """The warp, artifact and degradation fields of a plan: each drawn whatever the
+  switches say, then applied with its probability where its magnitude is above 0."""
+  s, on = config.slices, config.augment
+
+  def chosen(p: float, shape: tuple[int, ...], magnitude: float) -> np.ndarray:
+    hit = rng.random(shape) < p
+    return hit & (on and magnitude > 0)
+
+  spatial, intensity, artifact = config.spatial_p, config.intensity_p, config.artifact_p
+  angle = rng.uniform(-1, 1, n) * np.deg2rad(config.rotation)
+  scale = np.exp2(rng.uniform(-1, 1, n) * config.scale)
+  steps = rng.uniform(-1, 1, (n, s, 2)) * config.drift
+  field_seed = rng.integers(0, 2**63, n, dtype=np.uint64)
+  contrast = 1 + rng.uniform(-1, 1, (n, c)) * config.contrast
+  noise = rng.uniform(0, 1, (n, c)) * config.noise
+  blur = rng.uniform(0.5, 1, (n, c)) * config.blur
+  lowres = 1 - rng.uniform(0, 1, (n, c)) * config.lowres
+  curtain = rng.uniform(0.25, 1, (n, c)) * config.curtain
+  shading = rng.uniform(0.25, 1, (n, c)) * config.shading
+  charging = rng.uniform(0.25, 1, (n, c)) * config.charging
+  invert = rng.random((n, c)) < config.invert_gamma
+  # Drift: a random walk from the central slice outwards (slices milled one by one).
+  h = s // 2
+  drift = np.zeros((n, s, 2))
+  drift[:, h + 1 :] = np.cumsum(steps[:, h + 1 :], axis=1)
+  drift[:, :h] = np.cumsum(steps[:, :h][:, ::-1], axis=1)[:, ::-1]
+  drifting = chosen(artifact, (n,), config.drift)
+
+  def where(hit: np.ndarray, value: np.ndarray, none: float) -> np.ndarray:
+    return np.where(hit, value, none).astype(np.float32)
+
+  return {
+    "angle": where(chosen(spatial, (n,), config.rotation), angle, 0),
+    "scale": where(chosen(spatial, (n,), config.scale), scale, 1),
+    "elastic": where(chosen(spatial, (n,), config.elastic), np.full(n, config.elastic), 0),
+    "drift": where(drifting[:, None, None], drift, 0),
+    "field_seed": field_seed,
+    "invert": invert & (on and config.gamma > 0),
+    "contrast": where(chosen(intensity, (n, c), config.contrast), contrast, 1),
+    "noise": where(chosen(intensity, (n, c), config.noise), noise, 0),
+    "blur": where(chosen(intensity, (n, c), config.blur), blur, 0),
+    "lowres": where(chosen(intensity, (n, c), config.lowres), lowres, 1),
+    "curtain": where(chosen(artifact, (n, c), config.curtain), curtain, 0),
+    "shading": where(chosen(artifact, (n, c), config.shading), shading, 0),
+    "charging": where(chosen(artifact, (n, c), config.charging), charging, 0),
+  }
 
 
 def validation_plan(

@@ -175,25 +175,33 @@ class PatchReader:
     pending = []
     with ts.Batch() as batch:
       for i in range(n):
-        z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
+        z = int(plan.z[i])
         if z < 0:
           continue
-        labels_read = self.volume.labels[z, y0 : y0 + p, x0 : x0 + p].read(batch=batch)
-        pending.append((i, *self._read_slab(z, y0, x0, batch), labels_read))
+        ya, yb, xa, xb = self._window(plan, i)
+        labels_read = self.volume.labels[z, ya:yb, xa:xb].read(batch=batch)
+        pending.append((i, *self._read_slab(z, ya, yb, xa, xb, batch), labels_read))
 
     def finish(entry: tuple[int, np.ndarray, ts.Future, ts.Future]) -> None:
       i, zi, image_future, labels_future = entry
-      z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
+      z = int(plan.z[i])
+      ya, yb, xa, xb = self._window(plan, i)
       slab = self._slab(zi, image_future)
       lab = labels_future.result()
+      # Labels outside the patch's own region (a validation tile's share) and in the
+      # validation blocks read 255 before any resampling, which only copies labels.
       oy0, oy1, ox0, ox1 = (int(v) for v in plan.own[i])
-      keep = np.zeros((p, p), bool)
-      keep[max(oy0 - y0, 0) : max(oy1 - y0, 0), max(ox0 - x0, 0) : max(ox1 - x0, 0)] = True
+      keep = np.zeros(lab.shape, bool)
+      keep[max(oy0 - ya, 0) : max(oy1 - ya, 0), max(ox0 - xa, 0) : max(ox1 - xa, 0)] = True
       if split is not None:
-        keep &= ~split.val_pixels(z, y0, y0 + p, x0, x0 + p)
+        keep &= ~split.val_pixels(z, ya, yb, xa, xb)
       lab = np.where(keep, lab, np.uint8(IGNORE_LABEL))
-      # Geometry on views of the raw data, so the cast to float32 is the only copy.
       symmetry = plan.symmetry(i)
+      warp = plan.warp(i)
+      if not warp.identity:
+        slab, lab = augment.warp_slab(slab, lab, self._coordinates(plan, i), (ya, xa), IGNORE_LABEL)
+      # Geometry on views (of the raw data when not resampled), so the cast to float32
+      # is the only copy.
       image[i] = augment.apply(slab, symmetry, y_axis=1, slab_axis=0)
       labels[i] = augment.apply(lab, symmetry, y_axis=0)
       self._intensity(image[i], plan, i)
@@ -214,13 +222,16 @@ class PatchReader:
     pending = []
     with ts.Batch() as batch:
       for i in range(n):
-        z, y0, x0 = int(plan.z[i]), int(plan.y0[i]), int(plan.x0[i])
-        pending.append((i, *self._read_slab(z, y0, x0, batch)))
+        pending.append((i, *self._read_slab(int(plan.z[i]), *self._window(plan, i), batch)))
     none = np.ones(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
 
     def finish(entry: tuple[int, np.ndarray, ts.Future]) -> None:
       i, zi, future = entry
-      slab = augment.apply(self._slab(zi, future), plan.symmetry(i), y_axis=1, slab_axis=0)
+      slab = self._slab(zi, future)
+      if not plan.warp(i).identity:
+        ya, _, xa, _ = self._window(plan, i)
+        slab, _ = augment.warp_slab(slab, None, self._coordinates(plan, i), (ya, xa), 0)
+      slab = augment.apply(slab, plan.symmetry(i), y_axis=1, slab_axis=0)
       weak[i] = slab
       augment.intensity(weak[i], self._offset, self._scale, *none)
       strong[i] = slab
@@ -229,8 +240,36 @@ class PatchReader:
     self._each(finish, pending)
     return {"weak": weak, "strong": strong}
 
+  def _window(self, plan: PatchPlan, i: int) -> tuple[int, int, int, int]:
+    """(ya, yb, xa, xb): the y-x window of the volume patch i reads."""
+    y0, x0, p = int(plan.y0[i]), int(plan.x0[i]), self.patch
+    warp = plan.warp(i)
+    if warp.identity:
+      return y0, y0 + p, x0, x0 + p
+    return augment.warp_window(warp, y0, x0, p, self.volume.shape[1:])
+
+  def _coordinates(self, plan: PatchPlan, i: int) -> np.ndarray:
+    """[slices, 2, patch, patch] volume positions the warped patch i reads."""
+    c = (self.patch - 1) / 2
+    at = augment.warp_coordinates(plan.warp(i), self.patch, self.slices)
+    at[:, 0] += plan.y0[i] + c
+    at[:, 1] += plan.x0[i] + c
+    return at
+
   def _intensity(self, x: np.ndarray, plan: PatchPlan, i: int) -> None:
-    augment.intensity(x, self._offset, self._scale, plan.gain[i], plan.offset[i], plan.gamma[i])
+    """Normalises patch i of a plan and applies its intensity augmentation, in place."""
+    jitter = plan.jitter(i)
+    augment.intensity(
+      x, self._offset, self._scale, jitter.gain, jitter.offset, jitter.gamma, jitter.invert
+    )
+    if augment.degrades(jitter):
+      augment.degrade(
+        x,
+        jitter,
+        angle=float(plan.angle[i]),
+        field_seed=int(plan.field_seed[i]),
+        symmetry=plan.symmetry(i),
+      )
 
   def _each(self, finish: Callable[[Any], None], pending: list[Any]) -> None:
     if self._workers > 1 and len(pending) > 1:
@@ -240,12 +279,13 @@ class PatchReader:
       for entry in pending:
         finish(entry)
 
-  def _read_slab(self, z: int, y0: int, x0: int, batch: ts.Batch) -> tuple[np.ndarray, ts.Future]:
-    """Issues the read of the slab centred on z at (y0, x0): (its slice order, future)."""
-    p = self.patch
+  def _read_slab(
+    self, z: int, ya: int, yb: int, xa: int, xb: int, batch: ts.Batch
+  ) -> tuple[np.ndarray, ts.Future]:
+    """Issues the read of the slab centred on z in a y-x window: (its slice order, future)."""
     zs = slab_indices(z, self.slices, self.volume.shape[0])
     lo, hi = int(zs.min()), int(zs.max()) + 1
-    return zs - lo, self.volume.image[lo:hi, y0 : y0 + p, x0 : x0 + p].read(batch=batch)
+    return zs - lo, self.volume.image[lo:hi, ya:yb, xa:xb].read(batch=batch)
 
   def _slab(self, zi: np.ndarray, future: ts.Future) -> np.ndarray:
     """The slab of a `_read_slab`: slices in slab order, the config's channels (views

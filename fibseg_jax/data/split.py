@@ -61,7 +61,8 @@ class Split:
     block_y, block_x: block boundaries along y and x.
     cell_y, cell_x: sampling-cell boundaries along y and x.
     cells: flat indices into [slices, cells_y, cells_x] of the cells holding training
-      pixels; cell_cumsum their cumulative training-pixel counts; cells_shape the shape.
+      pixels; cell_cumsum their cumulative training-pixel counts; cells_shape the shape;
+      cell_class_counts [cells, classes] their training pixels of each class.
   """
 
   def __init__(
@@ -131,6 +132,8 @@ class Split:
     self.cells = np.flatnonzero(cell_area)
     self.cell_cumsum = np.cumsum(cell_area.ravel()[self.cells])
     self.cells_shape = cell_area.shape
+    classes = np.where(in_val[..., None], 0, cell_counts).reshape(-1, cell_counts.shape[-1])
+    self.cell_class_counts = classes[self.cells].astype(np.int64)
 
   def _count_cells(self, z: int) -> np.ndarray:
     """[cells_y, cells_x, classes] labelled-pixel counts of slice z."""

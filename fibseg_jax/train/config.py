@@ -49,6 +49,27 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   ("data.offset", 0.1, "magnitude of the per-channel intensity offset jitter"),
   ("data.gamma", 0.2, "magnitude of the per-channel gamma jitter"),
   ("data.reverse_slab", True, "also read slabs upside down (z reversed)"),
+  # The rest of the recipe (fibseg_jax.data.augment; LoaderConfig's docstring says more).
+  ("data.rotation", 0.0, "rotate patches by up to this many degrees (180: any angle); 0 = off"),
+  ("data.scale", 0.0, "zoom by 2**u, u in [-scale, scale] (0.5: about 0.7-1.4); 0 = off"),
+  ("data.elastic", 0.0, "elastic deformation of this magnitude in pixels; 0 = off"),
+  ("data.spatial_p", 0.2, "probability of each of rotation, scaling and elastic deformation"),
+  ("data.noise", 0.0, "Gaussian noise of standard deviation up to this (normalised); 0 = off"),
+  ("data.blur", 0.0, "Gaussian blur, sigma up to this many pixels; 0 = off"),
+  ("data.contrast", 0.0, "contrast factor in [1 - contrast, 1 + contrast]; 0 = off"),
+  ("data.lowres", 0.0, "simulated low resolution, down by up to 1 - lowres and back; 0 = off"),
+  ("data.invert_gamma", 0.0, "probability that the gamma jitter bends the inverted image"),
+  ("data.intensity_p", 0.15, "probability of each of noise, blur, contrast, low resolution"),
+  ("data.curtain", 0.0, "depth of simulated curtaining stripes along y, per channel; 0 = off"),
+  ("data.shading", 0.0, "amplitude of a smooth simulated detector-shading field; 0 = off"),
+  ("data.charging", 0.0, "brightness of simulated charging streaks and patches; 0 = off"),
+  ("data.drift", 0.0, "in-plane shift between slices of a slab, pixels per slice; 0 = off"),
+  ("data.artifact_p", 0.3, "probability of each simulated FIB-SEM artifact per channel"),
+  (
+    "data.rare_fraction",
+    0.0,
+    "share of patches drawn class-balanced (a class, then a place holding it); 0 = off",
+  ),
   ("data.prefetch", 2, "batches read ahead of the training step"),
   ("data.workers", 4, "threads that normalise and augment a batch"),
   ("model.name", "unet", "the network: unet (2D / 2.5D U-Net) or sensor3d (U-Net + ConvLSTMs)"),
@@ -56,9 +77,27 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   ("train.seed", 0, "seed of the initial weights and of the batches"),
   ("train.batch_size", 8, "patches per step, over all devices and processes"),
   ("train.steps", 2000, "training steps in all (a resumed run stops at the same step)"),
-  ("train.learning_rate", 1e-3, "peak learning rate (AdamW; linear warm-up, cosine decay to 1%)"),
+  ("train.learning_rate", 1e-3, "peak learning rate, reached after train.warmup_steps"),
   ("train.warmup_steps", 100, "steps of linear warm-up to the peak learning rate"),
-  ("train.weight_decay", 1e-4, "AdamW weight decay"),
+  ("train.weight_decay", 1e-4, "weight decay (adamw: decoupled; sgd: L2 term in the gradient)"),
+  (
+    "train.optimizer",
+    "adamw",
+    "adamw, or sgd: Nesterov momentum 0.99 as nnU-Net (which sets "
+    "--config.train.learning_rate=0.01 --config.train.weight_decay=3e-5)",
+  ),
+  (
+    "train.schedule",
+    "cosine",
+    "decay after the warm-up: cosine (to 1% of the peak) or poly: nnU-Net's "
+    "lr * (1 - t)**0.9, t = (step - warm-up) / (steps - warm-up)",
+  ),
+  (
+    "train.deep_supervision",
+    False,
+    "also train 1x1 heads on the lower decoder levels, weighted 1/2**level as nnU-Net; "
+    "inference uses the full-resolution head only",
+  ),
   ("train.grad_clip", 1.0, "clip the global gradient norm to this; 0 = no clipping"),
   ("train.dice_weight", 1.0, "weight of the soft Dice loss added to the cross-entropy"),
   (
