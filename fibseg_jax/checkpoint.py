@@ -244,14 +244,21 @@ def _locate(path: str) -> tuple[str, int | None]:
   )
 
 
-def load(path_or_workdir: str, step: int | None = None, *, best: bool = True) -> Restored:
+def load(
+  path_or_workdir: str, step: int | None = None, *, best: bool = True, aux_heads: bool = False
+) -> Restored:
   """Loads a trained model for prediction or fine-tuning.
+
+  The deep-supervision heads of a run trained with `train.deep_supervision` are training
+  state only: they are left out of the variables, which hold the inference network (the
+  parameters of the same model trained without them).
 
   Args:
     path_or_workdir: a training workdir, its checkpoints/ directory or one step directory.
     step: a specific step; default the best by validation mIoU (or the latest when
       `best` is False or no checkpoint has validation metrics).
     best: prefer the best checkpoint over the latest.
+    aux_heads: keep the deep-supervision heads in the params (fine-tuning).
 
   Returns:
     A `Restored` with the model, its variables and the config it was trained with.
@@ -275,7 +282,8 @@ def load(path_or_workdir: str, step: int | None = None, *, best: bool = True) ->
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken directory
     raise CheckpointError(f"{directory}/{step}: cannot restore checkpoint: {e}") from e
   config = ml_collections.ConfigDict(config)
-  variables = {"params": state["params"]}
+  params = state["params"]
+  variables = {"params": params if aux_heads else models.without_aux_heads(params)}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
   model = models.build(config.model)

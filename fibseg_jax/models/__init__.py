@@ -9,6 +9,11 @@ logits `[batch, y, x, classes]` for the central slice, and is built from a model
   logits, updates = model.apply(
       variables, x, train=True, mutable=["batch_stats"], rngs={"dropout": key})
 
+Deep supervision (training only): `model.apply(variables, x, deep_supervision=True)`
+returns a tuple of logits, one per `supervised_levels(config)`, full resolution first, from
+extra heads under `aux_head{level}` that `init(..., deep_supervision=True)` creates.
+`without_aux_heads` strips them: what remains is the inference network.
+
 The modules are pure flax.linen with one frozen config dataclass each; this package does
 no I/O. y and x must be multiples of `size_multiple(config)`, slices odd.
 """
@@ -23,7 +28,7 @@ import flax.linen as nn
 import jax
 import numpy as np
 
-from fibseg_jax.models import convlstm
+from fibseg_jax.models import convlstm, layers
 from fibseg_jax.models.checks import InputShapeError, ModelConfigError, check_slab_shape
 from fibseg_jax.models.sensor3d import Sensor3D, Sensor3DConfig
 from fibseg_jax.models.unet import UNet, UNetConfig
@@ -42,7 +47,10 @@ __all__ = [
   "convlstm",
   "count_params",
   "default_config",
+  "is_aux_head",
   "size_multiple",
+  "supervised_levels",
+  "without_aux_heads",
 ]
 
 # name -> (config class, module class)
@@ -143,6 +151,38 @@ def default_config(name: str) -> dict[str, Any]:
 def size_multiple(model_config: Any) -> int:
   """y and x of an input must be multiples of this (2**depth)."""
   return config_from(model_config).size_multiple
+
+
+def supervised_levels(model_config: Any) -> tuple[int, ...]:
+  """Decoder levels that deep supervision trains, 0 (full resolution) first.
+
+  See `layers.supervised_levels`; `model.apply(..., deep_supervision=True)` returns one
+  logits array per entry.
+  """
+  return layers.supervised_levels(config_from(model_config))
+
+
+def is_aux_head(name: str) -> bool:
+  """Whether a top-level params key is a deep-supervision head (training only)."""
+  return name.startswith(layers.AUX_HEAD)
+
+
+def without_aux_heads(params_or_variables: Any) -> Any:
+  """A params tree (or variables dict) without the deep-supervision heads.
+
+  What remains is the inference network, with the parameters and count of a model
+  trained without deep supervision; trees without heads come back equal.
+
+  Args:
+    params_or_variables: top-level params {module name: ...}, or {'params': ..., ...}.
+
+  Returns:
+    The same kind of tree, without the `aux_head{level}` subtrees.
+  """
+  tree = params_or_variables
+  if isinstance(tree, Mapping) and "params" in tree:
+    return {**tree, "params": without_aux_heads(tree["params"])}
+  return {k: v for k, v in tree.items() if not is_aux_head(k)}
 
 
 def check_input_shape(model_config: Any, slices: int, y: int, x: int) -> None:

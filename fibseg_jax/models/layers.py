@@ -24,6 +24,10 @@ from fibseg_jax.models import checks
 # PyTorch's InstanceNorm / BatchNorm / GroupNorm epsilon, so MONAI ports match numerically.
 NORM_EPSILON = 1e-5
 
+# Name prefix of the deep-supervision heads in the params tree (`aux_head1`, ...): they
+# exist only in training state and are no part of the inference network.
+AUX_HEAD = "aux_head"
+
 
 @dataclasses.dataclass(frozen=True)
 class BackboneConfig:
@@ -107,6 +111,43 @@ def decoder_widths(config: BackboneConfig) -> list[tuple[int, int]]:
     up = in_width if (level == 0 and top_width) else max(in_width // 2, 1)
     widths.append((up, outs[level]))
   return widths
+
+
+def supervised_levels(config: BackboneConfig) -> tuple[int, ...]:
+  """Decoder levels whose outputs deep supervision trains, level 0 (full resolution) first.
+
+  Level l has 1/2**l of the input's y and x. nnU-Net gives the lowest-resolution decoder
+  level weight 0 (see `fibseg_jax.train.losses.deep_supervision_weights`), so it gets no
+  head; a depth-1 model has only level 0.
+
+  Args:
+    config: model config.
+
+  Returns:
+    (0, 1, ..., depth - 2), or (0,) for depth 1.
+  """
+  return tuple(range(max(config.depth - 1, 1)))
+
+
+def aux_logits(config: BackboneConfig, level: int, h: jax.Array) -> jax.Array | None:
+  """The deep-supervision logits of a decoder level, or None if the level has no head.
+
+  Call it inside a model's compact `__call__`, and only when deep supervision is asked
+  for: the head `aux_head{level}` (a 1x1 conv, like the model's `head`) becomes a child
+  of that model, so a model called without it has exactly its inference parameters.
+
+  Args:
+    config: model config.
+    level: decoder level, 1 .. depth - 1.
+    h: `[batch, y, x, channels]` output of that decoder level.
+
+  Returns:
+    float32 logits `[batch, y, x, num_classes]`, or None for an unsupervised level.
+  """
+  if level == 0 or level not in supervised_levels(config):
+    return None
+  head = nn.Conv(config.num_classes, (1, 1), dtype=compute_dtype(config), name=f"{AUX_HEAD}{level}")
+  return head(h).astype(jnp.float32)
 
 
 def norm_layer(config: BackboneConfig, train: bool, name: str) -> nn.Module | None:

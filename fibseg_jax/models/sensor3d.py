@@ -101,7 +101,13 @@ class Sensor3D(nn.Module):
   config: Sensor3DConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False, all_slices: bool = False) -> jax.Array:
+  def __call__(
+    self,
+    x: jax.Array,
+    train: bool = False,
+    all_slices: bool = False,
+    deep_supervision: bool = False,
+  ) -> jax.Array | tuple[jax.Array, ...]:
     """Segments the central slice (or all slices) of each slab.
 
     Args:
@@ -110,10 +116,15 @@ class Sensor3D(nn.Module):
       train: use batch statistics (and update them, with `mutable=['batch_stats']`) and
         dropout (needs `rngs={'dropout': key}` when `config.dropout > 0`).
       all_slices: return logits for every slice instead of the central one.
+      deep_supervision: also return the logits of the lower decoder levels (after their
+        ConvLSTM, if any), from heads `aux_head{level}` that exist only when this is
+        asked for (training).
 
     Returns:
       float32 logits `[batch, y, x, num_classes]` for the central slice, or
-      `[batch, slices, y, x, num_classes]` with `all_slices`.
+      `[batch, slices, y, x, num_classes]` with `all_slices`; with `deep_supervision` a
+      tuple of them, one per `layers.supervised_levels(config)`: entry l has y and x
+      divided by 2**l, entry 0 is the usual logits.
 
     Raises:
       InputShapeError: `x` is not 5-D or its sizes do not fit the config.
@@ -147,12 +158,19 @@ class Sensor3D(nn.Module):
       skips.append(h)
     h = maybe_lstm(skips.pop(), cfg.depth)
 
+    def select(h: jax.Array) -> jax.Array:
+      h = unfold(h)
+      return h if all_slices else h[:, slices // 2]
+
+    aux = {}
     for level, (up_width, width) in reversed(list(enumerate(layers.decoder_widths(cfg)))):
       h = layers.UpBlock(cfg, up_width, width, name=f"up{level}")(h, skips.pop(), train)
       h = maybe_lstm(h, level)
+      if deep_supervision and level:
+        aux[level] = layers.aux_logits(cfg, level, select(h))
 
-    h = unfold(h)
-    if not all_slices:
-      h = h[:, slices // 2]
-    logits = nn.Conv(cfg.num_classes, (1, 1), dtype=dtype, name="head")(h)
-    return logits.astype(jnp.float32)
+    logits = nn.Conv(cfg.num_classes, (1, 1), dtype=dtype, name="head")(select(h))
+    logits = logits.astype(jnp.float32)
+    if not deep_supervision:
+      return logits
+    return (logits, *(aux[level] for level in layers.supervised_levels(cfg)[1:]))

@@ -37,7 +37,9 @@ class UNet(nn.Module):
   config: UNetConfig
 
   @nn.compact
-  def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
+  def __call__(
+    self, x: jax.Array, train: bool = False, deep_supervision: bool = False
+  ) -> jax.Array | tuple[jax.Array, ...]:
     """Segments the central slice of each slab.
 
     Args:
@@ -45,9 +47,13 @@ class UNet(nn.Module):
         `config.size_multiple`.
       train: use batch statistics (and update them, with `mutable=['batch_stats']`) and
         dropout (needs `rngs={'dropout': key}` when `config.dropout > 0`).
+      deep_supervision: also return the logits of the lower decoder levels, from heads
+        `aux_head{level}` that exist only when this is asked for (training).
 
     Returns:
-      float32 logits `[batch, y, x, num_classes]` for the central slice.
+      float32 logits `[batch, y, x, num_classes]` for the central slice; with
+      `deep_supervision` a tuple of them, one per `layers.supervised_levels(config)`:
+      entry l is `[batch, y / 2**l, x / 2**l, num_classes]`, entry 0 the usual logits.
 
     Raises:
       InputShapeError: `x` is not 5-D or its sizes do not fit the config.
@@ -66,8 +72,14 @@ class UNet(nn.Module):
       skips.append(h)
 
     h = skips.pop()
+    aux = {}
     for level, (up_width, width) in reversed(list(enumerate(layers.decoder_widths(cfg)))):
       h = layers.UpBlock(cfg, up_width, width, name=f"up{level}")(h, skips.pop(), train)
+      if deep_supervision and level:
+        aux[level] = layers.aux_logits(cfg, level, h)
 
     logits = nn.Conv(cfg.num_classes, (1, 1), dtype=layers.compute_dtype(cfg), name="head")(h)
-    return logits.astype(jnp.float32)
+    logits = logits.astype(jnp.float32)
+    if not deep_supervision:
+      return logits
+    return (logits, *(aux[level] for level in layers.supervised_levels(cfg)[1:]))

@@ -93,6 +93,7 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
   except (models.ModelConfigError, models.InputShapeError) as e:
     raise ConfigError(f"--config.model / --config.data: {e}") from None
   parallel.check_batch_size(int(t.batch_size))
+  state_lib.make_optimizer(config)  # checks train.optimizer and train.schedule
   semi = _semi(config)
   unlabelled = data_config.unlabelled_batch(config) if semi.enabled else 0
   if semi.enabled:
@@ -169,6 +170,9 @@ def _identity(cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   # Semi-supervised runs hold a teacher in their state: a run is one or the other.
   weight = float((cfg.get("semi") or {}).get("weight") or 0)
   fields["--config.semi.weight"] = (weight, weight > 0)
+  # Deep-supervised runs hold the heads of the lower decoder levels in their state.
+  heads = bool((cfg.get("train") or {}).get("deep_supervision") or False)
+  fields["--config.train.deep_supervision"] = (heads, heads)
   for key, value in _model_fields(dict(cfg.get("model", {}))).items():
     fields[f"--config.model.{key}"] = (value, value)
   return fields
@@ -231,7 +235,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
 def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainState:
   """Replaces freshly initialised weights by those of another run (fine-tuning)."""
   try:
-    restored = checkpoint.load(source)
+    restored = checkpoint.load(source, aux_heads=True)
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"--config.train.init_from: {e}") from None
   theirs = json.loads(json.dumps(restored.config.model.to_dict()))
@@ -242,7 +246,15 @@ def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainSta
       f"--config.train.init_from={source}: its model differs in {diff} "
       f"({[theirs.get(k) for k in diff]} there, {[mine.get(k) for k in diff]} here)"
     )
-  params = jax.device_put(restored.variables["params"], replicated)
+  # Deep-supervision heads are taken from the source where both runs have them, start
+  # fresh where only this run has them, and are dropped where only the source has them.
+  params = {
+    k: v
+    for k, v in restored.variables["params"].items()
+    if not models.is_aux_head(k) or k in state.params
+  }
+  params = jax.device_put(params, replicated)
+  params.update({k: v for k, v in state.params.items() if k not in params})
   batch_stats = jax.device_put(restored.variables.get("batch_stats", {}), replicated)
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
   if shapes(params) != shapes(state.params):
@@ -341,7 +353,10 @@ def _train_and_evaluate(
   sample = jnp.zeros((1, lc.slices, lc.patch, lc.patch, len(lc.channels)), jnp.float32)
   rng = jax.random.PRNGKey(int(t.seed))
   semi = _semi(config)
-  init = lambda r: state_lib.create_state(model, tx, r, sample, teacher=semi.enabled)  # noqa: E731
+  deep_supervision = bool(t.get("deep_supervision", False))
+  init = lambda r: state_lib.create_state(  # noqa: E731
+    model, tx, r, sample, teacher=semi.enabled, deep_supervision=deep_supervision
+  )
   abstract = jax.eval_shape(init, rng)
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
 
@@ -360,15 +375,19 @@ def _train_and_evaluate(
     if t.init_from:
       state = _init_from(state, config, tx, str(t.init_from), replicated)
   if is_main:
-    n_params = models.count_params(state.params)
+    n_params = models.count_params(models.without_aux_heads(state.params))
+    n_heads = models.count_params(state.params) - n_params
+    heads = f" (+{n_heads:,} in deep-supervision heads)" if n_heads else ""
     print(
-      f"{config.model.name}: {n_params:,} parameters; {jax.device_count()} device(s) on "
+      f"{config.model.name}: {n_params:,} parameters{heads}; {jax.device_count()} device(s) on "
       f"{jax.process_count()} process(es); "
       + (f"resuming from step {start}" if start else "starting from scratch")
     )
 
   train_step, eval_step = state_lib.jit_steps(
-    state_lib.make_train_step(model, tx, schedule, weights, float(t.dice_weight), semi),
+    state_lib.make_train_step(
+      model, tx, schedule, weights, float(t.dice_weight), semi, deep_supervision
+    ),
     state_lib.make_eval_step(model, len(classes), weights, float(t.dice_weight)),
     state_sharding,
     batch_sharding,

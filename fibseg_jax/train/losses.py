@@ -129,6 +129,95 @@ def segmentation_loss(
   return ce + dice_weight * dice, {"ce": ce, "dice": dice}
 
 
+def deep_supervision_weights(levels: int) -> np.ndarray:
+  """nnU-Net's loss weights of the decoder levels: 1 / 2**l, the lowest level 0, sum 1.
+
+  Level l (0 = full resolution) weighs 1 / 2**l; the lowest-resolution level weighs 0
+  (unless it is the only one), and the weights are normalised to sum to 1. The models
+  give heads only to the levels of non-zero weight (`models.supervised_levels`).
+
+  Args:
+    levels: decoder levels, the model's depth.
+
+  Returns:
+    [levels] float32 weights, e.g. [4/7, 2/7, 1/7, 0] for 4 levels.
+  """
+  if levels < 1:
+    raise ValueError(f"deep supervision needs at least one decoder level, got {levels}")
+  weights = 1.0 / 2.0 ** np.arange(levels)
+  if levels > 1:
+    weights[-1] = 0.0
+  return (weights / weights.sum()).astype(np.float32)
+
+
+def downsample_labels(labels: jax.Array, factor: int) -> jax.Array:
+  """Labels of a level `factor` times coarser, by strided nearest-neighbour subsampling.
+
+  Each coarse pixel takes the label of one fine pixel (the one nearest the centre of its
+  `factor` x `factor` block), so no new class is invented and `IGNORE_LABEL` stays.
+
+  Args:
+    labels: [batch, y, x] integer class indices; y and x multiples of `factor`.
+    factor: a power of two, 1 returns `labels`.
+
+  Returns:
+    [batch, y / factor, x / factor] of the same dtype.
+  """
+  if factor == 1:
+    return labels
+  offset = factor // 2
+  return labels[:, offset::factor, offset::factor]
+
+
+def deep_supervision_loss(
+  outputs: Sequence[jax.Array],
+  labels: jax.Array,
+  level_weights: Sequence[float] | np.ndarray,
+  class_weights: jax.Array | np.ndarray | None = None,
+  dice_weight: float = 1.0,
+  ignore: int = IGNORE_LABEL,
+) -> tuple[jax.Array, dict[str, jax.Array]]:
+  """`segmentation_loss` at every decoder level against subsampled labels, weighted.
+
+  Args:
+    outputs: logits per decoder level, full resolution first: entry l is
+      [batch, y / 2**l, x / 2**l, classes] (`model.apply(..., deep_supervision=True)`).
+    labels: [batch, y, x] integer class indices, `ignore` = unlabelled.
+    level_weights: weight per level (`deep_supervision_weights`); levels beyond
+      `outputs` must weigh 0.
+    class_weights: optional [classes] cross-entropy weights, at every level.
+    dice_weight: weight of the Dice term, at every level.
+    ignore: the label value to leave out.
+
+  Returns:
+    (weighted loss scalar, {"ce", "dice": the full-resolution terms, "loss_level{l}": the
+    loss of each lower level l}).
+
+  Raises:
+    ValueError: an output's size does not match its level, or a level without an output
+      has a non-zero weight.
+  """
+  level_weights = np.asarray(level_weights, np.float64)
+  if np.any(level_weights[len(outputs) :] != 0) or len(outputs) > len(level_weights):
+    raise ValueError(f"{len(outputs)} outputs for level weights {level_weights.tolist()}")
+  total = jnp.zeros((), jnp.float32)
+  metrics: dict[str, jax.Array] = {}
+  for level, logits in enumerate(outputs):
+    factor = 2**level
+    target = downsample_labels(labels, factor)
+    if logits.shape[1:3] != target.shape[1:3]:
+      raise ValueError(
+        f"level {level} logits {logits.shape} do not fit labels {labels.shape} / {factor}"
+      )
+    loss, parts = segmentation_loss(logits, target, class_weights, dice_weight, ignore)
+    if level == 0:
+      metrics.update(parts)
+    else:
+      metrics[f"loss_level{level}"] = loss
+    total = total + float(level_weights[level]) * loss
+  return total, metrics
+
+
 def confusion_matrix(
   logits: jax.Array,
   labels: jax.Array,

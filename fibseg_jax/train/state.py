@@ -16,6 +16,7 @@ from flax import struct
 from fibseg_jax import xla
 from fibseg_jax.data import augment
 from fibseg_jax.train import losses
+from fibseg_jax.train.config import ConfigError
 
 
 @struct.dataclass
@@ -72,30 +73,94 @@ class Semi:
     return jnp.exp(-5.0 * (1.0 - t) ** 2)
 
 
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("cosine", "poly")
+# nnU-Net's SGD: Nesterov momentum 0.99; its poly decay exponent.
+SGD_MOMENTUM = 0.99
+POLY_POWER = 0.9
+
+
+def _choice(train: ml_collections.ConfigDict, name: str, allowed: tuple[str, ...]) -> str:
+  """config.train.<name>, one of `allowed` (the first when a saved config lacks it)."""
+  value = train.get(name, allowed[0])
+  if value not in allowed:
+    raise ConfigError(
+      f"--config.train.{name}={value!r}: expected one of {', '.join(map(repr, allowed))}"
+    )
+  return value
+
+
+def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+  """Linear warm-up from 0 to `train.learning_rate`, then `train.schedule`'s decay.
+
+  "cosine": cosine decay to 1% of the peak at `train.steps`. "poly" (nnU-Net):
+  peak * (1 - t)**0.9 with t = (step - warmup) / (steps - warmup), which is nnU-Net's
+  peak * (1 - step / steps)**0.9 when there is no warm-up.
+
+  Raises:
+    ConfigError: an unknown `train.schedule`.
+  """
+  t = config.train
+  kind = _choice(t, "schedule", SCHEDULES)
+  peak = float(t.learning_rate)
+  warmup = int(min(t.warmup_steps, max(t.steps - 1, 0)))
+  decay_steps = max(int(t.steps), warmup + 1)
+  if kind == "cosine":
+    return optax.warmup_cosine_decay_schedule(
+      init_value=0.0,
+      peak_value=peak,
+      warmup_steps=warmup,
+      decay_steps=decay_steps,
+      end_value=peak * 0.01,
+    )
+  poly = optax.polynomial_schedule(
+    init_value=peak, end_value=0.0, power=POLY_POWER, transition_steps=decay_steps - warmup
+  )
+  if not warmup:
+    return poly
+  rise = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
+  return optax.join_schedules([rise, poly], [warmup])
+
+
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
-  """AdamW with linear warmup and cosine decay, and global-norm clipping.
+  """`train.optimizer` on `make_schedule`'s learning rate, after global-norm clipping.
+
+  "adamw": AdamW with decoupled weight decay `train.weight_decay`. "sgd" (nnU-Net): SGD
+  with Nesterov momentum 0.99 and the weight decay added to the gradient as an L2 term
+  (PyTorch's SGD ``weight_decay``); nnU-Net trains it at learning rate 0.01 and weight
+  decay 3e-5.
 
   Returns:
     (optimizer, learning-rate schedule).
+
+  Raises:
+    ConfigError: an unknown `train.optimizer` or `train.schedule`.
   """
   t = config.train
-  warmup = int(min(t.warmup_steps, max(t.steps - 1, 0)))
-  schedule = optax.warmup_cosine_decay_schedule(
-    init_value=0.0,
-    peak_value=t.learning_rate,
-    warmup_steps=warmup,
-    decay_steps=max(int(t.steps), warmup + 1),
-    end_value=t.learning_rate * 0.01,
-  )
+  kind = _choice(t, "optimizer", OPTIMIZERS)
+  schedule = make_schedule(config)
+  if kind == "adamw":
+    step = optax.adamw(schedule, weight_decay=t.weight_decay)
+  else:
+    step = optax.chain(
+      optax.add_decayed_weights(t.weight_decay) if t.weight_decay else optax.identity(),
+      optax.sgd(schedule, momentum=SGD_MOMENTUM, nesterov=True),
+    )
   tx = optax.chain(
     optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
-    optax.adamw(schedule, weight_decay=t.weight_decay),
+    step,
   )
   return tx, schedule
 
 
 def create_state(
-  model, tx, rng: jax.Array, sample_image: jax.Array, *, teacher: bool = False
+  model,
+  tx,
+  rng: jax.Array,
+  sample_image: jax.Array,
+  *,
+  teacher: bool = False,
+  deep_supervision: bool = False,
 ) -> TrainState:
   """Initialises a TrainState.
 
@@ -105,9 +170,12 @@ def create_state(
     rng: PRNG key.
     sample_image: [batch, slices, y, x, channels] with the training shape.
     teacher: also hold a teacher (semi-supervised training), starting as the student.
+    deep_supervision: also create the model's deep-supervision heads (`aux_head{level}`);
+      the other parameters are initialised exactly as without them.
   """
   init_rng, rng = jax.random.split(rng)
-  variables = model.init(init_rng, sample_image, train=False)
+  extra = {"deep_supervision": True} if deep_supervision else {}
+  variables = model.init(init_rng, sample_image, train=False, **extra)
   params = variables["params"]
   batch_stats = variables.get("batch_stats", {})
   return TrainState(
@@ -168,6 +236,7 @@ def make_train_step(
   class_weights: np.ndarray | None,
   dice_weight: float,
   semi: Semi | None = None,
+  deep_supervision: bool = False,
 ):
   """Returns train_step(state, batch) -> (state, metrics); not yet jitted.
 
@@ -183,11 +252,17 @@ def make_train_step(
   follows the student by an exponential moving average. Without `semi` (or with weight
   0) the step is the supervised one and reads only 'image' and 'labels'.
 
+  With `deep_supervision` (the state made by `create_state(..., deep_supervision=True)`)
+  the supervised loss is `losses.deep_supervision_loss` over the model's decoder levels
+  with nnU-Net's weights (`losses.deep_supervision_weights`); the semi-supervised loss
+  still uses the full-resolution logits only.
+
   Under jit with the batch sharded over devices, the loss means and batch-norm
   statistics are global, so any device count computes the same update.
   """
   weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
   semi = semi if semi is not None and semi.enabled else None
+  level_weights = losses.deep_supervision_weights(model.config.depth) if deep_supervision else None
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, dropout_rng = jax.random.split(state.rng)
@@ -202,14 +277,24 @@ def make_train_step(
       )
 
     def loss_fn(params):
-      logits, updates = model.apply(
+      outputs, updates = model.apply(
         _variables(params, state.batch_stats),
         image,
         train=True,
         mutable=["batch_stats"],
         rngs={"dropout": dropout_rng},
+        **({"deep_supervision": True} if deep_supervision else {}),
       )
-      loss, aux = losses.segmentation_loss(logits[:labelled], batch["labels"], weights, dice_weight)
+      if deep_supervision:
+        logits = outputs[0]
+        loss, aux = losses.deep_supervision_loss(
+          [o[:labelled] for o in outputs], batch["labels"], level_weights, weights, dice_weight
+        )
+      else:
+        logits = outputs
+        loss, aux = losses.segmentation_loss(
+          logits[:labelled], batch["labels"], weights, dice_weight
+        )
       if semi is not None:
         unsup, teaching = losses.consistency(
           back(logits[labelled:]), teacher_logits, semi.mode, semi.threshold, weights
@@ -246,7 +331,11 @@ def make_train_step(
 
 
 def make_eval_step(model, num_classes: int, class_weights: np.ndarray | None, dice_weight: float):
-  """Returns eval_step(state, batch) -> (confusion [k, k] int32, loss sum, pixel count)."""
+  """Returns eval_step(state, batch) -> (confusion [k, k] int32, loss sum, pixel count).
+
+  The full-resolution logits of the inference network only, with or without deep
+  supervision in training (its heads, if any, are unused here).
+  """
   weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
 
   def eval_step(state: TrainState, batch: dict[str, jax.Array]):

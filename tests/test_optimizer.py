@@ -1,0 +1,93 @@
+"""The optimizer and learning-rate schedule options: AdamW + cosine, nnU-Net's SGD + poly."""
+
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import state as state_lib
+
+
+def _config(**train):
+  config = config_lib.base_config()
+  config.train.update({"steps": 100, "warmup_steps": 10, "grad_clip": 0.0, **train})
+  return config
+
+
+def test_defaults_are_adamw_with_cosine_and_no_deep_supervision():
+  train = config_lib.base_config().train
+  assert (train.optimizer, train.schedule, train.deep_supervision) == ("adamw", "cosine", False)
+  help_ = config_lib.field_help(config_lib.base_config())
+  for name in ("optimizer", "schedule", "deep_supervision"):
+    assert help_[f"train.{name}"]
+  assert "learning_rate=0.01" in help_["train.optimizer"]
+
+
+def test_poly_schedule_follows_nnunets_formula_after_the_warm_up():
+  config = _config(optimizer="sgd", schedule="poly", learning_rate=0.01)
+  _, schedule = state_lib.make_optimizer(config)
+  peak, warmup, steps = 0.01, 10, 100
+  np.testing.assert_allclose(schedule(0), 0.0)
+  np.testing.assert_allclose(schedule(5), peak / 2, rtol=1e-6)
+  np.testing.assert_allclose(schedule(warmup), peak, rtol=1e-6)
+  for step in (11, 55, steps - 1):
+    t = (step - warmup) / (steps - warmup)
+    np.testing.assert_allclose(schedule(step), peak * (1 - t) ** 0.9, rtol=1e-5)
+  assert float(schedule(steps - 1)) > 0  # the last step still learns, as in nnU-Net
+  # Without warm-up it is nnU-Net's lr * (1 - step / steps) ** 0.9 exactly.
+  _, schedule = state_lib.make_optimizer(_config(schedule="poly", warmup_steps=0))
+  for step in (0, 30, 99):
+    np.testing.assert_allclose(schedule(step), 1e-3 * (1 - step / 100) ** 0.9, rtol=1e-5)
+
+
+def test_cosine_schedule_is_unchanged():
+  _, schedule = state_lib.make_optimizer(_config())
+  np.testing.assert_allclose(schedule(0), 0.0)
+  np.testing.assert_allclose(schedule(10), 1e-3, rtol=1e-6)
+  np.testing.assert_allclose(schedule(55), 1e-3 * (0.01 + 0.99 * 0.5), rtol=1e-5)
+  np.testing.assert_allclose(schedule(100), 1e-5, rtol=1e-5)
+
+
+def test_sgd_is_nesterov_momentum_099_with_l2_weight_decay():
+  tx, _ = state_lib.make_optimizer(
+    _config(optimizer="sgd", schedule="poly", learning_rate=0.01, weight_decay=3e-5, warmup_steps=0)
+  )
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([0.5, 0.25])}
+  opt_state = tx.init(params)
+  updates, opt_state = tx.update(grads, opt_state, params)
+  g = grads["w"] + 3e-5 * params["w"]
+  # Nesterov's first step: the gradient plus momentum times the new velocity (= gradient).
+  np.testing.assert_allclose(updates["w"], -0.01 * (1 + 0.99) * g, rtol=1e-6)
+  updates, _ = tx.update(grads, opt_state, params)
+  velocity = g + 0.99 * g
+  lr = 0.01 * (1 - 1 / 100) ** 0.9  # poly at step 1
+  np.testing.assert_allclose(updates["w"], -lr * (g + 0.99 * velocity), rtol=1e-5)
+
+
+def test_adamw_is_still_the_default_optimizer():
+  tx, _ = state_lib.make_optimizer(_config(warmup_steps=0))
+  params = {"w": jnp.array([1.0, -2.0])}
+  grads = {"w": jnp.array([0.5, 0.25])}
+  reference = optax.adamw(1e-3, weight_decay=1e-4)
+  ours, _ = tx.update(grads, tx.init(params), params)
+  theirs, _ = reference.update(grads, reference.init(params), params)
+  np.testing.assert_allclose(ours["w"], theirs["w"], rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+  "field, value, allowed",
+  [("optimizer", "adam", "'adamw', 'sgd'"), ("schedule", "linear", "'cosine', 'poly'")],
+)
+def test_unknown_names_are_refused_naming_the_flag(field, value, allowed):
+  with pytest.raises(config_lib.ConfigError) as caught:
+    state_lib.make_optimizer(_config(**{field: value}))
+  assert str(caught.value) == f"--config.train.{field}={value!r}: expected one of {allowed}"
+
+
+def test_a_config_saved_before_the_options_builds_the_old_optimizer():
+  config = _config()
+  del config.train["optimizer"], config.train["schedule"]
+  _, schedule = state_lib.make_optimizer(config)
+  np.testing.assert_allclose(schedule(100), 1e-5, rtol=1e-5)
