@@ -35,6 +35,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fibseg_jax.cli.semi_study",
     "semi-supervised training and TTA, four ways; suggested slice vs random",
   ),
+  "ablation": (
+    "fibseg_jax.cli.ablation",
+    "the training recipe part by part, with seeds",
+  ),
   "bench": ("fibseg_jax.cli.benchmark", "speed against MONAI and the targets"),
 }
 _HELP = ("-h", "--help", "-help", "--helpfull", "help")

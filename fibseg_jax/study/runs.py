@@ -49,6 +49,31 @@ def read_result(directory: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def settings(budget: budget_lib.Budget, **fields: Any) -> dict[str, Any]:
+  """What a cached result was computed with, as JSON (compared on every reuse)."""
+  return json.loads(json.dumps({"budget": budget.to_json(), **fields}))
+
+
+def cached(directory: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
+  """The finished result of `directory` if it was computed with `settings`.
+
+  Raises:
+    ValueError: it holds a result of other settings (naming them); the output directory
+      belongs to another experiment.
+  """
+  done = read_result(directory)
+  if done is None:
+    return None
+  theirs = done.get("settings", {})
+  differ = sorted(k for k in {*theirs, *settings} if theirs.get(k) != settings.get(k))
+  if differ:
+    raise ValueError(
+      f"{directory} holds a result computed with other {', '.join(differ)}; "
+      "use another --out for other settings"
+    )
+  return done
+
+
 def write_json(path: str, value: Any) -> None:
   """Writes JSON through a temporary file, so a crash never leaves half a file."""
   os.makedirs(os.path.dirname(path) or ".", exist_ok=True)

@@ -16,7 +16,6 @@ Two experiments, both resumable (a run directory with `result.json` is never red
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from collections.abc import Mapping, Sequence
@@ -38,31 +37,6 @@ ROWS = (
   ("+ TTA", "supervised", True),
   ("+ both", "semi", True),
 )
-
-
-def _settings(budget: budget_lib.Budget, **fields: Any) -> dict[str, Any]:
-  """What a cached result was computed with, as JSON (compared on every reuse)."""
-  return json.loads(json.dumps({"budget": budget.to_json(), **fields}))
-
-
-def _cached(directory: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
-  """The finished result of `directory` if it was computed with `settings`.
-
-  Raises:
-    ValueError: it holds a result of other settings (naming them); the output directory
-      belongs to another experiment.
-  """
-  done = runs.read_result(directory)
-  if done is None:
-    return None
-  theirs = done.get("settings", {})
-  differ = sorted(k for k in {*theirs, *settings} if theirs.get(k) != settings.get(k))
-  if differ:
-    raise ValueError(
-      f"{directory} holds a result computed with other {', '.join(differ)}; "
-      "use another --out for other settings"
-    )
-  return done
 
 
 KIND = "semi study"
@@ -149,7 +123,7 @@ def fourway_run(
   semi: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
   """One network of the four-way table, scored without and with TTA."""
-  settings = _settings(
+  settings = runs.settings(
     budget,
     volume=volume,
     channels=list(channels),
@@ -159,7 +133,7 @@ def fourway_run(
     eval_slices=list(eval_slices),
     semi=dict(semi or {}),
   )
-  done = _cached(directory, settings)
+  done = runs.cached(directory, settings)
   if done is not None:
     return done
   workdir, seconds = _train(
@@ -233,12 +207,12 @@ def run_fourway(
   if len(seeds) > 1:
     for variant in ("supervised", "semi"):
       directory = os.path.join(out, f"ensemble_{variant}")
-      settings = _settings(
+      settings = runs.settings(
         budget,
         volume=volume,
         members=[r["settings"] for r in results[variant]],
       )
-      done = _cached(directory, settings)
+      done = runs.cached(directory, settings)
       if done is None:
         os.makedirs(directory, exist_ok=True)
         members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in seeds]
@@ -363,8 +337,8 @@ def run_suggestion(
       train_slices=list(train_slices),
       eval_slices=list(eval_slices),
     )
-    settings = _settings(budget, ranked_by=os.path.abspath(supervised[seed]), **common)
-    ranking = _cached(directory, settings)
+    settings = runs.settings(budget, ranked_by=os.path.abspath(supervised[seed]), **common)
+    ranking = runs.cached(directory, settings)
     if ranking is None:
       os.makedirs(directory, exist_ok=True)
       probs = os.path.join(directory, "probs.zarr")
@@ -398,8 +372,8 @@ def run_suggestion(
     for kind in ("top", "random"):
       run_dir = os.path.join(out, f"{kind}_s{seed}")
       four = sorted({*train_slices, ranking[kind]})
-      run_settings = _settings(budget, **{**common, "train_slices": four})
-      r = _cached(run_dir, run_settings)
+      run_settings = runs.settings(budget, **{**common, "train_slices": four})
+      r = runs.cached(run_dir, run_settings)
       if r is None:
         workdir, seconds = _train(
           run_dir,

@@ -1,0 +1,316 @@
+"""The training recipe, measured part by part: an ablation with seeds.
+
+Every row trains the same U-Net (the budget's widths, slab depth, step budget and
+patches) on the same annotated slices and validation split, and scores the evaluation
+slices without test-time augmentation, so the rows differ only in the recipe:
+
+  baseline      the first recipe: flips, quarter turns, slab reversal, gain/offset/gamma,
+                cross-entropy + Dice, patches drawn by labelled area, AdamW + cosine
+  + <part>      the baseline with one part of `PARTS` switched on
+  full          the baseline with every part of `FULL` on
+
+Each run lives in `out/<row>_s<seed>/` and a finished one (its `result.json`, with the
+settings it was computed with) is never recomputed, so rerunning resumes;
+`out/ablation.json` and `ablation.md` are rewritten after every run. The paired
+difference to the baseline (same seed, so the same split and initial draw of batches)
+is reported per seed and as mean +- std.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from fibseg_jax import outputs
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.study import runs
+from fibseg_jax.study.comparison import seed_stats
+
+# The parts of the recipe, as config overrides of the baseline (`train.config.FIELDS`
+# documents each field). Magnitudes follow nnU-Net's defaults where it has the part.
+PARTS: Mapping[str, Mapping[str, Any]] = {
+  "spatial": {
+    "data.rotation": 180.0,
+    "data.scale": 0.5,
+    "data.elastic": 4.0,
+    "data.spatial_p": 0.2,
+  },
+  "intensity": {
+    "data.noise": 0.1,
+    "data.blur": 1.0,
+    "data.contrast": 0.25,
+    "data.lowres": 0.5,
+    "data.invert_gamma": 0.1,
+    "data.intensity_p": 0.15,
+  },
+  "artifacts": {
+    "data.curtain": 0.3,
+    "data.shading": 0.3,
+    "data.charging": 0.3,
+    "data.drift": 1.0,
+    "data.artifact_p": 0.3,
+  },
+  "deep_supervision": {"train.deep_supervision": True},
+  "rare_class": {"data.rare_fraction": 0.33},
+  "sgd_poly": {
+    "train.optimizer": "sgd",
+    "train.schedule": "poly",
+    "train.learning_rate": 0.01,
+    "train.weight_decay": 3e-5,
+  },
+}
+# The parts of the `full` row: every augmentation and sampling part; the optimizer is an
+# alternative to the baseline's, measured on its own row.
+FULL = ("spatial", "intensity", "artifacts", "deep_supervision", "rare_class")
+# Everything the parts set to something else, at its baseline value.
+BASELINE: Mapping[str, Any] = {
+  "data.rotation": 0.0,
+  "data.scale": 0.0,
+  "data.elastic": 0.0,
+  "data.noise": 0.0,
+  "data.blur": 0.0,
+  "data.contrast": 0.0,
+  "data.lowres": 0.0,
+  "data.invert_gamma": 0.0,
+  "data.curtain": 0.0,
+  "data.shading": 0.0,
+  "data.charging": 0.0,
+  "data.drift": 0.0,
+  "data.rare_fraction": 0.0,
+  "train.deep_supervision": False,
+  "train.optimizer": "adamw",
+  "train.schedule": "cosine",
+  "train.learning_rate": 1e-3,
+  "train.weight_decay": 1e-4,
+}
+
+KIND = "recipe ablation"
+
+
+def claim_directory(out: str, volume: str | None = None) -> None:
+  """Claims `out` for the ablation (`fibseg_jax.outputs`): new, empty or an earlier one.
+
+  Raises:
+    ValueError: `out` holds other files, or is or holds `volume` (unless the volume is
+      the synthetic stack generated inside it).
+  """
+  generated = volume and os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
+  try:
+    outputs.claim(
+      out,
+      kind=KIND,
+      flag="--out",
+      inputs={"--volume": volume} if volume and not generated else {},
+      directory=True,
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+
+
+def rows(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
+  """{row name: its config overrides}: baseline, full, then + each part.
+
+  Args:
+    names: rows to keep (e.g. ("baseline", "full")), in this function's order; None: all.
+
+  Raises:
+    ValueError: an unknown row name, listing the known ones.
+  """
+  table = {"baseline": dict(BASELINE)}
+  table["full"] = {**BASELINE, **{k: v for p in FULL for k, v in PARTS[p].items()}}
+  table |= {f"+{part}": {**BASELINE, **overrides} for part, overrides in PARTS.items()}
+  if names is None:
+    return table
+  unknown = [n for n in names if n not in table]
+  if unknown:
+    raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(table)}")
+  return {n: v for n, v in table.items() if n in names}
+
+
+def _override(config, overrides: Mapping[str, Any]) -> None:
+  for dotted, value in overrides.items():
+    section, field = dotted.split(".")
+    if field not in config[section]:
+      raise KeyError(f"config has no field {dotted} (train.config.FIELDS)")
+    config[section][field] = value
+
+
+def run_one(
+  directory: str,
+  budget: budget_lib.Budget,
+  overrides: Mapping[str, Any],
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+) -> dict[str, Any]:
+  """Trains one row's U-Net for one seed and scores the evaluation slices (cached)."""
+  settings = runs.settings(
+    budget,
+    volume=volume,
+    channels=list(channels),
+    slices=slices,
+    seed=seed,
+    train_slices=list(train_slices),
+    eval_slices=list(eval_slices),
+    overrides=dict(overrides),
+  )
+  done = runs.cached(directory, settings)
+  if done is not None:
+    return done
+  vol = volume_lib.open_volume(volume)
+  config = runs.network_config(
+    budget,
+    architecture="unet",
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    volume=volume,
+    held_out=sorted(set(vol.metadata.annotated_slices) - set(train_slices)),
+  )
+  _override(config, overrides)
+  workdir, seconds = runs.train_logged(config, directory)
+  scored, segmented = runs.segment_and_score(
+    workdir,
+    vol,
+    os.path.join(directory, "seg.zarr"),
+    budget,
+    vol,
+    eval_slices,
+    only_slices=eval_slices,
+  )
+  result = {
+    "settings": settings,
+    "seed": int(seed),
+    "train_seconds": seconds,
+    "segment_seconds": segmented.seconds,
+    **scored,
+  }
+  runs.write_json(os.path.join(directory, runs.RESULT), result)
+  return result
+
+
+def summarise(
+  name: str, results: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], classes
+) -> dict[str, Any]:
+  """One row of the table: mean IoU and per class over seeds, and the paired difference
+  to the baseline run of the same seed."""
+  by_seed = {r["seed"]: r for r in baseline}
+  paired = [
+    r["mean_iou"] - by_seed[r["seed"]]["mean_iou"]
+    for r in results
+    if r["seed"] in by_seed and r["mean_iou"] is not None
+  ]
+  return {
+    "name": name,
+    "seeds": [r["seed"] for r in results],
+    "mean_iou": seed_stats([r["mean_iou"] for r in results]),
+    "values": [r["mean_iou"] for r in results],
+    "per_class": {c: seed_stats([r["per_class_iou"][c] for r in results]) for c in classes},
+    "paired_difference": seed_stats(paired) if paired else None,
+    "paired_values": paired,
+    "train_seconds": float(np.mean([r["train_seconds"] for r in results])),
+  }
+
+
+def run_ablation(
+  out: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seeds: Sequence[int],
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  row_names: Sequence[str] | None = None,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """The ablation table over `seeds`; writes out/ablation.json and .md and returns it.
+
+  Rows run in `rows()` order, every seed of a row before the next row, so a partial run
+  already compares the first rows with their spread.
+  """
+  claim_directory(out, volume)
+  vol = volume_lib.open_volume(volume)
+  table = rows(row_names)
+  results: dict[str, list[dict[str, Any]]] = {}
+  document: dict[str, Any] = {}
+  for name, overrides in table.items():
+    results[name] = []
+    for seed in seeds:
+      start = time.perf_counter()
+      r = run_one(
+        os.path.join(out, f"{name.lstrip('+')}_s{seed}"),
+        budget,
+        overrides,
+        volume=volume,
+        channels=channels,
+        slices=slices,
+        seed=seed,
+        train_slices=train_slices,
+        eval_slices=eval_slices,
+      )
+      results[name].append(r)
+      log(f"{name} seed {seed}: mIoU {r['mean_iou']:.4f} ({time.perf_counter() - start:.0f} s)")
+      document = {
+        "volume": volume,
+        "classes": list(vol.classes),
+        "channels": list(channels),
+        "slices": int(slices),
+        "train_slices": [int(z) for z in train_slices],
+        "eval_slices": [int(z) for z in eval_slices],
+        "seeds": [int(s) for s in seeds],
+        "budget": budget.to_json(),
+        "parts": {k: dict(v) for k, v in PARTS.items()},
+        "full": list(FULL),
+        "rows": [
+          summarise(n, rs, results.get("baseline", []), vol.classes) for n, rs in results.items()
+        ],
+      }
+      runs.write_json(os.path.join(out, "ablation.json"), document)
+      with open(os.path.join(out, "ablation.md"), "w") as f:
+        f.write(markdown(document))
+  return document
+
+
+def _stat(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
+  if not stats or stats.get("mean") is None:
+    return "-"
+  std = stats.get("std")
+  return f"{stats['mean']:.{digits}f}" + ("" if std is None else f" +- {std:.{digits}f}")
+
+
+def markdown(document: Mapping[str, Any]) -> str:
+  """The ablation table: mean IoU and paired difference (mean +- std over seeds), per class."""
+  classes = document["classes"]
+  head = ["row", "mean IoU", "paired diff. to baseline", *classes, "train s"]
+  lines = [
+    f"Recipe ablation on {document['volume']}: U-Net, {document['slices']}-slice slabs, "
+    f"channels {', '.join(document['channels'])}, train slices {document['train_slices']}, "
+    f"scored on {document['eval_slices']} (no TTA); budget {document['budget']['name']} "
+    f"({document['budget']['steps']} steps of {document['budget']['batch_size']} x "
+    f"{document['budget']['patch']}^2); seeds {document['seeds']}.",
+    "",
+    "| " + " | ".join(head) + " |",
+    "| " + " | ".join("---" for _ in head) + " |",
+  ]
+  for row in document["rows"]:
+    diff = row["paired_difference"] if row["name"] != "baseline" else None
+    cells = [
+      row["name"],
+      _stat(row["mean_iou"]),
+      _stat(diff),
+      *(_stat(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
+      f"{row['train_seconds']:.0f}",
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

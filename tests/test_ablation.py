@@ -1,0 +1,75 @@
+"""Tests of the recipe ablation's rows (fibseg_jax.study.ablation), without training."""
+
+import pytest
+
+from fibseg_jax.study import ablation, budget, runs
+from fibseg_jax.train import data_config
+
+
+def _config(overrides):
+  config = runs.network_config(
+    budget.get("smoke"),
+    architecture="unet",
+    channels=("ICE", "TLD"),
+    slices=3,
+    seed=0,
+    volume="vol.zarr",
+    held_out=(9,),
+  )
+  ablation._override(config, overrides)
+  return config
+
+
+def test_rows_are_the_baseline_full_and_each_part_alone():
+  table = ablation.rows()
+  assert list(table)[:2] == ["baseline", "full"]
+  assert {f"+{p}" for p in ablation.PARTS} == set(table) - {"baseline", "full"}
+  for part, overrides in ablation.PARTS.items():
+    row = table[f"+{part}"]
+    # Only that part differs from the baseline.
+    differ = {k for k in row if row[k] != table["baseline"].get(k)}
+    assert differ == {k for k, v in overrides.items() if table["baseline"].get(k) != v}
+  with pytest.raises(ValueError, match="unknown row.*known: baseline, full"):
+    ablation.rows(["baseline", "+nothing"])
+
+
+def test_every_override_is_a_config_field_the_loader_reads():
+  for name, overrides in ablation.rows().items():
+    config = _config(overrides)
+    loader = data_config.loader_config(config)
+    for dotted, value in overrides.items():
+      section, field = dotted.split(".")
+      assert config[section][field] == value, (name, dotted)
+      if section == "data":
+        assert getattr(loader, field) == value, (name, dotted)
+  with pytest.raises(KeyError, match="data.no_such"):
+    _config({"data.no_such": 1})
+
+
+def test_markdown_reports_spread_and_paired_difference():
+  baseline = [
+    {"seed": s, "mean_iou": v, "per_class_iou": {"a": v}, "train_seconds": 1.0}
+    for s, v in enumerate((0.5, 0.6, 0.7))
+  ]
+  better = [
+    dict(r, mean_iou=r["mean_iou"] + d) for r, d in zip(baseline, (0.1, 0.0, 0.05), strict=True)
+  ]
+  rows = [
+    ablation.summarise("baseline", baseline, baseline, ["a"]),
+    ablation.summarise("+x", better, baseline, ["a"]),
+  ]
+  assert rows[1]["paired_values"] == pytest.approx([0.1, 0.0, 0.05])
+  text = ablation.markdown(
+    {
+      "volume": "v",
+      "classes": ["a"],
+      "channels": ["ICE"],
+      "slices": 3,
+      "train_slices": [1],
+      "eval_slices": [2],
+      "seeds": [0, 1, 2],
+      "budget": {"name": "quick", "steps": 300, "batch_size": 8, "patch": 128},
+      "rows": rows,
+    }
+  )
+  assert "| +x | 0.650 +- 0.087 | 0.050 +- 0.050 |" in text
