@@ -5,10 +5,12 @@ r"""Turns folders of per-slice detector images and a few labelled slices into a 
     --classes=pore,csh,portlandite,clinker --voxel_size_nm=50,25,25 --out=vol.zarr
 
 Slices are ordered by the last integer in each file name; a label file belongs to the
-image slice with the same number (255 = not annotated; indexed-colour PNGs give their
-indices). A channel, or the labels, may also be a single multi-page TIFF. A jump in the
-numbering (1, 2, 4) is refused unless --allow_missing_slices. The volume is written to
-a temporary path and renamed on success.
+image slice with the same number (255 = not annotated, classes 0, 1, ...; with
+--labels_unlabelled=0, 0 = not painted and classes 1, 2, ..., as napari and ilastik write
+them; indexed-colour PNGs give their indices). Label files may cover any subset of the
+slices (e.g. every 10th) and may hold only strokes. A channel, or the labels, may also be
+a single multi-page TIFF. A jump in the image numbering (1, 2, 4) is refused unless
+--allow_missing_slices. The volume is written to a temporary path and renamed on success.
 """
 
 import sys
@@ -24,8 +26,18 @@ _CHANNEL = flags.DEFINE_multi_string(
 _LABELS = flags.DEFINE_string(
   "labels", None, "Glob of label images (TIFF/PNG of class indices, 255 = not annotated)."
 )
+_UNLABELLED = flags.DEFINE_enum(
+  "labels_unlabelled",
+  "255",
+  ["255", "0"],
+  "Label value meaning 'not annotated': 255 (classes 0..K-1) or 0 (classes 1..K, as napari "
+  "and ilastik label layers paint them). The volume written is the same either way.",
+)
 _CLASSES = flags.DEFINE_list(
-  "classes", None, "Class names, one per label value 0, 1, ...; default class0, class1, ..."
+  "classes",
+  None,
+  "Class names, one per label value 0, 1, ... (1, 2, ... with --labels_unlabelled=0); "
+  "default class0, class1, ...",
 )
 _VOXEL = flags.DEFINE_list("voxel_size_nm", None, "Voxel size z,y,x in nm, e.g. 50,25,25.")
 _OUT = flags.DEFINE_string("out", None, "Output volume (a directory, or memory://, gs://, s3://).")
@@ -70,7 +82,13 @@ def main(argv):
     plan = ingest.plan_ingest(
       channels, _LABELS.value, _CLASSES.value, allow_missing_slices=_ALLOW_MISSING.value
     )
-    meta = ingest.ingest(plan, _OUT.value, voxel_size_nm=voxel_size, overwrite=_OVERWRITE.value)
+    meta = ingest.ingest(
+      plan,
+      _OUT.value,
+      voxel_size_nm=voxel_size,
+      overwrite=_OVERWRITE.value,
+      unlabelled=int(_UNLABELLED.value),
+    )
   except (ingest.IngestError, volume.VolumeError) as e:
     sys.exit(f"error: {e}")
   z, y, x = meta.shape

@@ -5,8 +5,13 @@ A dual-beam instrument writes one image file per slice and detector, e.g.
 in the file name; a label file belongs to the image slice with the same number. A
 channel (or the labels) may also be one multi-page TIFF holding the whole stack (page i
 = slice i). Label images hold class indices; an indexed-colour (palette) PNG or TIFF is
-read as its indices, as annotation tools write them. A label slice that is all 255 is
-not annotated.
+read as its indices, as annotation tools write them. Two conventions for the label
+values (`ingest(unlabelled=...)`, `fibseg ingest --labels_unlabelled`): 255 = not
+annotated and classes 0..K-1 (the volume's own), or 0 = not painted and classes 1..K, as
+napari's and ilastik's label layers write them; the second is shifted down by one on
+reading, so both write the same volume. Labels may be strokes or a few regions (any share
+of a slice unlabelled), and may exist for any subset of the image slices (e.g. every Nth).
+A label slice with no class value is not annotated.
 
 Every slice's shape and pixel type are read from the file headers and checked before a
 pixel is written; the pixels then stream slice by slice, so memory does not grow with
@@ -370,59 +375,101 @@ def _label_values(data: np.ndarray, f: SliceFile) -> np.ndarray:
   return np.unique(data)
 
 
-def _check_labels(data: np.ndarray, f: SliceFile, shape: tuple[int, int], classes) -> np.ndarray:
+def _convention(unlabelled: int) -> str:
+  """How errors name the label convention the user chose."""
+  return "" if unlabelled == volume_lib.IGNORE_LABEL else f" with --labels_unlabelled={unlabelled}"
+
+
+def _first_class(unlabelled: int) -> int:
+  """The label value of class 0 in the user's convention: 1 when 0 means not painted."""
+  return 1 if unlabelled == 0 else 0
+
+
+def check_unlabelled(unlabelled: int) -> int:
+  """The label value meaning "not annotated": 255 (the volume's own) or 0 (napari, ilastik).
+
+  Raises:
+    IngestError: any other value, naming --labels_unlabelled.
+  """
+  if isinstance(unlabelled, bool) or unlabelled not in (0, volume_lib.IGNORE_LABEL):
+    raise IngestError(
+      f"--labels_unlabelled={unlabelled!r}: must be {volume_lib.IGNORE_LABEL} (255 = not "
+      "annotated, classes from 0) or 0 (0 = not painted, classes from 1, as napari and "
+      "ilastik write them)"
+    )
+  return int(unlabelled)
+
+
+def _check_labels(
+  data: np.ndarray, f: SliceFile, shape: tuple[int, int], classes, unlabelled: int = 255
+) -> np.ndarray:
+  """Checks a label slice in the user's convention; returns it in the volume's.
+
+  Returns:
+    [y, x] uint8 class indices 0..K-1, 255 = not annotated.
+  """
   if data.shape != shape:
     raise IngestError(f"--labels: {f.describe()} has shape {data.shape}, image slices {shape}")
   values = _label_values(data, f)
-  wrong = [int(v) for v in values if (v < 0 or v >= len(classes)) and v != 255]
+  first = _first_class(unlabelled)
+  wrong = [int(v) for v in values if v != unlabelled and not first <= v < first + len(classes)]
   if wrong:
     raise IngestError(
       f"--labels: {f.describe()} holds label values {wrong[:10]} but --classes names "
-      f"{len(classes)} classes {list(classes)} (valid: 0..{len(classes) - 1}, 255 = not "
-      "annotated); pass one name per label value"
+      f"{len(classes)} classes {list(classes)} (valid: {first}..{first + len(classes) - 1}, "
+      f"{unlabelled} = not annotated{_convention(unlabelled)}); pass one name per label value"
     )
-  return data.astype(np.uint8)
+  if unlabelled == volume_lib.IGNORE_LABEL:
+    return data.astype(np.uint8)
+  # 0 = not painted -> 255; class value v -> v - 1 (values checked to be 1..K above).
+  return np.where(data == unlabelled, volume_lib.IGNORE_LABEL, data.astype(np.int64) - 1).astype(
+    np.uint8
+  )
 
 
-def _infer_classes(plan: IngestPlan) -> tuple[str, ...]:
+def _infer_classes(plan: IngestPlan, unlabelled: int = 255) -> tuple[str, ...]:
   """Class names class0, class1, ... from the label values, when --classes is not given.
 
   A stack without --labels is one to segment only: no classes (the model brings them).
   A value above a gap (0..3 and 7) is refused: it is more often a stray pixel than three
-  empty classes, and empty classes would train silently.
+  empty classes, and empty classes would train silently. Values are checked and named in
+  the user's convention (`unlabelled`); the names count classes from 0 in either.
   """
   if not plan.labels:
     return ()
-  where: dict[int, SliceFile] = {}  # each value -> the first file holding it
+  first = _first_class(unlabelled)
+  top_allowed = first + volume_lib.IGNORE_LABEL - 2  # 254 classes at most
+  convention = _convention(unlabelled)
+  where: dict[int, SliceFile] = {}  # each value (user's convention) -> first file holding it
   for f in plan.labels.values():
     values = _label_values(f.read(labels=True), f)
-    values = values[values != volume_lib.IGNORE_LABEL]
-    wrong = [int(v) for v in values if not 0 <= v < volume_lib.IGNORE_LABEL - 1]
+    values = values[values != unlabelled]
+    wrong = [int(v) for v in values if not first <= v <= top_allowed]
     if wrong:
       raise IngestError(
         f"--labels: {f.describe()} holds label values {wrong[:10]}; class indices must be "
-        f"0..{volume_lib.IGNORE_LABEL - 2} ({volume_lib.IGNORE_LABEL} = not annotated)"
+        f"{first}..{top_allowed} ({unlabelled} = not annotated{convention})"
       )
     for v in values:
       where.setdefault(int(v), f)
   if not where:
     raise IngestError(
       f"--labels: the {len(plan.labels)} label file(s) hold no class values (all "
-      f"{volume_lib.IGNORE_LABEL} = not annotated); label some pixels, or leave out "
+      f"{unlabelled} = not annotated{convention}); label some pixels, or leave out "
       "--labels to ingest a stack for segmentation only"
     )
   top = max(where)
-  missing = [v for v in range(top + 1) if v not in where]
+  missing = [v for v in range(first, top + 1) if v not in where]
   if missing:
     above = sorted(v for v in where if v > missing[0])
     files = ", ".join(sorted({where[v].describe() for v in above})[:3])
     raise IngestError(
       f"--labels: values {sorted(where)} are present but {missing[:10]} never occur, so "
-      f"{len(missing)} of {top + 1} classes would be empty (value(s) {above[:10]} first "
-      f"in {files}); fix the stray values, or pass --classes with one name per value "
-      f"0..{top} to keep the empty classes"
+      f"{len(missing)} of {top - first + 1} classes would be empty (value(s) {above[:10]} "
+      f"first in {files}{convention}); fix the stray values, or pass --classes with one "
+      f"name per value {first}..{top} to keep the empty classes"
     )
-  return tuple(f"class{i}" for i in range(top + 1))
+  return tuple(f"class{i}" for i in range(top - first + 1))
 
 
 def ingest(
@@ -433,11 +480,12 @@ def ingest(
   overwrite: bool = False,
   progress: bool = True,
   on_slice: Callable[[int], None] | None = None,
+  unlabelled: int = 255,
 ) -> volume_lib.VolumeMetadata:
   """Streams the planned slices into a new volume at `out`.
 
   Writes to a temporary sibling and renames on success: a failure leaves nothing. A
-  label slice that is all 255 (nothing annotated) is not written and not counted as
+  label slice with no class value (all `unlabelled`) is not written and not counted as
   annotated.
 
   Args:
@@ -447,11 +495,18 @@ def ingest(
     overwrite: replace an existing volume.
     progress: show a progress bar.
     on_slice: called with each z after it is queued (tests use it to interrupt).
+    unlabelled: the label value meaning "not annotated" in the label files: 255 (classes
+      0..K-1) or 0 (classes 1..K, napari's and ilastik's convention). The volume written
+      is the same either way (255 = not annotated, classes 0..K-1).
 
   Returns:
     The metadata of the written volume.
+
+  Raises:
+    IngestError: naming the file and the flag, with values in the user's convention.
   """
-  classes = plan.classes or _infer_classes(plan)
+  unlabelled = check_unlabelled(unlabelled)
+  classes = plan.classes or _infer_classes(plan, unlabelled)
   names = list(plan.channels)
   inputs = {f"--channel={n}": [f.path for f in plan.channels[n]] for n in names}
   inputs["--labels"] = [f.path for f in plan.labels.values()]
@@ -492,7 +547,7 @@ def ingest(
       labels = None
       if z in plan.labels:
         f = plan.labels[z]
-        labels = _check_labels(f.read(labels=True), f, plan.shape[1:], classes)
+        labels = _check_labels(f.read(labels=True), f, plan.shape[1:], classes, unlabelled)
         if np.all(labels == volume_lib.IGNORE_LABEL):
           labels = None  # an unannotated slice, e.g. a page of a label stack
       writer.write_slice(z, image, labels)

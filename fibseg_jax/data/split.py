@@ -3,9 +3,11 @@
 The annotated area of every training slice is cut into square `val_block` x `val_block`
 blocks, and whole blocks are drawn, over all slices jointly and deterministically from
 `split_seed`, until they hold as close as possible to `val_fraction` of the annotated
-pixels. Those blocks are the validation region. Each block is further cut into sampling
-cells no larger than `patch` on a side, so that a training patch can always contain a
-whole cell (`plans.train_plan` draws cells by their number of training pixels).
+pixels, never taking a block that holds the last training pixels of a class (strokes may
+put a whole class in one block). Those blocks are the validation region. Each block is
+further cut into sampling cells no larger than `patch` on a side, so that a training
+patch can always contain a whole cell (`plans.train_plan` draws cells by their number of
+training pixels).
 """
 
 from __future__ import annotations
@@ -111,17 +113,25 @@ class Split:
       target = val_fraction * total
       rng = np.random.default_rng([split_seed, SPLIT_STREAM])
       taken = 0
+      per_block = block_counts.reshape(-1, block_counts.shape[-1])
+      train_left = per_block.sum(0)  # [classes] pixels each class keeps for training
       for i in rng.permutation(np.flatnonzero(areas > 0)):
         a = areas.flat[i]
-        if abs(taken + a - target) < abs(taken - target):
+        # Never hold out a class's last training pixels: with strokes, one block may hold
+        # all of a class. Dense labels have every class in many blocks: split as before.
+        last = np.any((per_block[i] > 0) & (per_block[i] >= train_left))
+        if abs(taken + a - target) < abs(taken - target) and not last:
           val.flat[i] = True
           taken += a
+          train_left = train_left - per_block[i]
       if taken == 0 or taken == total:
         raise LoaderError(
           f"{flag('val_block')}={val_block} is too coarse to hold out "
           f"{flag('val_fraction')}={val_fraction} of the {total} annotated pixels "
-          f"of volume {where} ({int((areas > 0).sum())} non-empty blocks); lower "
-          f"{flag('val_block')}, or set {flag('val_fraction')}=0"
+          f"of volume {where}: they lie in {int((areas > 0).sum())} of {areas.size} "
+          f"blocks of {val_block} x {val_block} px, and no set of whole blocks holds "
+          f"about {val_fraction:.0%} of them without all of a class; lower "
+          f"{flag('val_block')}, annotate more places, or set {flag('val_fraction')}=0"
         )
     self.val_blocks = val  # [slices, blocks_y, blocks_x]
     self._class_counts = block_counts[~val].sum(0).astype(np.int64)
