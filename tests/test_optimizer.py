@@ -49,6 +49,13 @@ def test_cosine_schedule_is_unchanged():
   np.testing.assert_allclose(schedule(100), 1e-5, rtol=1e-5)
 
 
+def test_constant_schedule_holds_the_peak_after_the_warm_up():
+  _, schedule = state_lib.make_optimizer(_config(schedule="constant"))
+  np.testing.assert_allclose(schedule(0), 0.0)
+  for step in (10, 55, 100):
+    np.testing.assert_allclose(schedule(step), 1e-3, rtol=1e-6)
+
+
 def test_sgd_is_nesterov_momentum_099_with_l2_weight_decay():
   tx, _ = state_lib.make_optimizer(
     _config(optimizer="sgd", schedule="poly", learning_rate=0.01, weight_decay=3e-5, warmup_steps=0)
@@ -78,7 +85,7 @@ def test_adamw_is_still_the_default_optimizer():
 
 @pytest.mark.parametrize(
   "field, value, allowed",
-  [("optimizer", "adam", "'adamw', 'sgd'"), ("schedule", "linear", "'cosine', 'poly'")],
+  [("optimizer", "adam", "'adamw', 'sgd'"), ("schedule", "linear", "'cosine', 'poly', 'constant'")],
 )
 def test_unknown_names_are_refused_naming_the_flag(field, value, allowed):
   with pytest.raises(config_lib.ConfigError) as caught:

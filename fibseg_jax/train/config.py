@@ -89,8 +89,8 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   (
     "train.schedule",
     "cosine",
-    "decay after the warm-up: cosine (to 1% of the peak) or poly: nnU-Net's "
-    "lr * (1 - t)**0.9, t = (step - warm-up) / (steps - warm-up)",
+    "decay after the warm-up: cosine (to 1% of the peak), poly: nnU-Net's "
+    "lr * (1 - t)**0.9, t = (step - warm-up) / (steps - warm-up), or constant",
   ),
   (
     "train.deep_supervision",

@@ -74,7 +74,7 @@ class Semi:
 
 
 OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "poly")
+SCHEDULES = ("cosine", "poly", "constant")
 # nnU-Net's SGD: Nesterov momentum 0.99; its poly decay exponent.
 SGD_MOMENTUM = 0.99
 POLY_POWER = 0.9
@@ -95,7 +95,8 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
 
   "cosine": cosine decay to 1% of the peak at `train.steps`. "poly" (nnU-Net):
   peak * (1 - t)**0.9 with t = (step - warmup) / (steps - warmup), which is nnU-Net's
-  peak * (1 - step / steps)**0.9 when there is no warm-up.
+  peak * (1 - step / steps)**0.9 when there is no warm-up. "constant": the peak until
+  the end (as a plain optimizer without a scheduler, e.g. the MONAI peer's).
 
   Raises:
     ConfigError: an unknown `train.schedule`.
@@ -113,13 +114,16 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=decay_steps,
       end_value=peak * 0.01,
     )
-  poly = optax.polynomial_schedule(
-    init_value=peak, end_value=0.0, power=POLY_POWER, transition_steps=decay_steps - warmup
-  )
+  if kind == "constant":
+    decay = optax.constant_schedule(peak)
+  else:
+    decay = optax.polynomial_schedule(
+      init_value=peak, end_value=0.0, power=POLY_POWER, transition_steps=decay_steps - warmup
+    )
   if not warmup:
-    return poly
+    return decay
   rise = optax.linear_schedule(init_value=0.0, end_value=peak, transition_steps=warmup)
-  return optax.join_schedules([rise, poly], [warmup])
+  return optax.join_schedules([rise, decay], [warmup])
 
 
 def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
