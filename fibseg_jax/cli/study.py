@@ -13,6 +13,9 @@ command resumes: finished runs are not recomputed. --budget=quick fits 60 minute
 CPU cores; paper is for an accelerator; smoke checks the pipeline on a tiny stack. Compiled
 steps are cached in OUT/.jax_cache (or $JAX_COMPILATION_CACHE_DIR).
 --rows=PATTERN,... runs only matching rows (e.g. --rows='unet_3_*,forest,cleaned').
+Peer rows (fibseg_jax/study/peers.py) run by default when the `peers` extra is installed
+(`pip install -e '.[peers]'`): monai_basicunet and nnunetv2_2d_small (nnU-Net's planner,
+patch capped at the budget's); nnunetv2_2d (nnU-Net's own plan) only when --rows names it.
 """
 
 import sys

@@ -8,6 +8,8 @@ for validation, and an independent annotated evaluation slice. Rows:
   sensor3d_3_<channels>  Sensor-3D on a 3-slice slab
   <best>_cleaned         the best of those, retrained on a cleaned copy of the volume
   otsu, clean_otsu, forest   the classical routes (`fibseg_jax.baselines`)
+  monai_basicunet, nnunetv2_2d_small (and nnunetv2_2d)   peers (`peers`), when the
+                         `peers` extra is installed
 
 Every network gets the same step budget. Each run lives in `out/rows/<row>/seed_<s>/`
 and a finished run (its `result.json`) is never recomputed, so rerunning the same
@@ -32,7 +34,7 @@ from fibseg_jax import baselines, outputs
 from fibseg_jax.data import synth
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import figures, runs
+from fibseg_jax.study import figures, peers, runs
 
 NETWORKS = (("unet", 1), ("unet", 3), ("sensor3d", 3))
 ROUTES = baselines.ROUTES
@@ -50,7 +52,7 @@ class Row:
 
   Attributes:
     name: e.g. "unet_3_ice_tld".
-    kind: "network" or "classical".
+    kind: "network", "classical" or "peer".
     architecture: "unet", "sensor3d", "otsu", "clean_otsu" or "forest".
     channels: input channels.
     slices: slab depth (1 for the classical routes, which see one slice).
@@ -343,7 +345,16 @@ def run_study(
   done: dict[str, dict[str, Any]] = {}
   start = time.perf_counter()
   row_dir = lambda name: os.path.join(out, "rows", name)  # noqa: E731
-  order = [r for r in plan if r.kind == "classical"] + [r for r in plan if r.kind == "network"]
+  # Peer rows (`peers`): those selected whose extra imports; a line for those that do not.
+  for peer in peers.PEERS:
+    if peers.selected(peer, rows, _select):
+      note = peers.missing(peer, budget)
+      if note:
+        log(note)
+        continue
+    seeds = tuple(budget.seeds)
+    plan.append(Row(peer.name, "peer", peer.architecture, study.channels, 1, "raw", seeds))
+  order = [r for r in plan if r.kind == "classical"] + [r for r in plan if r.kind != "classical"]
   total = len(plan) + 1  # and the cleaned row
 
   def finish(row: Row, results: list[dict[str, Any]], resumed: bool, number: int) -> None:
@@ -381,6 +392,17 @@ def run_study(
             eval_slices=study.eval_slices,
             held_out=study.held_out,
           )
+        elif row.kind == "peer":
+          result = peers.run_peer(
+            peers.BY_NAME[row.name],
+            directory,
+            budget,
+            vol=vol,
+            channels=row.channels,
+            seed=seed,
+            eval_slices=study.eval_slices,
+            held_out=study.held_out,
+          )
         else:
           result = runs.run_route(
             directory,
@@ -397,7 +419,10 @@ def run_study(
 
   for number, row in enumerate(order, 1):
     # Rows left out by --rows still show in the table if an earlier run finished them.
-    run_row(row, study.volume, _select(row.name, rows), number)
+    compute = _select(row.name, rows)
+    if row.kind == "peer":
+      compute = peers.selected(peers.BY_NAME[row.name], rows, _select)
+    run_row(row, study.volume, compute, number)
   # The best network on raw inputs, retrained on a cleaned copy of the volume.
   networks = [done[r.name] for r in plan if r.kind == "network" and r.name in done]
   if networks:
@@ -426,7 +451,8 @@ def _write(
   network = [r.name for r in plan if r.kind == "network" and r.inputs == "raw"]
   cleaned = [r.name for r in plan if r.inputs == CLEANED]
   classical = [r.name for r in plan if r.kind == "classical"]
-  names = [n for n in (*network, *cleaned, *classical) if n in done]
+  peer = [r.name for r in plan if r.kind == "peer"]
+  names = [n for n in (*network, *cleaned, *peer, *classical) if n in done]
   document = {
     "budget": budget.to_json(),
     "setup": study.to_json(),
@@ -475,4 +501,4 @@ def markdown(document: dict[str, Any]) -> str:
       f"{r['inputs']} | {r['params']:,} | {','.join(map(str, r['seeds']))} | "
       f"{r['train_seconds']:.0f} | {iou_text(r['mean_iou'])} | {iou} | {err} |"
     )
-  return "\n".join(lines) + "\n"
+  return "\n".join(lines + peers.notes(document["rows"])) + "\n"

@@ -19,6 +19,7 @@ _FAMILY_COLORS = {
   "sensor3d_3": "#31a354",
   "cleaned": "#fd8d3c",
   "classical": "#969696",
+  "peer": "#e377c2",
 }
 _METHOD_STYLE = {
   "network": ("#3182bd", "o"),
@@ -28,8 +29,8 @@ _METHOD_STYLE = {
 
 
 def _family(row: Mapping[str, Any]) -> str:
-  if row["kind"] == "classical":
-    return "classical"
+  if row["kind"] in ("classical", "peer"):
+    return row["kind"]
   if row["inputs"] != "raw":
     return "cleaned"
   return f"{row['architecture']}_{row['slices']}"
