@@ -115,6 +115,10 @@ def test_figures_follow_from_the_details(written):
   row = d["data_path"]["headroom_row"]
   assert row["chunk_yx"] == 256 and [x["chunk_yx"] for x in d["data_path"]["rows"]] == [32, 256]
   assert r["loader_headroom"] == pytest.approx(row["patches_per_s_uncached"] / (2 / step))
+  assert r["loader_headroom_full_recipe"] == pytest.approx(
+    row["patches_per_s_uncached_full_recipe"] / (2 / step)
+  )
+  assert 0 < row["patches_per_s_uncached_full_recipe"]
 
   # Parameter counts of the tiny 2.5D U-Net: one input feature per slice and signal.
   model = models.build(bench.options.model_config(tiny_options(), "unet"))

@@ -11,6 +11,7 @@ present in every run (None with a note when a figure cannot be measured):
   train_speedup_vs_monai, infer_speedup_vs_monai   MONAI median step / fibseg_jax's
   train_flop_utilisation   XLA cost-analysis FLOP/s of the train step / matmul FLOP/s
   loader_headroom          slab loader patches/s / what a train step consumes
+  loader_headroom_full_recipe   the same with every augmentation part on
   segment_efficiency       segmentation Mpixel/s / the bare forward's on the same tiles
   segment_rss_ratio        peak RSS segmenting a 4x volume / a 1x volume
   sensor3d_step_ratio      Sensor-3D train step / U-Net's, same batch and slab

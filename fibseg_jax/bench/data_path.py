@@ -92,6 +92,12 @@ def _time_reads(loader: loader_lib.SlabLoader, batches: int) -> float:
   return batches * loader.config.batch_size / (time.perf_counter() - start)
 
 
+def _full_recipe(config: loader_lib.LoaderConfig) -> loader_lib.LoaderConfig:
+  """`config` with every part of `loader.RECIPE_PARTS` on."""
+  fields = {k: v for part in loader_lib.RECIPE_PARTS.values() for k, v in part.items()}
+  return dataclasses.replace(config, **fields)
+
+
 def bench_data_path(options: Options, workdir: str) -> list[dict[str, Any]]:
   """Slab-loader throughput for each chunk y-x size, without and with a chunk cache.
 
@@ -130,10 +136,15 @@ def bench_data_path(options: Options, workdir: str) -> list[dict[str, Any]]:
     }
     with loader_lib.SlabLoader(_uncached(vol), config) as loader:
       row["patches_per_s_uncached"] = _time_reads(loader, options.loader_batches)
+    # The same reads with every part of the augmentation recipe on at its measured
+    # magnitudes and probabilities (`loader.RECIPE_PARTS`).
+    with loader_lib.SlabLoader(_uncached(vol), _full_recipe(config)) as loader:
+      row["patches_per_s_uncached_full_recipe"] = _time_reads(loader, options.loader_batches)
     with loader_lib.SlabLoader(vol, config) as loader:
       row["patches_per_s_cached"] = _time_reads(loader, options.loader_batches)
     print(
-      f"  chunk {chunk}: {row['patches_per_s_uncached']:.1f} patches/s uncached, "
+      f"  chunk {chunk}: {row['patches_per_s_uncached']:.1f} patches/s uncached "
+      f"({row['patches_per_s_uncached_full_recipe']:.1f} with the full recipe), "
       f"{row['patches_per_s_cached']:.1f} cached",
       file=sys.stderr,
       flush=True,

@@ -65,6 +65,12 @@ KEYS: tuple[Key, ...] = (
     "slab loader patches/s (uncached, default chunk) over what a train step consumes",
   ),
   Key(
+    "loader_headroom_full_recipe",
+    10.0,
+    True,
+    "the same with every augmentation part on (data.loader.RECIPE_PARTS)",
+  ),
+  Key(
     "segment_efficiency",
     0.9,
     True,
@@ -138,6 +144,9 @@ def collect(details: Mapping[str, Any], batch: int, peer_note: str) -> dict[str,
     notes["train_flop_utilisation"] = "XLA's cost analysis gave no FLOP count on this backend"
   row = details["data_path"]["headroom_row"]
   values["loader_headroom"] = loader_headroom(row["patches_per_s_uncached"], batch, race_step)
+  values["loader_headroom_full_recipe"] = loader_headroom(
+    row["patches_per_s_uncached_full_recipe"], batch, race_step
+  )
   segmentation = details["segmentation"]
   values["segment_efficiency"] = segmentation["efficiency"]
   if segmentation["efficiency"] is None:

@@ -76,6 +76,23 @@ NON_NEGATIVE = (
 )
 PROBABILITIES = ("spatial_p", "intensity_p", "artifact_p", "invert_gamma", "rare_fraction")
 
+# The parts of the augmentation and sampling recipe with the magnitudes measured (the
+# recipe ablation, `fibseg_jax.study.ablation`), as `LoaderConfig` fields; magnitudes and
+# probabilities follow nnU-Net's defaults where it has the part.
+RECIPE_PARTS: Mapping[str, Mapping[str, float]] = {
+  "spatial": {"rotation": 180.0, "scale": 0.5, "elastic": 4.0, "spatial_p": 0.2},
+  "intensity": {
+    "noise": 0.1,
+    "blur": 1.0,
+    "contrast": 0.25,
+    "lowres": 0.5,
+    "invert_gamma": 0.1,
+    "intensity_p": 0.15,
+  },
+  "artifacts": {"curtain": 0.3, "shading": 0.3, "charging": 0.3, "drift": 1.0, "artifact_p": 0.3},
+  "rare_class": {"rare_fraction": 0.33},
+}
+
 
 @dataclasses.dataclass(frozen=True)
 class LoaderConfig:

@@ -26,34 +26,18 @@ from typing import Any
 import numpy as np
 
 from fibseg_jax import outputs
+from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
 from fibseg_jax.study.comparison import seed_stats
 
 # The parts of the recipe, as config overrides of the baseline (`train.config.FIELDS`
-# documents each field). Magnitudes follow nnU-Net's defaults where it has the part.
+# documents each field): the loader's `RECIPE_PARTS` and the training parts.
 PARTS: Mapping[str, Mapping[str, Any]] = {
-  "spatial": {
-    "data.rotation": 180.0,
-    "data.scale": 0.5,
-    "data.elastic": 4.0,
-    "data.spatial_p": 0.2,
-  },
-  "intensity": {
-    "data.noise": 0.1,
-    "data.blur": 1.0,
-    "data.contrast": 0.25,
-    "data.lowres": 0.5,
-    "data.invert_gamma": 0.1,
-    "data.intensity_p": 0.15,
-  },
-  "artifacts": {
-    "data.curtain": 0.3,
-    "data.shading": 0.3,
-    "data.charging": 0.3,
-    "data.drift": 1.0,
-    "data.artifact_p": 0.3,
+  **{
+    part: {f"data.{field}": value for field, value in fields.items()}
+    for part, fields in loader_lib.RECIPE_PARTS.items()
   },
   # The MONAI peer's training differs from the baseline's in these (it trains at a
   # constant 1e-3, with unweighted cross-entropy, and PyTorch's smaller initial weights,
@@ -62,7 +46,6 @@ PARTS: Mapping[str, Mapping[str, Any]] = {
   "constant_lr": {"train.schedule": "constant"},
   "no_class_weights": {"train.class_weights": False},
   "deep_supervision": {"train.deep_supervision": True},
-  "rare_class": {"data.rare_fraction": 0.33},
   "sgd_poly": {
     "train.optimizer": "sgd",
     "train.schedule": "poly",
