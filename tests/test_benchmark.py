@@ -75,7 +75,7 @@ def written(tmp_path_factory):
 def test_every_key_is_written(written):
   result, reloaded, _ = written
   assert set(bench.KEY_NAMES) <= set(reloaded)
-  assert len(bench.KEY_NAMES) == 7 + 6
+  assert len(bench.KEY_NAMES) == 8 + 6
   for name in bench.KEY_NAMES:
     value = reloaded[name]
     assert value is None or positive_finite(value), (name, value)
@@ -85,7 +85,12 @@ def test_every_key_is_written(written):
   for name in ("train_speedup_vs_monai", "infer_speedup_vs_monai"):
     assert reloaded[name] is None and "BasicUNet" in reloaded["notes"][name]
     assert reloaded["status"][name] == "n.a."
-  for name in ("train_flop_utilisation", "loader_headroom", "segment_rss_ratio"):
+  for name in (
+    "train_flop_utilisation",
+    "loader_headroom",
+    "loader_headroom_full_recipe",
+    "segment_rss_ratio",
+  ):
     assert positive_finite(reloaded[name]), name
   assert reloaded["targets"]["loader_headroom"] == ">= 10"
   assert reloaded["targets"]["sensor3d_step_ratio"] == "<= 2.5"
