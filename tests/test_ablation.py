@@ -23,7 +23,8 @@ def _config(overrides):
 def test_rows_are_the_baseline_full_and_each_part_alone():
   table = ablation.rows()
   assert list(table)[:2] == ["baseline", "full"]
-  assert {f"+{p}" for p in ablation.PARTS} == set(table) - {"baseline", "full"}
+  assert {f"+{p}" for p in ablation.PARTS} == set(table) - {"baseline", "full", "full+lr_3x"}
+  assert table["full+lr_3x"] == {**table["full"], **ablation.PARTS["lr_3x"]}
   for part, overrides in ablation.PARTS.items():
     row = table[f"+{part}"]
     # Only that part differs from the baseline.

@@ -8,6 +8,7 @@ slices without test-time augmentation, so the rows differ only in the recipe:
                 cross-entropy + Dice, patches drawn by labelled area, AdamW + cosine
   + <part>      the baseline with one part of `PARTS` switched on
   full          the baseline with every part of `FULL` on
+  full+lr_3x    full at the larger learning rate
 
 Each run lives in `out/<row>_s<seed>/` and a finished one (its `result.json`, with the
 settings it was computed with) is never recomputed, so rerunning resumes;
@@ -58,7 +59,7 @@ PARTS: Mapping[str, Mapping[str, Any]] = {
 FULL = ("spatial", "intensity", "artifacts", "deep_supervision", "rare_class")
 # The order the single-part rows run in: what the first measurements made most likely to
 # matter first, so a partial run has measured it.
-PRIORITY = ("lr_3x", "constant_lr", "no_class_weights", "deep_supervision", "rare_class")
+PRIORITY = ("lr_3x", "constant_lr", "deep_supervision", "rare_class", "no_class_weights")
 # Everything the parts set to something else, at its baseline value.
 BASELINE: Mapping[str, Any] = {
   "data.rotation": 0.0,
@@ -117,7 +118,13 @@ def rows(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   table = {"baseline": dict(BASELINE)}
   table["full"] = {**BASELINE, **{k: v for p in FULL for k, v in PARTS[p].items()}}
   order = [p for p in PRIORITY if p in PARTS] + [p for p in PARTS if p not in PRIORITY]
-  table |= {f"+{part}": {**BASELINE, **PARTS[part]} for part in order}
+  singles = {f"+{part}": {**BASELINE, **PARTS[part]} for part in order}
+  # The first single part, then the full recipe on top of it: whether the augmentation
+  # helps once the step size is the better one.
+  first = next(iter(singles))
+  table[first] = singles.pop(first)
+  table[f"full{first}"] = {**table["full"], **PARTS[order[0]]}
+  table |= singles
   if names is None:
     return table
   unknown = [n for n in names if n not in table]
