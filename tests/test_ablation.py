@@ -20,16 +20,21 @@ def _config(overrides):
   return config
 
 
-def test_rows_are_the_baseline_full_and_each_part_alone():
+def test_rows_add_one_part_to_their_reference():
   table = ablation.rows()
-  assert list(table)[:2] == ["baseline", "full"]
-  assert {f"+{p}" for p in ablation.PARTS} == set(table) - {"baseline", "full", "full+lr_3x"}
+  assert list(table)[:4] == ["baseline", "full", "+lr_3x", "full+lr_3x"]
   assert table["full+lr_3x"] == {**table["full"], **ablation.PARTS["lr_3x"]}
-  for part, overrides in ablation.PARTS.items():
-    row = table[f"+{part}"]
-    # Only that part differs from the baseline.
-    differ = {k for k in row if row[k] != table["baseline"].get(k)}
-    assert differ == {k for k, v in overrides.items() if table["baseline"].get(k) != v}
+  for name, row in table.items():
+    if "+" not in name:  # baseline, full
+      continue
+    ref = table[ablation.reference(name)]
+    differ = {k for k in row if row[k] != ref.get(k)}
+    part = name.rsplit("+", 1)[1]
+    if part in ablation.PARTS and not name.startswith("full"):
+      # Exactly that part differs from the row it is compared with.
+      assert differ == {k for k, v in ablation.PARTS[part].items() if ref.get(k) != v}, name
+  assert ablation.reference("lr_3x+deep_supervision") == "+lr_3x"
+  assert ablation.reference("+sgd_poly") == "baseline"
   with pytest.raises(ValueError, match="unknown row.*known: baseline, full"):
     ablation.rows(["baseline", "+nothing"])
 
@@ -73,4 +78,4 @@ def test_markdown_reports_spread_and_paired_difference():
       "rows": rows,
     }
   )
-  assert "| +x | 0.650 +- 0.087 | 0.050 +- 0.050 |" in text
+  assert "| +x | 0.650 +- 0.087 | 0.050 +- 0.050 (baseline) |" in text

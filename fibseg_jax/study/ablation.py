@@ -6,15 +6,17 @@ slices without test-time augmentation, so the rows differ only in the recipe:
 
   baseline      the first recipe: flips, quarter turns, slab reversal, gain/offset/gamma,
                 cross-entropy + Dice, patches drawn by labelled area, AdamW + cosine
-  + <part>      the baseline with one part of `PARTS` switched on
   full          the baseline with every part of `FULL` on
-  full+lr_3x    full at the larger learning rate
+  +lr_3x        the baseline at 3x the learning rate (the first part of `PRIORITY`)
+  full+lr_3x    full at that learning rate
+  lr_3x+<part>  +lr_3x with one more part of `PARTS` on
+  +sgd_poly     nnU-Net's optimizer and schedule instead of the baseline's
 
 Each run lives in `out/<row>_s<seed>/` and a finished one (its `result.json`, with the
 settings it was computed with) is never recomputed, so rerunning resumes;
 `out/ablation.json` and `ablation.md` are rewritten after every run. The paired
-difference to the baseline (same seed, so the same split and initial draw of batches)
-is reported per seed and as mean +- std.
+difference to the row a row adds its part to (same seed, so the same split and initial
+draw of batches) is reported per seed and as mean +- std.
 """
 
 from __future__ import annotations
@@ -59,7 +61,7 @@ PARTS: Mapping[str, Mapping[str, Any]] = {
 FULL = ("spatial", "intensity", "artifacts", "deep_supervision", "rare_class")
 # The order the single-part rows run in: what the first measurements made most likely to
 # matter first, so a partial run has measured it.
-PRIORITY = ("lr_3x", "constant_lr", "deep_supervision", "rare_class", "no_class_weights")
+PRIORITY = ("lr_3x", "deep_supervision", "rare_class", "artifacts", "constant_lr", "no_class_weights")
 # Everything the parts set to something else, at its baseline value.
 BASELINE: Mapping[str, Any] = {
   "data.rotation": 0.0,
@@ -117,20 +119,27 @@ def rows(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   """
   table = {"baseline": dict(BASELINE)}
   table["full"] = {**BASELINE, **{k: v for p in FULL for k, v in PARTS[p].items()}}
-  order = [p for p in PRIORITY if p in PARTS] + [p for p in PARTS if p not in PRIORITY]
-  singles = {f"+{part}": {**BASELINE, **PARTS[part]} for part in order}
-  # The first single part, then the full recipe on top of it: whether the augmentation
-  # helps once the step size is the better one.
-  first = next(iter(singles))
-  table[first] = singles.pop(first)
-  table[f"full{first}"] = {**table["full"], **PARTS[order[0]]}
-  table |= singles
+  # The first part of PRIORITY alone, then as the new reference: the full recipe and each
+  # other part on top of it (whether they help once the step size is the better one),
+  # then the other parts alone on the baseline.
+  first = PRIORITY[0]
+  base = table[f"+{first}"] = {**BASELINE, **PARTS[first]}
+  table[f"full+{first}"] = {**table["full"], **PARTS[first]}
+  others = [p for p in PRIORITY[1:] if p in PARTS] + [p for p in PARTS if p not in PRIORITY]
+  table |= {f"{first}+{part}": {**base, **PARTS[part]} for part in others if part != "sgd_poly"}
+  table["+sgd_poly"] = {**BASELINE, **PARTS["sgd_poly"]}
   if names is None:
     return table
   unknown = [n for n in names if n not in table]
   if unknown:
     raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(table)}")
   return {n: v for n, v in table.items() if n in names}
+
+
+def reference(name: str) -> str:
+  """The row a row's paired difference is taken against: the row it adds one part to."""
+  first = PRIORITY[0]
+  return f"+{first}" if name.startswith((f"{first}+", f"full+{first}")) else "baseline"
 
 
 def _override(config, overrides: Mapping[str, Any]) -> None:
@@ -203,7 +212,7 @@ def summarise(
   name: str, results: Sequence[dict[str, Any]], baseline: Sequence[dict[str, Any]], classes
 ) -> dict[str, Any]:
   """One row of the table: mean IoU and per class over seeds, and the paired difference
-  to the baseline run of the same seed."""
+  to the reference row's run of the same seed (`reference`)."""
   by_seed = {r["seed"]: r for r in baseline}
   paired = [
     r["mean_iou"] - by_seed[r["seed"]]["mean_iou"]
@@ -212,6 +221,7 @@ def summarise(
   ]
   return {
     "name": name,
+    "reference": reference(name),
     "seeds": [r["seed"] for r in results],
     "mean_iou": seed_stats([r["mean_iou"] for r in results]),
     "values": [r["mean_iou"] for r in results],
@@ -274,7 +284,7 @@ def run_ablation(
         "parts": {k: dict(v) for k, v in PARTS.items()},
         "full": list(FULL),
         "rows": [
-          summarise(n, rs, results.get("baseline", []), vol.classes) for n, rs in results.items()
+          summarise(n, rs, results.get(reference(n), []), vol.classes) for n, rs in results.items()
         ],
       }
       runs.write_json(os.path.join(out, "ablation.json"), document)
@@ -293,7 +303,7 @@ def _stat(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
 def markdown(document: Mapping[str, Any]) -> str:
   """The ablation table: mean IoU and paired difference (mean +- std over seeds), per class."""
   classes = document["classes"]
-  head = ["row", "mean IoU", "paired diff. to baseline", *classes, "train s"]
+  head = ["row", "mean IoU", "paired diff. (to)", *classes, "train s"]
   lines = [
     f"Recipe ablation on {document['volume']}: U-Net, {document['slices']}-slice slabs, "
     f"channels {', '.join(document['channels'])}, train slices {document['train_slices']}, "
@@ -306,10 +316,11 @@ def markdown(document: Mapping[str, Any]) -> str:
   ]
   for row in document["rows"]:
     diff = row["paired_difference"] if row["name"] != "baseline" else None
+    to = row.get("reference", "baseline")
     cells = [
       row["name"],
       _stat(row["mean_iou"]),
-      _stat(diff),
+      "-" if diff is None else f"{_stat(diff)} ({to})",
       *(_stat(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
       f"{row['train_seconds']:.0f}",
     ]

@@ -20,11 +20,10 @@ import jax
 import ml_collections
 import numpy as np
 
-from fibseg_jax import baselines, checkpoint, infer, models, outputs
+from fibseg_jax import baselines, checkpoint, configs, infer, models, outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import metrics
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import loop
 
 RESULT = "result.json"
@@ -125,7 +124,8 @@ def network_config(
   volume: str,
   held_out: Sequence[int],
 ) -> ml_collections.ConfigDict:
-  """The experiment config of one network run (as experiments/configs/*.py + flags).
+  """The experiment config of one network run: the shipped config of `architecture`
+  (fibseg_jax/configs/*.py) and the budget's settings, as `fibseg train` flags would set.
 
   Args:
     budget: steps, widths, patch and batch.
@@ -137,11 +137,9 @@ def network_config(
     held_out: annotated slices never trained on (evaluation slices and any annotated
       slice that is not a training slice).
   """
-  config = config_lib.base_config()
-  config.model.update(models.default_config(architecture))
+  # What `fibseg train --config=<architecture>` trains, at the budget's widths.
+  config = configs.load(configs.path(architecture))
   config.model.update(budget.model(architecture))
-  config.model.name = architecture
-  config.model.num_classes = -1
   # The list fields as tuples; their base defaults are command-line strings ("ICE,TLD"),
   # so the section is rebuilt rather than assigned field by field (ConfigDict keeps types).
   config.data = ml_collections.ConfigDict(
