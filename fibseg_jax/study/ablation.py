@@ -61,7 +61,14 @@ PARTS: Mapping[str, Mapping[str, Any]] = {
 FULL = ("spatial", "intensity", "artifacts", "deep_supervision", "rare_class")
 # The order the single-part rows run in: what the first measurements made most likely to
 # matter first, so a partial run has measured it.
-PRIORITY = ("lr_3x", "deep_supervision", "rare_class", "artifacts", "constant_lr", "no_class_weights")
+PRIORITY = (
+  "lr_3x",
+  "deep_supervision",
+  "rare_class",
+  "artifacts",
+  "constant_lr",
+  "no_class_weights",
+)
 # Everything the parts set to something else, at its baseline value.
 BASELINE: Mapping[str, Any] = {
   "data.rotation": 0.0,
