@@ -183,18 +183,17 @@ def run_one(
   done = runs.cached(directory, settings)
   if done is not None:
     return done
-  vol = volume_lib.open_volume(volume)
-  config = runs.network_config(
+  workdir, seconds = runs.train_unet(
+    directory,
     budget,
-    architecture="unet",
+    volume=volume,
     channels=channels,
     slices=slices,
     seed=seed,
-    volume=volume,
-    held_out=sorted(set(vol.metadata.annotated_slices) - set(train_slices)),
+    train_slices=train_slices,
+    configure=lambda config: _override(config, overrides),
   )
-  _override(config, overrides)
-  workdir, seconds = runs.train_logged(config, directory)
+  vol = volume_lib.open_volume(volume)
   scored, segmented = runs.segment_and_score(
     workdir,
     vol,

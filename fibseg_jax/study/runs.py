@@ -13,7 +13,7 @@ import io
 import json
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -187,6 +187,40 @@ def train_logged(config: ml_collections.ConfigDict, directory: str) -> tuple[str
     with open(os.path.join(directory, "train.log"), "a") as f:
       f.write(log.getvalue())
   return workdir, time.perf_counter() - start
+
+
+def train_unet(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  train_slices: Sequence[int],
+  configure: Callable[[ml_collections.ConfigDict], None] | None = None,
+) -> tuple[str, float]:
+  """Trains (or resumes) the budget's U-Net on `train_slices` of `volume`.
+
+  Every other annotated slice is held out. `configure` may change the config first
+  (e.g. the semi-supervised or recipe fields).
+
+  Returns:
+    (workdir, wall seconds), as `train_logged`.
+  """
+  vol = volume_lib.open_volume(volume)
+  config = network_config(
+    budget,
+    architecture="unet",
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    volume=volume,
+    held_out=sorted(set(vol.metadata.annotated_slices) - set(train_slices)),
+  )
+  if configure is not None:
+    configure(config)
+  return train_logged(config, directory)
 
 
 def segment_and_score(

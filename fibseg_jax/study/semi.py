@@ -70,28 +70,12 @@ def _train(
   directory: str,
   budget: budget_lib.Budget,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seed: int,
-  train_slices: Sequence[int],
   semi: Mapping[str, Any] | None,
+  **network: Any,
 ) -> tuple[str, float]:
-  """Trains (or resumes) one U-Net of the budget; returns (workdir, seconds)."""
-  vol = volume_lib.open_volume(volume)
-  held_out = sorted(set(vol.metadata.annotated_slices) - set(train_slices))
-  config = runs.network_config(
-    budget,
-    architecture="unet",
-    channels=channels,
-    slices=slices,
-    seed=seed,
-    volume=volume,
-    held_out=held_out,
-  )
-  if semi:
-    config.semi.update(dict(semi))
-  return runs.train_logged(config, directory)
+  """Trains (or resumes) one U-Net of the budget, semi-supervised when `semi` is given."""
+  configure = (lambda config: config.semi.update(dict(semi))) if semi else None
+  return runs.train_unet(directory, budget, configure=configure, **network)
 
 
 def _segment_and_score(
