@@ -35,6 +35,9 @@ _CHANNELS = flags.DEFINE_list("channels", None, "Input channels; default all of 
 _SLICES = flags.DEFINE_integer("slices", 3, "Slab depth of the U-Net.")
 _SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Training seeds.")
 _STEPS = flags.DEFINE_integer("steps", None, "Training steps instead of the budget's.")
+_FINISHED = flags.DEFINE_bool(
+  "finished_only", False, "Train nothing: rewrite the table from the finished runs."
+)
 _ROWS = flags.DEFINE_list("rows", None, f"Only these rows, of: {', '.join(ablation.rows())}.")
 
 
@@ -62,6 +65,7 @@ def main(argv):
       train_slices=config_lib.parse_ints(_TRAIN.value or budget.train_slices, "--train_slices"),
       eval_slices=config_lib.parse_ints(_EVAL.value or budget.eval_slices, "--eval_slices"),
       row_names=_ROWS.value,
+      finished_only=_FINISHED.value,
       log=lambda line: print(line, flush=True),
     )
   except (ValueError, volume_lib.VolumeError) as e:  # user mistakes

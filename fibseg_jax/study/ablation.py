@@ -249,12 +249,14 @@ def run_ablation(
   train_slices: Sequence[int],
   eval_slices: Sequence[int],
   row_names: Sequence[str] | None = None,
+  finished_only: bool = False,
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """The ablation table over `seeds`; writes out/ablation.json and .md and returns it.
 
   Rows run in `rows()` order, every seed of a row before the next row, so a partial run
-  already compares the first rows with their spread.
+  already compares the first rows with their spread. `finished_only` trains nothing: the
+  table is rewritten from the runs already finished (rows without any are left out).
   """
   claim_directory(out, volume)
   vol = volume_lib.open_volume(volume)
@@ -265,8 +267,11 @@ def run_ablation(
     results[name] = []
     for seed in seeds:
       start = time.perf_counter()
+      directory = os.path.join(out, f"{name.lstrip('+')}_s{seed}")
+      if finished_only and runs.read_result(directory) is None:
+        continue
       r = run_one(
-        os.path.join(out, f"{name.lstrip('+')}_s{seed}"),
+        directory,
         budget,
         overrides,
         volume=volume,
@@ -290,7 +295,9 @@ def run_ablation(
         "parts": {k: dict(v) for k, v in PARTS.items()},
         "full": list(FULL),
         "rows": [
-          summarise(n, rs, results.get(reference(n), []), vol.classes) for n, rs in results.items()
+          summarise(n, rs, results.get(reference(n), []), vol.classes)
+          for n, rs in results.items()
+          if rs
         ],
       }
       runs.write_json(os.path.join(out, "ablation.json"), document)
