@@ -387,7 +387,9 @@ def test_only_slices_segments_those_slices(vol, pixel):
   for other in ([1, 2], None):
     with pytest.raises(store.OutputError, match=r"different run \(only_slices: \[1, 3\]"):
       segment(vol, pixel, out, uncertainty=unc, only_slices=other)
-  with pytest.raises(store.OutputError, match=r"tta: None != True\); it was written with --notta"):
+  with pytest.raises(
+    store.OutputError, match=r"tta: None != True\); it was written with --tta=off"
+  ):
     segment(vol, pixel, out, uncertainty=unc, only_slices=[1, 3], tta=True)
   with pytest.raises(infer.InferenceError, match=r"--slices=1,5: expected slices within 0..4"):
     segment(vol, pixel, memory_root("seg"), only_slices=[1, 5])
@@ -680,6 +682,79 @@ def test_tta_mean_maps_every_transform_back():
         want += np.rot90(p, -k, axes=(1, 2))
   np.testing.assert_allclose(np.asarray(got), want / 16, atol=1e-6)
   assert np.abs(np.asarray(got) - np.asarray(probs(x))).max() > 1e-3  # TTA changed it
+
+
+def _moved(x, reverse, flip_y, flip_x, transpose):
+  """x [batch, slices, y, x, c] moved by an explicit transform (the order the passes use)."""
+  x = x[:, ::-1] if reverse else x
+  x = x[:, :, ::-1] if flip_y else x
+  x = x[:, :, :, ::-1] if flip_x else x
+  return np.swapaxes(x, 2, 3) if transpose else x
+
+
+def _moved_back(p, flip_y, flip_x, transpose):
+  """p [batch, y, x, classes] of a moved input, mapped back."""
+  p = np.swapaxes(p, 1, 2) if transpose else p
+  p = p[:, :, ::-1] if flip_x else p
+  return p[:, ::-1] if flip_y else p
+
+
+@pytest.mark.parametrize("passes", [1, 2, 4, 8, 16])
+def test_tta_k_passes_average_the_first_k_transforms(passes):
+  """Pass k adds, in order: identity, x flip, y flip, both, the 4 transposed, then reversed."""
+  rng = np.random.default_rng(6)
+  x = rng.normal(size=(2, 3, 8, 8, 2)).astype(np.float32)
+  ramp_y, ramp_x = jnp.linspace(0, 1, 8), jnp.linspace(1, 3, 8) ** 2
+
+  def probs(t):  # position (y and x differently) and slice order matter
+    logits = jnp.einsum("bsyxc,s->byxc", t, jnp.array([1.0, 2.0, 3.0]))
+    return jax.nn.softmax(logits * ramp_y[None, :, None, None] + ramp_x[None, None, :, None], -1)
+
+  plane = [(fy, fx, False) for fy, fx in ((0, 0), (0, 1), (1, 0), (1, 1))]
+  plane += [(fy, fx, True) for fy, fx in ((0, 0), (0, 1), (1, 0), (1, 1))]
+  order = [(r, *t) for r in (False, True) for t in plane][:passes]
+  want = sum(
+    _moved_back(np.asarray(probs(jnp.asarray(_moved(x, r, *t).copy()))), *t) for r, *t in order
+  )
+  got = predict.augmented_mean(probs, jnp.asarray(x), passes)
+  np.testing.assert_allclose(np.asarray(got), want / passes, atol=1e-6)
+  if passes == 1:  # one pass is no TTA
+    np.testing.assert_allclose(np.asarray(got), np.asarray(probs(jnp.asarray(x))), atol=1e-7)
+
+
+def test_tta_values():
+  parse = infer.settings.parse_tta
+  assert [parse(v) for v in (False, True, "off", "1", 2, "4", "8", "all", "16")] == [
+    1,
+    16,
+    1,
+    1,
+    2,
+    4,
+    8,
+    16,
+    16,
+  ]
+  assert parse("auto") == "auto" and infer.SegmentSettings(tta=True).tta == 16
+  assert infer.settings.tta_passes("auto", "gpu") == 16
+  assert infer.settings.tta_passes("auto", "cpu") == infer.settings.AUTO_PASSES["cpu"]
+  for bad in ("3", "yes", 32, "on"):
+    with pytest.raises(infer.InferenceError, match=r"^--tta=.*: expected one of off, 1, 2, 4"):
+      infer.SegmentSettings(tta=bad)
+
+
+def test_tta_run_record_and_resume(vol, pixel):
+  """Off leaves no key (old outputs resume); all is True (old records with TTA); else k."""
+  out = {k: memory_root(f"seg{k}") for k in (1, 4, 16)}
+  for k, path in out.items():
+    segment(vol, pixel, path, tta=k, only_slices=[2])
+  runs = {k: infer.read_attributes(path)[store.ATTRIBUTE]["run"] for k, path in out.items()}
+  assert {k: run.get("tta") for k, run in runs.items()} == {1: None, 4: 4, 16: True}
+  # The same run (old bool True = all passes): found complete, not another run.
+  with pytest.raises(store.OutputError, match="exists and is complete"):
+    segment(vol, pixel, out[16], tta=True, only_slices=[2])
+  with pytest.raises(store.OutputError, match=r"tta: 4 != 2\); it was written with --tta=4"):
+    segment(vol, pixel, out[4], tta=2, only_slices=[2])
 
 
 def test_tta_leaves_an_equivariant_model_unchanged(vol):

@@ -2,12 +2,14 @@ r"""Segments every slice of a volume with a trained model.
 
   fibseg segment --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
     [--probabilities=probs.zarr] [--uncertainty=unc.zarr] [--tile=512] [--overlap=64] \
-    [--batch=8] [--dtype=bfloat16] [--notta] [--slices=10-20]
+    [--batch=8] [--dtype=bfloat16] [--tta=auto|off|2|4|8|all] [--slices=10-20]
   fibseg segment --workdir=runs/s0 --workdir=runs/s1 --workdir=runs/s2 ...
 
-Test-time augmentation is on (--notta: 6-8x faster, 0.7-1.4 points of mean IoU lower
-where measured). --output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its
-attributes); --probabilities a second one [z, y, x, classes] uint8 = round(255 * p);
+Test-time augmentation: --tta=auto (default) averages over every transform of a tile
+on a GPU/TPU and over `infer.settings.AUTO_PASSES["cpu"]` of them on CPU; --tta=off (or
+--notta), 2, 4, 8 or all choose.
+--output is a zarr v3 array [z, y, x] uint8 (label i = class i, named in its attributes);
+--probabilities a second one [z, y, x, classes] uint8 = round(255 * p);
 --uncertainty a third [z, y, x] uint8 = round(255 * entropy(p) / log(classes)), 0 =
 certain, 255 = uniform (what `fibseg suggest` ranks slices by).
 When every block is done, --format=zarr (default) also writes an OME-Zarr (NGFF 0.5)
@@ -67,14 +69,16 @@ _DTYPE = flags.DEFINE_enum(
   "Compute dtype instead of the training one; bfloat16 is for GPUs/TPUs (parameters stay "
   "float32; on CPU it is no faster).",
 )
-_TTA = flags.DEFINE_bool(
+_TTA = flags.DEFINE_string(
   "tta",
-  True,
-  "Test-time augmentation: average over in-plane flips and quarter turns (and the slab "
-  "reversed along z). On by default: +0.7 and +1.4 points of mean IoU on the held-out "
-  "slice of a synthetic and a real stack, for 6-8x the segmentation time (BUILD_NOTES); "
-  "--notta for speed.",
+  "auto",
+  "Test-time augmentation: how many transforms of each tile are averaged over, one of "
+  f"{', '.join(infer.settings.TTA_VALUES)}: 1 = off, 2 = the x flip, 4 = the flips, 8 = "
+  "flips and quarter turns, all = those and the slab reversed (16 for a slab). auto: all "
+  "on a GPU/TPU, on CPU the count that pays best (see BUILD_NOTES, 'TTA pass curve'). "
+  "Each pass is one more forward pass.",
 )
+_NOTTA = flags.DEFINE_bool("notta", False, "Same as --tta=off.")
 _SLICES = flags.DEFINE_string(
   "slices", None, "Segment only these slices, e.g. 20 or 10-20 or 3,9 (default: all)."
 )
@@ -115,6 +119,15 @@ def main(argv):
     only_slices = evaluation.parse_slices(_SLICES.value) or None
   except ValueError as e:
     sys.exit(f"error: {e}")
+  tta = _TTA.value
+  try:
+    passes = infer.settings.parse_tta(tta)
+  except infer.InferenceError as e:
+    sys.exit(f"error: {e}")
+  if _NOTTA.value:
+    if flags.FLAGS["tta"].present and passes != 1:
+      sys.exit(f"error: --notta and --tta={tta} disagree; give one of them")
+    tta = "off"
   export_path = _EXPORT.value or export.default_path(_OUTPUT.value, _FORMAT.value)
   try:
     export.check_path(
@@ -146,7 +159,7 @@ def main(argv):
         batch=_BATCH.value,
         block=_BLOCK.value,
         window=_WINDOW.value,
-        tta=_TTA.value,
+        tta=tta,
         only_slices=only_slices,
         dtype=_DTYPE.value,
         overwrite=_OVERWRITE.value,

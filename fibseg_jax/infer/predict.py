@@ -18,32 +18,60 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fibseg_jax import xla
 from fibseg_jax.data import augment
-from fibseg_jax.infer import tiling
+from fibseg_jax.infer import settings, tiling
 
 DATA_AXIS = "data"
 
 
-def tta_transforms(tile_yx: Sequence[int], slices: int) -> list[augment.Symmetry]:
-  """The test-time transforms of a tile (`augment.test_time_symmetries`).
+def tta_transforms(
+  tile_yx: Sequence[int], slices: int, passes: int | None = None
+) -> list[augment.Symmetry]:
+  """The test-time transforms of a tile, in the order a pass count takes them.
 
-  Quarter turns only for square tiles (else 0 or 2 turns: with the x flip, the 4 flips);
-  z reversal only for slabs of several slices.
+  Identity, the x flip, the y flip, both flips (the 4 flips), then the four with an odd
+  number of quarter turns (the transposed ones: with the flips, the 8 symmetries of a
+  square), then each of those with the slab reversed along z. Quarter turns only for
+  square tiles, the reversal only for slabs of several slices, so a tile has 16, 8 or 4.
+
+  Args:
+    tile_yx: the tile's (y, x) size.
+    slices: the slab depth.
+    passes: keep the first `passes` (all when None or more than there are).
   """
-  return list(augment.test_time_symmetries(tile_yx[0] == tile_yx[1], slices > 1))
+  plane = [
+    augment.Symmetry(),
+    augment.Symmetry(flip_x=True),
+    augment.Symmetry(flip_y=True),
+    augment.Symmetry(flip_y=True, flip_x=True),
+  ]
+  if tile_yx[0] == tile_yx[1]:
+    plane += [
+      augment.Symmetry(turns=1),
+      augment.Symmetry(turns=3),
+      augment.Symmetry(flip_x=True, turns=1),
+      augment.Symmetry(flip_x=True, turns=3),
+    ]
+  ordered = plane + ([s._replace(reverse=True) for s in plane] if slices > 1 else [])
+  return ordered if passes is None else ordered[: max(int(passes), 1)]
 
 
-def augmented_mean(probabilities: Callable[[jax.Array], jax.Array], x: jax.Array) -> jax.Array:
-  """Mean of `probabilities` over the test-time transforms of `x`, each mapped back.
+def augmented_mean(
+  probabilities: Callable[[jax.Array], jax.Array], x: jax.Array, passes: int | None = None
+) -> jax.Array:
+  """Mean of `probabilities` over the first `passes` test-time transforms of `x`.
+
+  Each transform's output is mapped back before averaging (`tta_transforms`).
 
   Args:
     probabilities: slab batch `[batch, slices, y, x, channels]` -> `[batch, y, x, classes]`.
     x: the slab batch.
+    passes: how many transforms; None: all of them.
 
   Returns:
     `[batch, y, x, classes]` float32.
   """
   total = None
-  transforms = tta_transforms(x.shape[2:4], x.shape[1])
+  transforms = tta_transforms(x.shape[2:4], x.shape[1], passes)
   for symmetry in transforms:
     p = probabilities(augment.apply(x, symmetry, y_axis=2, slab_axis=1, xp=jnp))
     p = augment.undo(p, symmetry, y_axis=1, xp=jnp)
@@ -102,7 +130,7 @@ class TilePredictor:
     window: str = "cosine",
     batch: int = 8,
     devices: Sequence[jax.Device] | None = None,
-    tta: bool = False,
+    tta: bool | int | str = False,
   ):
     """Places the variables on the devices.
 
@@ -117,13 +145,14 @@ class TilePredictor:
       window: "cosine" or "gaussian"; see `tiling.window_1d`.
       batch: tiles per call; rounded up to a multiple of the device count.
       devices: default this process's devices (`jax.local_devices()`).
-      tta: test-time augmentation: average the probabilities over the in-plane flips
-        and quarter turns of each tile (8 transforms; the 4 flips when the tile is not
-        square) and, for slabs of several slices, over the slab reversed along z too,
-        each mapped back before averaging. 8 or 16 forward passes a tile.
+      tta: test-time augmentation: average the probabilities over the first k
+        `tta_transforms` of each tile (flips, quarter turns, the slab reversed), each
+        mapped back before averaging; k forward passes a tile. A pass count, True (all),
+        False (off) or a `settings.TTA_VALUES` string ("auto": all on an accelerator,
+        `settings.AUTO_PASSES` on CPU).
 
     Raises:
-      InferenceError: batch < 1 or unknown window.
+      InferenceError: batch < 1, unknown window or --tta value.
     """
     if batch < 1:
       raise tiling.InferenceError(f"--batch={batch} must be >= 1")
@@ -131,7 +160,7 @@ class TilePredictor:
     self.devices = list(devices or jax.local_devices())
     self.batch = tiling.round_up(batch, len(self.devices))
     self._model = model
-    self._tta = bool(tta)
+    self.passes = settings.tta_passes(tta, self.devices[0].platform)
     self._overlap = overlap
     self._window_kind = window
     mesh = Mesh(np.asarray(self.devices), (DATA_AXIS,))
@@ -155,8 +184,8 @@ class TilePredictor:
 
   def _weighted_probabilities(self, variables, tiles, offset, scale, window):
     x = (tiles.astype(jnp.float32) - offset) * scale
-    if self._tta:
-      probs = augmented_mean(lambda t: self._probabilities(variables, t), x)
+    if self.passes > 1:
+      probs = augmented_mean(lambda t: self._probabilities(variables, t), x, self.passes)
     else:
       probs = self._probabilities(variables, x)
     return probs * window[None, :, :, None]

@@ -149,7 +149,7 @@ def segment_volume(
       `settings.tile` below it is refused rather than warned about: such tiles feed the
       norm other statistics than training did, and the labels change without any sign
       of it. Tiles that the volume or the block bound anyway are not refused.
-    settings: tiling, TTA, slices, overwrite, progress and process share; default
+    settings: tiling, TTA passes, slices, overwrite, progress and process share; default
       `SegmentSettings()`. Its `dtype` must be None here (the model runs as given).
 
   Returns:
@@ -225,8 +225,11 @@ def segment_volume(
   }
   if uncertainty is not None:  # only when asked for, so earlier runs' outputs still resume
     run["uncertainty"] = True
-  if tta:  # only when on, so outputs of runs before the option still resume
-    run["tta"] = True
+  # Only when on, so outputs of runs before the option still resume: True for every
+  # pass (as records before pass counts), else the count.
+  passes = min(predictor.passes, len(predict.tta_transforms((tile, tile), slices)))
+  if passes > 1:
+    run["tta"] = True if passes == len(predict.tta_transforms((tile, tile), slices)) else passes
   blocks = tiling.plan_blocks(volume.shape, block)
   if only_slices is not None:
     chosen = sorted({int(z) for z in only_slices})

@@ -1,6 +1,6 @@
 """How a segmentation runs (`SegmentSettings`) and what one run did (`SegmentationResult`).
 
-settings = infer.SegmentSettings(tile=512, overlap=64, batch=8, tta=True)
+settings = infer.SegmentSettings(tile=512, overlap=64, batch=8, tta="auto")
 result = infer.segment_from_checkpoint("runs/unet", "vol.zarr", output="seg.zarr",
                                        settings=settings)
 """
@@ -13,11 +13,53 @@ from typing import Any
 
 import jax
 
+from fibseg_jax.infer.tiling import InferenceError
+
 # Output chunks are [1, CHUNK_YX, CHUNK_YX] (smaller when the block is).
 CHUNK_YX = 512
 DEFAULT_BLOCK = 2048
 # Compute dtypes a checkpoint can be run in (parameters stay float32).
 COMPUTE_DTYPES = ("float32", "bfloat16")
+# What --tta takes: a number of test-time passes (the first k of
+# `predict.tta_transforms`), "off" (= 1), "all" (16 for a slab, 8 for one slice) or
+# "auto" (`AUTO_PASSES` on the platform of the devices).
+TTA_VALUES = ("off", "1", "2", "4", "8", "all", "auto")
+ALL_PASSES = 16  # the most any tile has: 8 in-plane symmetries x the slab reversed
+# "auto": every pass on an accelerator; on CPU, the count with the best held-out gain per
+# second (BUILD_NOTES.md, "TTA pass curve").
+AUTO_PASSES = {"cpu": 1}
+
+
+def parse_tta(value: bool | int | str) -> int | str:
+  """A --tta value as a pass count (1, 2, 4, 8 or 16 = all) or "auto".
+
+  Args:
+    value: True (all, as in run records before pass counts), False (off), a count, or
+      one of `TTA_VALUES`.
+
+  Raises:
+    InferenceError: anything else (one line naming --tta and the expected values).
+  """
+  if isinstance(value, bool):
+    return ALL_PASSES if value else 1
+  text = str(value).strip().lower()
+  if text == "auto":
+    return "auto"
+  if text == "off":
+    return 1
+  if text == "all" or text == str(ALL_PASSES):
+    return ALL_PASSES
+  if text in TTA_VALUES:
+    return int(text)
+  raise InferenceError(f"--tta={value}: expected one of {', '.join(TTA_VALUES)}")
+
+
+def tta_passes(value: bool | int | str, platform: str) -> int:
+  """The pass count of a --tta value on devices of `platform` ("cpu", "gpu", "tpu", ...)."""
+  parsed = parse_tta(value)
+  if parsed == "auto":
+    return AUTO_PASSES.get(platform, ALL_PASSES)
+  return parsed
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,8 +78,11 @@ class SegmentSettings:
     batch: tiles per device call (rounded up to a multiple of the device count).
     block: y-x side of a block; at most 512 or a multiple of 512 (the output chunk).
     window: blending window, "cosine" or "gaussian".
-    tta: average over flips, quarter turns and slab reversal (`predict.augmented_mean`;
-      8-16 forward passes a tile).
+    tta: test-time augmentation: the number of passes averaged over (the first k of
+      `predict.tta_transforms`: identity, x flip, y flip, both flips, the transposed
+      four, then each with the slab reversed), one of 1 (off), 2, 4, 8, 16 (all), a
+      `TTA_VALUES` string, or "auto" (all on an accelerator, `AUTO_PASSES["cpu"]` on
+      CPU). True means all and False off, as before pass counts existed.
     only_slices: segment only these slices (e.g. held-out slices, or a trial before the
       whole stack); the others stay unwritten (255, not segmented, in every array) and
       the output counts as complete without them. None: every slice.
@@ -57,7 +102,7 @@ class SegmentSettings:
   batch: int = 8
   block: int = DEFAULT_BLOCK
   window: str = "cosine"
-  tta: bool = False
+  tta: bool | int | str = False
   only_slices: Sequence[int] | None = None
   dtype: str | None = None
   overwrite: bool = False
@@ -67,6 +112,7 @@ class SegmentSettings:
   devices: Sequence[jax.Device] | None = None
 
   def __post_init__(self):
+    object.__setattr__(self, "tta", parse_tta(self.tta))
     if self.only_slices is not None:
       object.__setattr__(self, "only_slices", tuple(int(z) for z in self.only_slices))
     if self.devices is not None:

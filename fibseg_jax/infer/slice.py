@@ -32,7 +32,7 @@ def predict_slice(
   overlap: int = 64,
   batch: int = 8,
   window: str = "cosine",
-  tta: bool = False,
+  tta: bool | int | str = False,
   devices: Sequence[jax.Device] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
   """Class labels and probabilities of slice `z`, as `segment_volume` computes them.
@@ -53,8 +53,8 @@ def predict_slice(
     overlap: overlap of neighbouring tiles in pixels.
     batch: tiles per device call.
     window: blending window, "cosine" or "gaussian".
-    tta: average over flips, quarter turns and the slab reversed (8-16 forward passes
-      a tile; 6-8x the time where measured).
+    tta: test-time passes averaged over (`SegmentSettings.tta`: 1 = off, 2, 4, 8, 16 =
+      all, True = all, "auto"); each pass is one more forward pass a tile.
     devices: devices to shard tiles over; default this process's devices.
 
   Returns:

@@ -390,13 +390,20 @@ def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> 
       for f in differ
       if f in _COMPANION_NAMES
     )
-    if "tta" in differ:  # segment.py turns TTA on by default since this option existed
-      hints += "; it was written " + ("with --tta" if old.get("tta") else "with --notta")
+    if "tta" in differ:  # the default of segment.py's --tta changed over time
+      hints += f"; it was written with --tta={tta_flag(old.get('tta'))}"
     raise OutputError(
       f"{flag}={where} exists and belongs to a different run ({detail}){hints}; "
       "pass --overwrite to replace it or choose another path"
     )
   return True
+
+
+def tta_flag(recorded: Any) -> str:
+  """The --tta value of a run record's "tta" (absent: off; True: all; else the count)."""
+  if recorded is None or recorded is False:
+    return "off"
+  return "all" if recorded is True else str(recorded)
 
 
 def _jsonable(value: Any) -> Any:
