@@ -39,6 +39,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fibseg_jax.cli.ablation",
     "the training recipe part by part, with seeds",
   ),
+  "distill-study": (
+    "fibseg_jax.cli.distill_study",
+    "distil the seed ensemble into one fast network, with seeds",
+  ),
   "bench": ("fibseg_jax.cli.benchmark", "speed against MONAI and the targets"),
 }
 _HELP = ("-h", "--help", "-help", "--helpfull", "help")

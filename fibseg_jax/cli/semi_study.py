@@ -17,90 +17,54 @@ labelled; only training slices' labels are read in training) has. Reruns resume;
 images, never their labels), as they would for a user segmenting the stack.
 """
 
-import dataclasses
 import os
 import sys
 
 from absl import flags
 
 from fibseg_jax import study
-from fibseg_jax.cli import runner
+from fibseg_jax.cli import runner, stack_flags
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import semi as semi_lib
-from fibseg_jax.train import config as config_lib
 
-_OUT = flags.DEFINE_string("out", None, "Output directory (created; resumed if it exists).")
-_BUDGET = flags.DEFINE_string("budget", "quick", study.BUDGET_FLAG_HELP)
-_VOLUME = flags.DEFINE_string("volume", None, "Volume; default a synthetic stack in --out.")
-_TRAIN = flags.DEFINE_string("train_slices", None, "Slices to train on; default the budget's.")
-_EVAL = flags.DEFINE_string("eval_slices", None, "Slices to score on; default the budget's.")
-_CHANNELS = flags.DEFINE_list("channels", None, "Input channels; default all of the volume's.")
-_SLICES = flags.DEFINE_integer("slices", 3, "Slab depth of the U-Net.")
-_SEEDS = flags.DEFINE_string("seeds", "0,1,2", "Training seeds.")
 _WEIGHT = flags.DEFINE_float("semi_weight", 1.0, "--config.semi.weight of the semi rows.")
 _MODE = flags.DEFINE_enum("semi_mode", "pseudo", ["pseudo", "soft"], "--config.semi.mode.")
 _THRESHOLD = flags.DEFINE_float("semi_threshold", 0.9, "--config.semi.threshold.")
 _EMA = flags.DEFINE_float("semi_ema", 0.99, "--config.semi.ema.")
-_STEPS = flags.DEFINE_integer("steps", None, "Training steps instead of the budget's.")
 _SUGGEST = flags.DEFINE_bool("suggest", False, "Also run the top-ranked vs random slice test.")
-
-
-def _volume(budget: study.Budget) -> str:
-  if _VOLUME.value:
-    return _VOLUME.value
-  path = os.path.join(_OUT.value, "volume.zarr")
-  study.synthetic_volume(path, budget, annotate=range(budget.shape[0]))  # every slice labelled
-  return path
 
 
 def main(argv):
   runner.begin(argv, required={"out": "semi/"})
   try:
-    semi_lib.claim_directory(_OUT.value, _VOLUME.value)
+    semi_lib.claim_directory(stack_flags.OUT.value, stack_flags.VOLUME.value)
   except ValueError as e:
     sys.exit(f"error: {e}")
-  study.cache_compilations(_OUT.value)
-  try:
-    budget = study.get_budget(_BUDGET.value)
-  except ValueError as e:
-    sys.exit(f"error: {e}")
-  if _STEPS.value:
-    every = max(1, _STEPS.value * budget.eval_every // budget.steps)
-    budget = dataclasses.replace(budget, steps=_STEPS.value, eval_every=every)
+  study.cache_compilations(stack_flags.OUT.value)
   log = lambda line: print(line, flush=True)  # noqa: E731
+  out = stack_flags.OUT.value
   try:
-    volume = _volume(budget)
-    vol = volume_lib.open_volume(volume)
-    train = config_lib.parse_ints(_TRAIN.value or budget.train_slices, "--train_slices")
-    evaluate = config_lib.parse_ints(_EVAL.value or budget.eval_slices, "--eval_slices")
-    seeds = config_lib.parse_ints(_SEEDS.value, "--seeds")
-    channels = tuple(_CHANNELS.value or vol.channels)
-    common = dict(
-      volume=volume,
-      channels=channels,
-      slices=_SLICES.value,
-      seeds=seeds,
-      train_slices=train,
-      eval_slices=evaluate,
-      log=log,
-    )
+    budget = stack_flags.budget()
+    # Every slice labelled (only training slices' labels are read in training).
+    common = {**stack_flags.stack(budget, annotate=range(budget.shape[0])), "log": log}
+    seeds = common["seeds"]
     semi = {
       "weight": _WEIGHT.value,
       "mode": _MODE.value,
       "threshold": _THRESHOLD.value,
       "ema": _EMA.value,
     }
-    document = study.run_fourway(_OUT.value, budget, semi=semi, **common)
-    print(open(os.path.join(_OUT.value, "fourway.md")).read())
+    document = study.run_fourway(out, budget, semi=semi, **common)
+    print(open(os.path.join(out, "fourway.md")).read())
     if _SUGGEST.value:
-      supervised = {s: os.path.join(_OUT.value, f"supervised_s{s}", "run") for s in seeds}
+      supervised = {s: os.path.join(out, f"supervised_s{s}", "run") for s in seeds}
       doc = study.run_suggestion(
-        os.path.join(_OUT.value, "suggest"), budget, supervised=supervised, **common
+        os.path.join(out, "suggest"), budget, supervised=supervised, **common
       )
       log(f"top-ranked slice: {doc['top']}; random slice: {doc['random']}")
   except (ValueError, volume_lib.VolumeError) as e:  # user mistakes
     sys.exit(f"error: {e}")
-  print(f"wrote {_OUT.value}/fourway.json ({len(document['rows'])} rows)")
+  print(f"wrote {out}/fourway.json ({len(document['rows'])} rows)")
 
 
 def run(argv: list[str] | None = None) -> None:

@@ -7,6 +7,11 @@ r"""Trains a segmentation model on a volume's annotated slices.
 
   fibseg train --config=unet --show_config
 
+  # Distil a seed ensemble (its TTA probabilities over the whole stack, computed once
+  # into WORKDIR/teacher/) into one narrower, faster network:
+  fibseg train --config=unet --workdir=runs/student --config.data.path=vol.zarr \
+    --config.distill.teacher=runs/s0,runs/s1,runs/s2 --config.model.features='(8,8,16,32,64,8)'
+
 --show_config prints every config field (--config.FIELD=VALUE sets one) with its value,
 the config file's where a flag overrides it, and one line of help, then exits.
 Restarting with the same --workdir resumes from its latest checkpoint. Multi-host:
@@ -20,6 +25,7 @@ from absl import flags, logging
 from ml_collections import config_flags
 
 from fibseg_jax.cli import config_args, runner
+from fibseg_jax.infer import distill
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import loop, parallel
 
@@ -52,6 +58,7 @@ def main(argv):
     sys.exit("error: --workdir is required, e.g. --workdir=runs/unet")
   try:
     parallel.initialize_distributed(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+    distill.prepare_teacher(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
     loop.train_and_evaluate(_CONFIG.value, _WORKDIR.value, progress=_PROGRESS.value)
   except config_lib.ConfigError as e:  # user mistakes: flags, config, data, workdir
     sys.exit(f"error: {e}")  # anything else is a bug and keeps its traceback

@@ -310,14 +310,33 @@ def warp_slab(
       ndi.map_coordinates(
         slab[j, :, :, ch].astype(np.float32), at, output=out[j, :, :, ch], order=1, mode="mirror"
       )
-  lab = None
-  if labels is not None:
-    centre = coords[s // 2]
-    at = np.round(np.stack([centre[0] - oy, centre[1] - ox])).astype(np.int64)
-    inside = (at[0] >= 0) & (at[0] < labels.shape[0]) & (at[1] >= 0) & (at[1] < labels.shape[1])
-    lab = np.full((p, p), ignore, np.uint8)
-    lab[inside] = labels[at[0][inside], at[1][inside]]
+  lab = None if labels is None else nearest(labels, coords[s // 2], origin, ignore)
   return out, lab
+
+
+def nearest(
+  values: np.ndarray, coords: np.ndarray, origin: tuple[float, float], fill: int
+) -> np.ndarray:
+  """Nearest-neighbour resampling of a window's per-pixel values (labels, probabilities).
+
+  Each output pixel is a copy of one source pixel, so no value is invented (255 stays
+  255, a probability vector stays one).
+
+  Args:
+    values: [wy, wx, ...] of the window starting at volume position `origin`.
+    coords: [2, patch, patch] volume read positions.
+    origin: (y, x) of the window's first pixel in the volume.
+    fill: the value of pixels read outside the window.
+
+  Returns:
+    [patch, patch, ...] of `values`' dtype.
+  """
+  oy, ox = origin
+  at = np.round(np.stack([coords[0] - oy, coords[1] - ox])).astype(np.int64)
+  inside = (at[0] >= 0) & (at[0] < values.shape[0]) & (at[1] >= 0) & (at[1] < values.shape[1])
+  out = np.full((*coords.shape[1:], *values.shape[2:]), fill, values.dtype)
+  out[inside] = values[at[0][inside], at[1][inside]]
+  return out
 
 
 def _stripe_profile(rng: np.random.Generator, length: int, depth: float) -> np.ndarray:

@@ -44,6 +44,7 @@ from typing import Any
 
 import jax
 import numpy as np
+import tensorstore as ts
 
 from fibseg_jax.data import lists, plans, split
 from fibseg_jax.data import volume as volume_lib
@@ -152,6 +153,9 @@ class LoaderConfig:
     size_multiple: the model's required multiple of the patch size (e.g. 2**depth).
     unlabelled_batch: global number of unlabelled patches per training batch, drawn
       from any slice of the stack (images only; no label is read); 0 draws none.
+    teacher: a probabilities array [z, y, x, classes] uint8 (round(255 p), as `fibseg
+      segment --probabilities` writes it) of the volume's shape and classes, read at the
+      unlabelled patches (distillation); "" reads none.
     flag_names: field -> how the caller's command line spells it, for error messages;
       the data layer itself knows no flags.
   """
@@ -192,6 +196,7 @@ class LoaderConfig:
   workers: int = 4
   size_multiple: int = 1
   unlabelled_batch: int = 0
+  teacher: str = ""
   flag_names: Mapping[str, str] = dataclasses.field(default_factory=dict, compare=False)
 
   def flag(self, field: str) -> str:
@@ -211,6 +216,33 @@ class LoaderConfig:
         eval_slices, int, flag=self.flag("eval_slices"), error=LoaderError
       )
     object.__setattr__(self, "eval_slices", tuple(eval_slices))
+
+
+def open_teacher(config: LoaderConfig, volume: volume_lib.Volume) -> ts.TensorStore:
+  """Opens `config.teacher` and checks it against the volume.
+
+  Raises:
+    LoaderError: no zarr v3 array there, or not [z, y, x, classes] uint8 of the volume's
+      y-x-z shape and class count.
+  """
+  where = volume_lib.describe(config.teacher)
+  flag = config.flag("teacher")
+  try:
+    array = ts.open(
+      {"driver": "zarr3", "kvstore": volume_lib.kvstore_spec(config.teacher)},
+      open=True,
+      context=volume_lib.CONTEXT,
+    ).result()
+  except ValueError as e:
+    reason = str(e).split(": {", 1)[0]
+    raise LoaderError(f"{flag}: cannot open the teacher's probabilities {where}: {reason}") from e
+  expected = (*volume.shape, len(volume.classes))
+  if tuple(array.shape) != expected or array.dtype != ts.uint8:
+    raise LoaderError(
+      f"{flag}: the teacher's probabilities {where} are {list(array.shape)} {array.dtype.name}; "
+      f"expected [z, y, x, classes] = {list(expected)} uint8 for {volume_lib.describe(volume.root)}"
+    )
+  return array
 
 
 def _is_int(value: Any) -> bool:
@@ -397,6 +429,7 @@ class SlabLoader:
       slices=config.slices,
       patch=config.patch,
       workers=config.workers,
+      teacher=open_teacher(config, volume) if config.teacher else None,
     )
     self._open: set[Prefetcher] = set()
     self._validation_plan: PatchPlan | None = None

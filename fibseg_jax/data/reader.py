@@ -147,6 +147,7 @@ class PatchReader:
     slices: int,
     patch: int,
     workers: int,
+    teacher: ts.TensorStore | None = None,
   ):
     self.volume = volume
     self.slices = slices
@@ -155,6 +156,7 @@ class PatchReader:
     self._channel_index = channel_index
     self._offset, self._scale = volume.normalization(channels)
     self._workers = workers
+    self._teacher = teacher
     self._pool: concurrent.futures.ThreadPoolExecutor | None = None
     self._pool_lock = threading.Lock()
 
@@ -214,31 +216,54 @@ class PatchReader:
 
     Returns:
       {"weak": float32 [n, slices, patch, patch, channels] normalised, moved by the plan's
-       flips, turns and slab reversal; "strong": the same with the plan's intensity jitter}.
+       flips, turns and slab reversal; "strong": the same with the plan's intensity jitter},
+      and with a teacher also "teacher": float32 [n, patch, patch, classes], its
+      probabilities of the central slice moved with the image (nearest where warped),
+      each pixel's summing to 1, or to 0 outside the volume and where it wrote none.
     """
     n, s, p, c = len(plan), self.slices, self.patch, self._channels
     weak = np.zeros((n, s, p, p, c), np.float32)
     strong = np.zeros_like(weak)
+    teacher = None
+    if self._teacher is not None:
+      teacher = np.zeros((n, p, p, self._teacher.shape[-1]), np.float32)
     pending = []
     with ts.Batch() as batch:
       for i in range(n):
-        pending.append((i, *self._read_slab(int(plan.z[i]), *self._window(plan, i), batch)))
+        z, window = int(plan.z[i]), self._window(plan, i)
+        taught = None
+        if teacher is not None:
+          ya, yb, xa, xb = window
+          taught = self._teacher[z, ya:yb, xa:xb].read(batch=batch)
+        pending.append((i, *self._read_slab(z, *window, batch), taught))
     none = np.ones(c, np.float32), np.zeros(c, np.float32), np.ones(c, np.float32)
 
-    def finish(entry: tuple[int, np.ndarray, ts.Future]) -> None:
-      i, zi, future = entry
+    def finish(entry: tuple[int, np.ndarray, ts.Future, ts.Future | None]) -> None:
+      i, zi, future, taught = entry
       slab = self._slab(zi, future)
+      probs = None if taught is None else taught.result()
       if not plan.warp(i).identity:
         ya, _, xa, _ = self._window(plan, i)
-        slab, _ = augment.warp_slab(slab, None, self._coordinates(plan, i), (ya, xa), 0)
-      slab = augment.apply(slab, plan.symmetry(i), y_axis=1, slab_axis=0)
+        at = self._coordinates(plan, i)
+        slab, _ = augment.warp_slab(slab, None, at, (ya, xa), 0)
+        if probs is not None:
+          probs = augment.nearest(probs, at[s // 2], (ya, xa), 0)
+      symmetry = plan.symmetry(i)
+      slab = augment.apply(slab, symmetry, y_axis=1, slab_axis=0)
       weak[i] = slab
       augment.intensity(weak[i], self._offset, self._scale, *none)
       strong[i] = slab
       self._intensity(strong[i], plan, i)
+      if probs is not None:
+        moved = augment.apply(probs, symmetry, y_axis=0).astype(np.float32)
+        total = moved.sum(axis=-1, keepdims=True)
+        teacher[i] = np.divide(moved, total, out=np.zeros_like(moved), where=total > 0)
 
     self._each(finish, pending)
-    return {"weak": weak, "strong": strong}
+    out = {"weak": weak, "strong": strong}
+    if teacher is not None:
+      out["teacher"] = teacher
+    return out
 
   def _window(self, plan: PatchPlan, i: int) -> tuple[int, int, int, int]:
     """(ya, yb, xa, xb): the y-x window of the volume patch i reads."""

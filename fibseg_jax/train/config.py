@@ -123,6 +123,17 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   ("semi.ema", 0.99, "teacher = moving average of the weights with this decay; 0 = the student"),
   ("semi.rampup", 0.25, "share of train.steps over which semi.weight rises to full"),
   ("semi.batch_size", -1, "unlabelled patches per step; -1: train.batch_size"),
+  # Distillation (fibseg_jax.train.distill): a teacher's class probabilities over the whole
+  # stack, computed once before training, taught on patches from any slice.
+  (
+    "distill.teacher",
+    "",
+    "distil a teacher: comma-separated training workdirs (an ensemble) or a probabilities "
+    "array of `fibseg segment --probabilities`; empty = off",
+  ),
+  ("distill.weight", 1.0, "weight of the soft cross-entropy to the teacher's probabilities"),
+  ("distill.tta", "all", "test-time augmentation of the teacher's predictions (as segment --tta)"),
+  ("distill.batch_size", -1, "patches from the whole stack per step; -1: train.batch_size"),
 )
 
 # Fields whose default (None) means "decided by another field", with the type they take.

@@ -32,6 +32,7 @@ FLAGS: Mapping[str, str] = {
   "workers": "--config.data.workers",
   "size_multiple": "--config.model (its size multiple)",
   "unlabelled_batch": "--config.semi.batch_size",
+  "teacher": "--config.distill.teacher",
 }
 
 
@@ -62,17 +63,21 @@ def flag(field: str) -> str:
 
 
 def unlabelled_batch(config: Any) -> int:
-  """Global unlabelled patches per step: 0 without semi-supervision, else semi.batch_size
-  (-1: train.batch_size)."""
+  """Global unlabelled patches per step: semi.batch_size with semi-supervision,
+  distill.batch_size with a teacher to distil (-1: train.batch_size), else 0."""
   semi = config.get("semi") or {}
-  if not float(semi.get("weight") or 0) > 0:
+  distill = config.get("distill") or {}
+  if float(semi.get("weight") or 0) > 0:
+    size = int(semi.get("batch_size", -1))
+  elif distill.get("teacher"):
+    size = int(distill.get("batch_size", -1))
+  else:
     return 0
-  size = int(semi.get("batch_size", -1))
   return int(config["train"]["batch_size"]) if size == -1 else size
 
 
 def loader_config(
-  config: Any, *, size_multiple: int = 1, unlabelled: int | None = None
+  config: Any, *, size_multiple: int = 1, unlabelled: int | None = None, teacher: str = ""
 ) -> loader_lib.LoaderConfig:
   """The loader settings of an experiment config.
 
@@ -80,6 +85,8 @@ def loader_config(
     config: the experiment config (`base_config()` and its overrides), or its dict.
     size_multiple: the model's required multiple of the patch size.
     unlabelled: global unlabelled patches per step; None: `unlabelled_batch(config)`.
+    teacher: the probabilities array read with the unlabelled patches (distillation,
+      `distill.settings(...).array`), or "".
 
   Returns:
     The `LoaderConfig`; `data.rot90` unset (None) turns with `data.flips`.
@@ -108,6 +115,7 @@ def loader_config(
     seed=int(t["seed"]),
     size_multiple=int(size_multiple),
     unlabelled_batch=unlabelled_batch(config) if unlabelled is None else int(unlabelled),
+    teacher=str(teacher),
     flag_names=FLAGS,
     **values,
   )

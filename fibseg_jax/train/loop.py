@@ -27,6 +27,7 @@ from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import data_config, losses, metrics_writer, parallel
+from fibseg_jax.train import distill as distill_lib
 from fibseg_jax.train import state as state_lib
 from fibseg_jax.train.config import ConfigError
 
@@ -42,10 +43,11 @@ class Experiment:
   loader_config: loader_lib.LoaderConfig
 
 
-def prepare(config: ml_collections.ConfigDict) -> Experiment:
+def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Experiment:
   """Checks the config against the volume and fills in what the volume decides.
 
-  Fills config.model.num_classes (when -1) and config.data.classes.
+  Fills config.model.num_classes (when -1) and config.data.classes. `workdir` is the
+  run's, where a teacher given as workdirs has its probabilities (`distill.settings`).
 
   Raises:
     ConfigError: naming the --config.* flag and the expected value. Only user mistakes
@@ -95,10 +97,23 @@ def prepare(config: ml_collections.ConfigDict) -> Experiment:
   parallel.check_batch_size(int(t.batch_size))
   state_lib.make_optimizer(config)  # checks train.optimizer and train.schedule
   semi = _semi(config)
-  unlabelled = data_config.unlabelled_batch(config) if semi.enabled else 0
+  distilled = distill_lib.settings(config, workdir)
+  if semi.enabled and distilled is not None:
+    raise ConfigError(
+      "--config.semi.weight and --config.distill.teacher: semi-supervised training and "
+      "distillation are alternatives; set one of them"
+    )
+  unlabelled = data_config.unlabelled_batch(config) if semi.enabled or distilled else 0
   if semi.enabled:
     parallel.check_batch_size(int(unlabelled), "--config.semi.batch_size")
-  loader_config = data_config.loader_config(config, size_multiple=multiple, unlabelled=unlabelled)
+  if distilled is not None:
+    parallel.check_batch_size(int(unlabelled), "--config.distill.batch_size")
+  loader_config = data_config.loader_config(
+    config,
+    size_multiple=multiple,
+    unlabelled=unlabelled,
+    teacher=distilled.array if distilled else "",
+  )
   try:
     loader_lib.validate_config(loader_config, volume, jax.process_count())
   except (loader_lib.LoaderError, volume_lib.VolumeError) as e:
@@ -173,6 +188,9 @@ def _identity(cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   # Deep-supervised runs hold the heads of the lower decoder levels in their state.
   heads = bool((cfg.get("train") or {}).get("deep_supervision") or False)
   fields["--config.train.deep_supervision"] = (heads, heads)
+  # A resumed student keeps its teacher (the batches it saw came from it).
+  teacher = (cfg.get("distill") or {}).get("teacher") or ""
+  fields["--config.distill.teacher"] = (teacher, str(teacher))
   for key, value in _model_fields(dict(cfg.get("model", {}))).items():
     fields[f"--config.model.{key}"] = (value, value)
   return fields
@@ -331,11 +349,22 @@ def train_and_evaluate(
 def _train_and_evaluate(
   config: ml_collections.ConfigDict, workdir: str, progress: bool
 ) -> dict[str, Any]:
-  exp = prepare(config)
+  exp = prepare(config, workdir)
   config = exp.config
   start = check_workdir(config, workdir) or 0
   t = config.train
   is_main = jax.process_index() == 0
+  distilled = distill_lib.settings(config, workdir)
+  if (
+    distilled is not None
+    and distilled.computed
+    and not distill_lib.is_probabilities_array(distilled.array)
+  ):
+    raise ConfigError(
+      f"--config.distill.teacher={config.distill.teacher}: its probabilities "
+      f"{distilled.array} are not computed yet; `fibseg train` computes them first (from "
+      "Python: fibseg_jax.infer.distill.prepare_teacher(config, workdir))"
+    )
   try:
     loader = loader_lib.SlabLoader(exp.volume, exp.loader_config)
   except (loader_lib.LoaderError, volume_lib.VolumeError) as e:  # e.g. no labels to split
@@ -386,7 +415,14 @@ def _train_and_evaluate(
 
   train_step, eval_step = state_lib.jit_steps(
     state_lib.make_train_step(
-      model, tx, schedule, weights, float(t.dice_weight), semi, deep_supervision
+      model,
+      tx,
+      schedule,
+      weights,
+      float(t.dice_weight),
+      semi,
+      deep_supervision,
+      distill_weight=distilled.weight if distilled else 0.0,
     ),
     state_lib.make_eval_step(model, len(classes), weights, float(t.dice_weight)),
     state_sharding,

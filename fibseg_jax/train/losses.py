@@ -310,6 +310,28 @@ def consistency(
   return loss, jnp.mean(confident)
 
 
+def soft_cross_entropy(logits: jax.Array, targets: jax.Array) -> jax.Array:
+  """Cross-entropy of a student's logits to a teacher's class probabilities (distillation).
+
+  -sum_c t_c log softmax(s)_c, averaged over the pixels whose targets sum to more than 0
+  (the loader gives 0 outside the volume and where the teacher wrote nothing). Its
+  gradient is softmax(s) - t, as the KL divergence's to the teacher.
+
+  Args:
+    logits: [batch, y, x, classes].
+    targets: [batch, y, x, classes] probabilities, each pixel's summing to 1 or 0;
+      treated as constants.
+
+  Returns:
+    float32 scalar; 0 when no pixel has a target.
+  """
+  targets = jax.lax.stop_gradient(jnp.asarray(targets, jnp.float32))
+  log_p = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), -1)
+  per_pixel = -jnp.sum(targets * log_p, -1)
+  taught = (jnp.sum(targets, -1) > 0).astype(jnp.float32)
+  return _safe_ratio(jnp.sum(per_pixel * taught), jnp.sum(taught))
+
+
 def class_weights(counts: Sequence[int] | np.ndarray) -> np.ndarray:
   """Inverse-square-root-frequency class weights, mean 1 over the classes present.
 

@@ -241,6 +241,7 @@ def make_train_step(
   dice_weight: float,
   semi: Semi | None = None,
   deep_supervision: bool = False,
+  distill_weight: float = 0.0,
 ):
   """Returns train_step(state, batch) -> (state, metrics); not yet jitted.
 
@@ -261,12 +262,21 @@ def make_train_step(
   with nnU-Net's weights (`losses.deep_supervision_weights`); the semi-supervised loss
   still uses the full-resolution logits only.
 
+  Distillation step (`distill_weight` > 0; the batch also holds 'strong' and the
+  teacher's probabilities 'teacher' [unlabelled, y, x, classes] of the same patches,
+  moved with them by the loader): the student sees the strong view in one forward pass
+  with the labelled batch, and `losses.soft_cross_entropy` to the teacher, times
+  `distill_weight`, is added to the supervised loss. Weight 0 is the supervised step.
+
   Under jit with the batch sharded over devices, the loss means and batch-norm
   statistics are global, so any device count computes the same update.
   """
   weights = None if class_weights is None else jnp.asarray(class_weights, jnp.float32)
   semi = semi if semi is not None and semi.enabled else None
   level_weights = losses.deep_supervision_weights(model.config.depth) if deep_supervision else None
+  distill = float(distill_weight) > 0
+  if distill and semi is not None:
+    raise ValueError("distillation and semi-supervised training are alternatives, not both")
 
   def train_step(state: TrainState, batch: dict[str, jax.Array]):
     rng, dropout_rng = jax.random.split(state.rng)
@@ -279,6 +289,8 @@ def make_train_step(
         batch["weak"],
         train=False,
       )
+    if distill:
+      image = jnp.concatenate([image, batch["strong"].astype(image.dtype)], 0)
 
     def loss_fn(params):
       outputs, updates = model.apply(
@@ -305,6 +317,10 @@ def make_train_step(
         )
         aux = {**aux, "unsup": unsup, "teaching": teaching}
         loss = loss + semi.weight * semi.ramp(state.step) * unsup
+      if distill:
+        taught = losses.soft_cross_entropy(logits[labelled:], batch["teacher"])
+        aux = {**aux, "distill": taught}
+        loss = loss + float(distill_weight) * taught
       return loss, (aux, updates)
 
     (loss, (aux, updates)), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)

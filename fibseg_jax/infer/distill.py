@@ -1,0 +1,145 @@
+"""The teacher of a distilled student: its class probabilities over the whole stack.
+
+`prepare_teacher(config, workdir)` segments the training volume once with the teacher's
+checkpoints (`config.distill.teacher`, averaged as an ensemble, with its test-time
+augmentation `config.distill.tta`), out of core and resumable like any segmentation,
+into `WORKDIR/teacher/probabilities.zarr` (uint8 round(255 p)); the training loop then
+reads that array at its patches (`fibseg_jax.train.distill`). Only images are read:
+no label of any slice, so the evaluation slices' labels stay unseen.
+
+  config = configs.load("unet"); config.data.path = "vol.zarr"
+  config.distill.teacher = "runs/s0,runs/s1,runs/s2"
+  infer.distill.prepare_teacher(config, "runs/student")
+  train.train_and_evaluate(config, "runs/student")
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+from typing import Any
+
+import jax
+import tensorstore as ts
+
+from fibseg_jax import checkpoint as checkpoint_lib
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.infer import segment, store, tiling
+from fibseg_jax.infer.settings import SegmentSettings
+from fibseg_jax.train import distill as distill_lib
+from fibseg_jax.train.config import ConfigError
+
+
+def _record(distilled: distill_lib.Distill, volume: str) -> dict[str, Any]:
+  return {
+    "members": [os.path.realpath(m) for m in distilled.members],
+    "tta": distilled.tta,
+    "volume": os.path.realpath(volume_lib.local_path(volume) or volume),
+  }
+
+
+def _complete(labels: str, shape, block: int) -> bool:
+  if store.read_array_metadata(labels) is None:
+    return False
+  kv = ts.KvStore.open(volume_lib.kvstore_spec(labels), context=volume_lib.CONTEXT).result()
+  return {b.key for b in tiling.plan_blocks(shape, block)} <= store.list_done(kv)
+
+
+def prepare_teacher(
+  config: Any,
+  workdir: str,
+  *,
+  settings: SegmentSettings | None = None,
+  progress: bool = True,
+) -> str | None:
+  """Computes (or finishes) the teacher's probabilities of a student in `workdir`.
+
+  Args:
+    config: the student's experiment config.
+    workdir: the student's training workdir.
+    settings: tiling of the teacher's segmentation (default `SegmentSettings()`); its
+      `tta` is replaced by `config.distill.tta`.
+    progress: show the segmentation's progress bar.
+
+  Returns:
+    The probabilities array the loader reads, or None when distillation is off. An
+    array given as the teacher is returned as it is.
+
+  Raises:
+    ConfigError: a bad `config.distill` field, a teacher that cannot segment the
+      volume (other channels, classes), or a workdir whose teacher was computed from
+      other checkpoints.
+  """
+  distilled = distill_lib.settings(config, workdir)
+  if distilled is None or not distilled.computed:
+    return None if distilled is None else distilled.array
+  path = config.data.path
+  try:
+    volume = volume_lib.open_volume(path, check_labels=False)
+  except volume_lib.VolumeError as e:
+    raise ConfigError(f"--config.data.path: {e}") from None
+  folder = os.path.join(workdir, distill_lib.TEACHER_DIR)
+  labels = os.path.join(folder, distill_lib.LABELS)
+  record_path = os.path.join(folder, distill_lib.RECORD)
+  record = _record(distilled, path)
+  if os.path.isfile(record_path):
+    with open(record_path) as f:
+      theirs = json.load(f)
+    if theirs != record:
+      raise ConfigError(
+        f"--workdir={workdir} holds a teacher computed from {theirs.get('members')} (tta "
+        f"{theirs.get('tta')}) on {theirs.get('volume')}; --config.distill.teacher now names "
+        f"{record['members']} (tta {record['tta']}) on {record['volume']}: use a new --workdir"
+      )
+  settings = SegmentSettings() if settings is None else settings
+  settings = _with_tta(settings, distilled.tta)
+  if _complete(labels, volume.shape, settings.block):
+    return distilled.array
+  os.makedirs(folder, exist_ok=True)
+  if jax.process_index() == 0 and not os.path.isfile(record_path):
+    with open(record_path, "w") as f:
+      json.dump(record, f, indent=1)
+  try:
+    restored = [checkpoint_lib.load(m) for m in distilled.members]
+  except checkpoint_lib.CheckpointError as e:
+    raise ConfigError(f"--config.distill.teacher: {e}") from None
+  if any(tuple(r.classes) != tuple(volume.classes) for r in restored):
+    raise ConfigError(
+      f"--config.distill.teacher: the teacher predicts {list(restored[0].classes)}, the "
+      f"volume {path} has classes {list(volume.classes)}; a teacher must predict the "
+      "student's classes"
+    )
+  if progress:
+    print(
+      f"distill: the teacher's probabilities ({len(restored)} model(s), TTA "
+      f"{distilled.tta}) over {volume.shape[0]} slices -> {distilled.array}",
+      file=sys.stderr,
+      flush=True,
+    )
+  try:
+    segment.segment_from_checkpoint(
+      list(distilled.members),
+      volume,
+      output=labels,
+      probabilities=distilled.array,
+      settings=dataclasses.replace(settings, progress=progress),
+    )
+  except (tiling.InferenceError, store.OutputError, volume_lib.VolumeError) as e:
+    raise ConfigError(f"--config.distill.teacher: {e}") from None
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host runs only
+
+    multihost_utils.sync_global_devices("fibseg_jax.infer.distill.teacher")
+  return distilled.array
+
+
+def _with_tta(settings: SegmentSettings, tta: str) -> SegmentSettings:
+  """`settings` with the teacher's TTA (segment's --tta values: off, all, ...)."""
+  value = str(tta).lower()
+  if value in ("off", "false", "0", "1", "none"):
+    return dataclasses.replace(settings, tta=False)
+  if value in ("all", "true", "on"):
+    return dataclasses.replace(settings, tta=True)
+  raise ConfigError(f"--config.distill.tta={tta}: expected off or all")

@@ -1,0 +1,276 @@
+"""Distilling the seed ensemble into one fast network, measured with seeds.
+
+Rows, each scored on the evaluation slices of a segmentation of the whole stack (so the
+same run also gives the segmentation speed, Mpixel/s on this machine):
+
+  supervised        the budget's U-Net (the shipped recipe), one per seed
+  teacher           the supervised seeds as one ensemble, with test-time augmentation
+                    (`teacher_tta`): what the students learn from; one row, no spread
+  distilled         a U-Net of the same widths, trained on the labels of the training
+                    area and on the teacher's probabilities over the whole stack
+  distilled_narrow  the same at half the widths (about a quarter of the FLOPs)
+
+The teacher's probabilities are computed once (`infer.distill.prepare_teacher`, into
+`out/teacher/`), from images only: no evaluation label is read before scoring. Every
+run is cached in `out/<row>_s<seed>/result.json` with the settings it was computed
+with, so rerunning resumes; `out/distill.json` and `distill.md` are rewritten after
+every run. Students pair with the supervised run of their seed (same split and batches).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+
+from fibseg_jax import infer, outputs
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.infer import distill as infer_distill
+from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.study import runs
+from fibseg_jax.study.comparison import seed_stats
+
+KIND = "distillation study"
+ROWS = ("supervised", "teacher", "distilled", "distilled_narrow")
+
+
+def claim_directory(out: str, volume: str | None = None) -> None:
+  """Claims `out` for the study: new, empty or an earlier one of this kind.
+
+  Raises:
+    ValueError: `out` holds other files, or is or holds `volume` (unless the volume is
+      the synthetic stack generated inside it).
+  """
+  generated = volume and os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
+  try:
+    outputs.claim(
+      out,
+      kind=KIND,
+      flag="--out",
+      inputs={"--volume": volume} if volume and not generated else {},
+      directory=True,
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+
+
+def narrow(features: Sequence[int]) -> tuple[int, ...]:
+  """Half of every width (at least 2): about a quarter of a U-Net's FLOPs."""
+  return tuple(max(2, int(f) // 2) for f in features)
+
+
+def _segment_scored(
+  model: str | Sequence[str],
+  vol: volume_lib.Volume,
+  directory: str,
+  budget: budget_lib.Budget,
+  eval_slices: Sequence[int],
+) -> dict[str, Any]:
+  scored, segmented = runs.segment_and_score(
+    model, vol, os.path.join(directory, "seg.zarr"), budget, vol, eval_slices
+  )
+  return {
+    **scored,
+    "segment_seconds": segmented.seconds,
+    "segment_mpixels": segmented.mpixels,
+    "segment_mpx_per_s": segmented.mpixels_per_second,
+  }
+
+
+def run_distill_study(
+  out: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seeds: Sequence[int],
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  teacher_tta: str = "all",
+  row_names: Sequence[str] = ROWS,
+  log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+  """The four rows over `seeds`; writes out/distill.json and .md and returns the table.
+
+  The teacher is the ensemble of the supervised runs of `seeds`, so those run first.
+  """
+  claim_directory(out, volume)
+  unknown = [r for r in row_names if r not in ROWS]
+  if unknown:
+    raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
+  vol = volume_lib.open_volume(volume)
+  common = dict(
+    volume=volume,
+    channels=list(channels),
+    slices=int(slices),
+    train_slices=[int(z) for z in train_slices],
+    eval_slices=[int(z) for z in eval_slices],
+  )
+  results: dict[str, list[dict[str, Any]]] = {name: [] for name in ROWS}
+  document: dict[str, Any] = {}
+
+  def record(name: str, result: dict[str, Any], started: float) -> None:
+    nonlocal document
+    results[name].append(result)
+    log(
+      f"{name} seed {result.get('seed', '-')}: mIoU {result['mean_iou']:.4f}, "
+      f"{result['segment_mpx_per_s']:.3f} Mpx/s ({time.perf_counter() - started:.0f} s)"
+    )
+    document = {
+      **common,
+      "classes": list(vol.classes),
+      "seeds": [int(s) for s in seeds],
+      "budget": budget.to_json(),
+      "teacher_tta": teacher_tta,
+      "narrow_features": list(narrow(budget.unet_features)),
+      "rows": [
+        summarise(n, rs, results["supervised"], vol.classes) for n, rs in results.items() if rs
+      ],
+    }
+    runs.write_json(os.path.join(out, "distill.json"), document)
+    with open(os.path.join(out, "distill.md"), "w") as f:
+      f.write(markdown(document))
+
+  def student(name: str, seed: int, teacher_array: str | None, features=None) -> None:
+    started = time.perf_counter()
+    directory = os.path.join(out, f"{name}_s{seed}")
+    settings = runs.settings(budget, seed=int(seed), row=name, teacher_tta=teacher_tta, **common)
+    done = runs.cached(directory, settings)
+    if done is None:
+
+      def configure(config):
+        if teacher_array:
+          config.distill.teacher = teacher_array
+        if features is not None:
+          config.model.features = tuple(features)
+
+      workdir, seconds = runs.train_unet(
+        directory,
+        budget,
+        volume=volume,
+        channels=channels,
+        slices=slices,
+        seed=seed,
+        train_slices=train_slices,
+        configure=configure,
+      )
+      done = {
+        "settings": settings,
+        "seed": int(seed),
+        "train_seconds": seconds,
+        **_segment_scored(workdir, vol, directory, budget, eval_slices),
+      }
+      runs.write_json(os.path.join(directory, runs.RESULT), done)
+    record(name, done, started)
+
+  for seed in seeds:
+    student("supervised", seed, None)
+  members = [os.path.join(out, f"supervised_s{s}", "run") for s in seeds]
+  teacher_array = None
+  if {"teacher", "distilled", "distilled_narrow"} & set(row_names):
+    started = time.perf_counter()
+    teacher_dir = os.path.join(out, "teacher")
+    config = runs.network_config(
+      budget,
+      architecture="unet",
+      channels=channels,
+      slices=slices,
+      seed=0,
+      volume=volume,
+      held_out=eval_slices,
+    )
+    config.distill.teacher = ",".join(members)
+    config.distill.tta = teacher_tta
+    settings = runs.settings(budget, row="teacher", teacher_tta=teacher_tta, **common)
+    done = runs.cached(teacher_dir, settings)
+    teacher_array = infer_distill.prepare_teacher(
+      config,
+      teacher_dir,
+      settings=infer.SegmentSettings(
+        tile=budget.tile, overlap=budget.overlap, batch=budget.infer_batch, progress=False
+      ),
+      progress=False,
+    )
+    if done is None:
+      seconds = time.perf_counter() - started
+      labels = infer.open_array(os.path.join(teacher_dir, "teacher", "labels.zarr"))
+      predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+      mpixels = float(np.prod(vol.shape)) / 1e6
+      done = {
+        "settings": settings,
+        "members": members,
+        **runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes),
+        "segment_seconds": seconds,
+        "segment_mpixels": mpixels,
+        "segment_mpx_per_s": mpixels / seconds,
+      }
+      runs.write_json(os.path.join(teacher_dir, runs.RESULT), done)
+    if "teacher" in row_names:
+      record("teacher", done, started)
+  for seed in seeds:
+    if "distilled" in row_names:
+      student("distilled", seed, teacher_array)
+    if "distilled_narrow" in row_names:
+      student("distilled_narrow", seed, teacher_array, narrow(budget.unet_features))
+  return document
+
+
+def summarise(name: str, results, supervised, classes) -> dict[str, Any]:
+  """One row: mean IoU and speed over seeds, the paired difference to supervised."""
+  by_seed = {r["seed"]: r for r in supervised}
+  paired = [
+    r["mean_iou"] - by_seed[r["seed"]]["mean_iou"]
+    for r in results
+    if name != "supervised" and "seed" in r and r["seed"] in by_seed
+  ]
+  return {
+    "name": name,
+    "seeds": [r.get("seed") for r in results],
+    "mean_iou": seed_stats([r["mean_iou"] for r in results]),
+    "values": [r["mean_iou"] for r in results],
+    "per_class": {c: seed_stats([r["per_class_iou"][c] for r in results]) for c in classes},
+    "paired_difference": seed_stats(paired) if paired else None,
+    "segment_mpx_per_s": seed_stats([r["segment_mpx_per_s"] for r in results]),
+    "train_seconds": seed_stats([r.get("train_seconds") for r in results]),
+  }
+
+
+def _stat(stats, digits: int = 3) -> str:
+  if not stats or stats.get("mean") is None:
+    return "-"
+  std = stats.get("std")
+  return f"{stats['mean']:.{digits}f}" + ("" if std is None else f" +- {std:.{digits}f}")
+
+
+def markdown(document) -> str:
+  """The table: mean IoU, paired difference to supervised, per class, Mpixel/s."""
+  classes = document["classes"]
+  b = document["budget"]
+  head = ["row", "mean IoU", "paired diff. (to supervised)", *classes, "segment Mpx/s"]
+  lines = [
+    f"Distillation on {document['volume']}: U-Net {document['slices']}-slice slabs, channels "
+    f"{', '.join(document['channels'])}, train slices {document['train_slices']}, scored on "
+    f"{document['eval_slices']}; budget {b['name']} ({b['steps']} steps of {b['batch_size']} "
+    f"x {b['patch']}^2, widths {b['unet_features']}; narrow {document['narrow_features']}); "
+    f"teacher = the supervised seeds {document['seeds']} as an ensemble with TTA "
+    f"{document['teacher_tta']}; students without TTA. Speed: the whole stack segmented, "
+    "budget tiling, this machine.",
+    "",
+    "| " + " | ".join(head) + " |",
+    "| " + " | ".join("---" for _ in head) + " |",
+  ]
+  for row in document["rows"]:
+    diff = row["paired_difference"]
+    cells = [
+      row["name"],
+      _stat(row["mean_iou"]),
+      "-" if diff is None else _stat(diff),
+      *(_stat(row["per_class"][c]).split(" +- ")[0] for c in classes),
+      _stat(row["segment_mpx_per_s"], 2),
+    ]
+    lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"

@@ -1,0 +1,130 @@
+"""Distillation settings: which teacher, where its probabilities live, how much it weighs.
+
+A student learns from a teacher's class probabilities over the whole stack (every slice,
+annotated or not) besides the labels of the training area:
+
+  fibseg train --config=unet --workdir=runs/student --config.data.path=vol.zarr \
+    --config.distill.teacher=runs/s0,runs/s1,runs/s2 \
+    --config.model.features='(8,8,16,32,64,8)'
+
+`config.distill.teacher` names training workdirs (their best checkpoints, averaged as a
+seed ensemble) or an existing probabilities array written by `fibseg segment
+--probabilities`. Workdirs are segmented once, out of core and with the teacher's
+test-time augmentation, into `WORKDIR/teacher/` before the first step
+(`fibseg_jax.infer.distill.prepare_teacher`, which `fibseg train` calls); the training
+loop then only reads that array. No label of any slice is read to make it, so the
+evaluation slices' labels stay unseen.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+from fibseg_jax.data import lists
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.train.config import ConfigError
+
+# Where `prepare_teacher` writes a workdir teacher's outputs, inside the student's workdir.
+TEACHER_DIR = "teacher"
+PROBABILITIES = "probabilities.zarr"
+LABELS = "labels.zarr"
+RECORD = "teacher.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class Distill:
+  """`config.distill`, checked.
+
+  Attributes:
+    members: the teacher's training workdirs (or checkpoint directories), () when the
+      teacher is a probabilities array.
+    array: the probabilities array the loader reads: `array_path(workdir)` of the
+      members, or the array given.
+    weight: weight of `losses.soft_cross_entropy`; 0 trains as without a teacher.
+    tta: the teacher's test-time augmentation (segment's --tta values).
+    batch_size: global patches from the whole stack per step.
+  """
+
+  members: tuple[str, ...]
+  array: str
+  weight: float
+  tta: str
+  batch_size: int
+
+  @property
+  def computed(self) -> bool:
+    """Whether the array is computed from workdirs (else it was given)."""
+    return bool(self.members)
+
+
+def is_probabilities_array(path: str) -> bool:
+  """Whether a local path is a zarr v3 array (not a group, not a training workdir)."""
+  local = volume_lib.local_path(path)
+  meta = os.path.join(local, "zarr.json") if local else None
+  if not meta or not os.path.isfile(meta):
+    return False
+  try:
+    with open(meta) as f:
+      return json.load(f).get("node_type") == "array"
+  except (OSError, ValueError, AttributeError):
+    return False
+
+
+def array_path(workdir: str) -> str:
+  """The probabilities array `prepare_teacher` writes for a student in `workdir`."""
+  return os.path.join(workdir, TEACHER_DIR, PROBABILITIES)
+
+
+def settings(config: Any, workdir: str | None) -> Distill | None:
+  """`config.distill` checked and resolved for a student in `workdir`; None when off.
+
+  Raises:
+    ConfigError: a value of the wrong type or range, a teacher that is neither a
+      workdir nor a probabilities array, or the student's own workdir among them.
+  """
+  d = config.get("distill") or {}
+  teacher = d.get("teacher") or ""
+  if not teacher:
+    return None
+  names = lists.parse_list(teacher, str, flag="--config.distill.teacher", error=ConfigError)
+  try:
+    weight = float(d.get("weight", 1.0))
+    batch_size = int(d.get("batch_size", -1))
+  except (TypeError, ValueError):
+    raise ConfigError(
+      f"--config.distill.weight={d.get('weight')!r} / --config.distill.batch_size="
+      f"{d.get('batch_size')!r}: expected a number >= 0 and an integer >= 1 or -1"
+    ) from None
+  if not weight >= 0 or weight != weight:
+    raise ConfigError(f"--config.distill.weight={d.get('weight')}: expected a number >= 0")
+  if batch_size != -1 and batch_size < 1:
+    raise ConfigError(f"--config.distill.batch_size={batch_size}: expected >= 1 or -1")
+  if batch_size == -1:
+    batch_size = int(config["train"]["batch_size"])
+  tta = str(d.get("tta", "all"))
+  arrays = [n for n in names if is_probabilities_array(n)]
+  if arrays:
+    if len(names) > 1:
+      raise ConfigError(
+        f"--config.distill.teacher={teacher}: give one probabilities array, or training "
+        "workdirs only (not both)"
+      )
+    return Distill((), names[0], weight, tta, batch_size)
+  for name in names:
+    local = volume_lib.local_path(name) or name
+    if not os.path.isdir(local):
+      raise ConfigError(
+        f"--config.distill.teacher: {name} is neither a training workdir nor a "
+        "probabilities array (fibseg segment --probabilities)"
+      )
+    if workdir is not None and os.path.realpath(local) == os.path.realpath(workdir):
+      raise ConfigError(
+        f"--config.distill.teacher: {name} is the student's own --workdir; a teacher is "
+        "another, finished run"
+      )
+  if workdir is None:
+    raise ConfigError("distillation from training workdirs needs the student's workdir")
+  return Distill(tuple(names), array_path(workdir), weight, tta, batch_size)
