@@ -136,10 +136,8 @@ def prepare_teacher(
 
 
 def _with_tta(settings: SegmentSettings, tta: str) -> SegmentSettings:
-  """`settings` with the teacher's TTA (segment's --tta values: off, all, ...)."""
-  value = str(tta).lower()
-  if value in ("off", "false", "0", "1", "none"):
-    return dataclasses.replace(settings, tta=False)
-  if value in ("all", "true", "on"):
-    return dataclasses.replace(settings, tta=True)
-  raise ConfigError(f"--config.distill.tta={tta}: expected off or all")
+  """`settings` with the teacher's TTA (`--config.distill.tta`, segment's --tta values)."""
+  try:
+    return dataclasses.replace(settings, tta=tta)
+  except tiling.InferenceError as e:
+    raise ConfigError(f"--config.distill.tta={tta}: {e}") from None
