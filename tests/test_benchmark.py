@@ -9,13 +9,23 @@ import math
 import os
 import subprocess
 import sys
+import tempfile
 
 import jax
 import numpy as np
 import pytest
 
 from fibseg_jax import bench, infer, models
-from fibseg_jax.bench import figures, jax_side, machine, peer, report, segment_memory, timing
+from fibseg_jax.bench import (
+  figures,
+  jax_side,
+  machine,
+  peer,
+  report,
+  segment_memory,
+  segment_race,
+  timing,
+)
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "benchmark.py")
@@ -75,7 +85,7 @@ def written(tmp_path_factory):
 def test_every_key_is_written(written):
   result, reloaded, _ = written
   assert set(bench.KEY_NAMES) <= set(reloaded)
-  assert len(bench.KEY_NAMES) == 8 + 6
+  assert len(bench.KEY_NAMES) == 10 + 6
   for name in bench.KEY_NAMES:
     value = reloaded[name]
     assert value is None or positive_finite(value), (name, value)
@@ -154,6 +164,16 @@ def test_segmentation_children(written):
     assert r["segment_efficiency"] == pytest.approx(extra_bare / extra_seconds)
 
 
+def test_segment_default_path_and_race_figures(written):
+  _, r, _ = written
+  race = r["details"]["segment_race"]
+  z, y, x = race["shape"]
+  assert race["settings"] == {"tile": 768, "overlap": 64, "batch": 2}  # the defaults
+  assert r["segment_mpx_per_s"] == pytest.approx(z * y * x / 1e6 / race["default"]["step_s_median"])
+  # No peer here: the race is not run, and the note says why.
+  assert r["segment_race_vs_monai"] is None and "BasicUNet" in r["notes"]["segment_race_vs_monai"]
+
+
 def test_markdown_and_printed_table(written):
   result, reloaded, md = written
   env = reloaded["environment"]
@@ -205,6 +225,13 @@ def test_race_against_monai_when_installed():
   # Random logits over 4 classes: cross-entropy ~ log 4, plus a Dice term in [0, 1].
   for name in ("fibseg_jax", "monai"):
     assert math.log(4) - 1 < train[name]["final_loss"] < math.log(4) + 1.5
+  # The segmentation race: our weights in MONAI's BasicUNet agree on a tile.
+  with tempfile.TemporaryDirectory() as workdir:
+    seg = segment_race.measure(options, workdir, the_peer, shape=(2, 64, 64))
+  assert seg["agreement"] < segment_race.AGREEMENT
+  assert seg["segment_race_vs_monai"] == pytest.approx(
+    seg["race"]["monai"]["step_s_median"] / seg["race"]["fibseg_jax"]["step_s_median"]
+  )
 
 
 def test_ratios_and_status():

@@ -10,7 +10,16 @@ import tempfile
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
-from fibseg_jax.bench import data_path, figures, jax_side, machine, peer, segment_memory, timing
+from fibseg_jax.bench import (
+  data_path,
+  figures,
+  jax_side,
+  machine,
+  peer,
+  segment_memory,
+  segment_race,
+  timing,
+)
 from fibseg_jax.bench.options import (
   RACE,
   STUDY,
@@ -174,6 +183,8 @@ def run(
     details["data_path"] = {"rows": rows, "headroom_row": data_path.headroom_row(rows)}
     _say("segmentation")
     details["segmentation"] = segment_memory.measure_segmentation(options, workdir)
+    _say("segmentation: default flags, and against MONAI's sliding window")
+    details["segment_race"] = segment_race.measure(options, workdir, the_peer)
 
   collected = figures.collect(details, options.batch, the_peer.note)
   values = collected["values"]

@@ -78,6 +78,19 @@ KEYS: tuple[Key, ...] = (
   ),
   Key("segment_rss_ratio", 1.15, False, "peak RSS segmenting a 4x volume over a 1x volume"),
   Key(
+    "segment_mpx_per_s",
+    1.0,
+    True,
+    "whole-stack segmentation with default flags (tta=auto), Mpixel/s end to end, warm",
+  ),
+  Key(
+    "segment_race_vs_monai",
+    1.5,
+    True,
+    "MONAI sliding_window_inference + zarr write over fibseg_jax's, same weights, tile, "
+    "overlap, Gaussian blending and stack (alternating)",
+  ),
+  Key(
     "sensor3d_step_ratio",
     2.5,
     False,
@@ -117,7 +130,8 @@ def collect(details: Mapping[str, Any], batch: int, peer_note: str) -> dict[str,
   """Every key's value from the detailed measurements; None with a note where missing.
 
   Args:
-    details: the run's sections: "race", "study", "matmul", "data_path", "segmentation".
+    details: the run's sections: "race", "study", "matmul", "data_path", "segmentation",
+      "segment_race".
     batch: the training batch.
     peer_note: why there is no MONAI peer ("" when it ran).
 
@@ -152,6 +166,11 @@ def collect(details: Mapping[str, Any], batch: int, peer_note: str) -> dict[str,
   if segmentation["efficiency"] is None:
     notes["segment_efficiency"] = segmentation.get("note", "not measured")
   values["segment_rss_ratio"] = segmentation["rss_ratio"]
+  race = details["segment_race"]
+  values["segment_mpx_per_s"] = race["segment_mpx_per_s"]
+  values["segment_race_vs_monai"] = race.get("segment_race_vs_monai")
+  if values["segment_race_vs_monai"] is None:
+    notes["segment_race_vs_monai"] = race.get("note") or peer_note or "MONAI was not measured"
   values["sensor3d_step_ratio"] = ratio(study[SENSOR3D]["step_s_median"], race_step)
   for c in STUDY:
     values[step_key(c.name)] = study[c.name]["step_s_median"]

@@ -22,6 +22,8 @@ import json
 import os
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -67,6 +69,7 @@ def segment(spec: Mapping[str, Any]) -> dict[str, Any]:
   model, variables = _model_and_variables(spec)
   vol = volume_lib.open_volume(spec["volume"], check_labels=False)
   before = machine.peak_rss_mib()
+  sampler = RssSampler(spec["sample_rss_s"]) if spec.get("sample_rss_s") else None
   result = infer.segment_volume(
     vol,
     model,
@@ -80,11 +83,12 @@ def segment(spec: Mapping[str, Any]) -> dict[str, Any]:
       overlap=spec["overlap"],
       batch=spec["batch"],
       block=spec["block"],
+      tta=spec.get("tta", False),
       overwrite=True,
       progress=False,
     ),
   )
-  return {
+  out = {
     "rss_before_mib": before,
     "peak_rss_mib": machine.peak_rss_mib(),
     "seconds": result.seconds,
@@ -92,6 +96,39 @@ def segment(spec: Mapping[str, Any]) -> dict[str, Any]:
     "blocks": result.blocks_done,
     "complete": result.complete,
   }
+  if sampler is not None:
+    out["rss_samples_mib"] = sampler.stop()
+  return out
+
+
+class RssSampler:
+  """Samples this process's resident set (VmRSS) every `period_s` in a daemon thread."""
+
+  def __init__(self, period_s: float):
+    self._period = float(period_s)
+    self._stop = threading.Event()
+    self._start = time.perf_counter()
+    self.samples: list[tuple[float, float]] = []
+    self._thread = threading.Thread(target=self._run, daemon=True, name="fibseg-rss")
+    self._thread.start()
+
+  def _run(self) -> None:
+    while not self._stop.wait(self._period):
+      self.samples.append((round(time.perf_counter() - self._start, 1), _rss_mib()))
+
+  def stop(self) -> list[tuple[float, float]]:
+    """Stops sampling; returns [(seconds since start, MiB)]."""
+    self._stop.set()
+    self._thread.join()
+    return self.samples
+
+
+def _rss_mib() -> float:
+  with open("/proc/self/status") as f:
+    for line in f:
+      if line.startswith("VmRSS:"):
+        return round(int(line.split()[1]) / 1024, 1)
+  return float("nan")
 
 
 def run_child(spec: Mapping[str, Any]) -> dict[str, Any]:

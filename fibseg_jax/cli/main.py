@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fibseg_jax.cli.distill_study",
     "distil the seed ensemble into one fast network, with seeds",
   ),
+  "tta-curve": (
+    "fibseg_jax.cli.tta_curve",
+    "held-out mean IoU and cost against the number of TTA passes",
+  ),
   "bench": ("fibseg_jax.cli.benchmark", "speed against MONAI and the targets"),
 }
 _HELP = ("-h", "--help", "-help", "--helpfull", "help")

@@ -1,8 +1,8 @@
 r"""Segments every slice of a volume with a trained model.
 
   fibseg segment --workdir=runs/s3d --input=vol.zarr --output=seg.zarr \
-    [--probabilities=probs.zarr] [--uncertainty=unc.zarr] [--tile=512] [--overlap=64] \
-    [--batch=8] [--dtype=bfloat16] [--tta=auto|off|2|4|8|all] [--slices=10-20]
+    [--probabilities=probs.zarr] [--uncertainty=unc.zarr] [--tile=768] [--overlap=64] \
+    [--batch=2] [--dtype=bfloat16] [--tta=auto|off|2|4|8|all] [--slices=10-20]
   fibseg segment --workdir=runs/s0 --workdir=runs/s1 --workdir=runs/s2 ...
 
 Test-time augmentation: --tta=auto (default) averages over every transform of a tile
@@ -56,11 +56,23 @@ _UNCERTAINTY = flags.DEFINE_string(
   "Optional per-voxel uncertainty array to write, e.g. unc.zarr: round(255 * entropy of the "
   "class probabilities / log(classes)), 0 = certain, 255 = uniform.",
 )
-_TILE = flags.DEFINE_integer("tile", 512, "Tile side in pixels (a multiple of 2**depth).")
-_OVERLAP = flags.DEFINE_integer("overlap", 64, "Overlap of neighbouring tiles in pixels.")
-_BATCH = flags.DEFINE_integer("batch", 8, "Tiles per device step (over all local devices).")
+_TILE = flags.DEFINE_integer(
+  "tile",
+  infer.settings.DEFAULT_TILE,
+  "Largest tile side in pixels (a multiple of 2**depth); tiles shrink to fit each block.",
+)
+_OVERLAP = flags.DEFINE_integer(
+  "overlap", infer.settings.DEFAULT_OVERLAP, "Overlap of neighbouring tiles in pixels."
+)
+_BATCH = flags.DEFINE_integer(
+  "batch",
+  infer.settings.DEFAULT_BATCH,
+  "Tiles per device step (over all local devices); raise it on a GPU.",
+)
 _BLOCK = flags.DEFINE_integer(
-  "block", 2048, "Output block side in pixels (unit of work and of resuming)."
+  "block",
+  infer.settings.DEFAULT_BLOCK,
+  "Output block side in pixels (unit of work and of resuming).",
 )
 _DTYPE = flags.DEFINE_enum(
   "dtype",

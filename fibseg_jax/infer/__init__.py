@@ -3,7 +3,7 @@
   result = infer.segment_volume(
       "vol.zarr", model, variables, channels=("ICE", "TLD"), slices=3, size_multiple=16,
       output="seg.zarr", probabilities="probs.zarr", uncertainty="unc.zarr",
-      settings=infer.SegmentSettings(tile=512, overlap=64, batch=8))
+      settings=infer.SegmentSettings(tile=768, overlap=64, batch=2))
 
 `segment_from_checkpoint` does the same from a training workdir or checkpoint. The
 output is a zarr v3 array [z, y, x] uint8 whose attributes name the classes (with

@@ -24,9 +24,13 @@ class RegionBlender:
   of once per block.
   """
 
-  def __init__(self, predictor: predict.TilePredictor, overlap: int):
+  def __init__(self, predictor: predict.TilePredictor, overlap: int, normalise: bool = True):
+    """Args: normalise: divide by the summed window (the probabilities); False leaves
+    the window-weighted sums, whose argmax is the same (the window sum is one positive
+    number per pixel): what the labels alone need, one pass over the region less."""
     self._predictor = predictor
     self._overlap = overlap
+    self._normalise = normalise
     self._key = None
     self._acc: np.ndarray | None = None
     self._weights: np.ndarray | None = None
@@ -34,15 +38,18 @@ class RegionBlender:
   def __call__(self, slab: Sequence[np.ndarray], tile_yx: Sequence[int]) -> np.ndarray:
     """Blended probabilities [y, x, classes] float32 of a region; see `blend_region`.
 
-    The result is a buffer of this blender, overwritten by the next call.
+    Unnormalised (the window-weighted sums) when the blender was made with
+    normalise=False. The result is a buffer of this blender, overwritten by the next call.
     """
     shape_yx = tuple(slab[0].shape[:2])
     ty, tx = (int(t) for t in tile_yx)
     starts = tiling.tile_grid(shape_yx, (ty, tx), self._overlap)
     predictor = self._predictor
     if self._key != (shape_yx, ty, tx):
-      self._key, self._acc = (shape_yx, ty, tx), None
-      self._weights = tiling.weight_sum(shape_yx, (ty, tx), starts, predictor.window((ty, tx)))
+      self._key, self._acc, self._weights = (shape_yx, ty, tx), None, None
+      if self._normalise:
+        window = predictor.window((ty, tx))
+        self._weights = tiling.weight_sum(shape_yx, (ty, tx), starts, window)[..., None]
     pending = None
 
     def accumulate(out: jax.Array, positions: Sequence[tuple[int, int]]) -> None:
@@ -65,7 +72,8 @@ class RegionBlender:
         accumulate(*pending)
       pending = (out, positions)
     accumulate(*pending)
-    self._acc /= self._weights[..., None]
+    if self._weights is not None:
+      self._acc /= self._weights
     return self._acc
 
 

@@ -7,6 +7,7 @@ the mesh holds only local devices and no step waits on another process.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -96,6 +97,12 @@ class Ensemble:
       raise tiling.InferenceError("an ensemble needs at least one model")
     self.members = tuple(members)
 
+  def __eq__(self, other: object) -> bool:
+    return isinstance(other, Ensemble) and other.members == self.members
+
+  def __hash__(self) -> int:
+    return hash(self.members)
+
   def apply(self, variables: Sequence[Any], x: jax.Array, train: bool = False) -> jax.Array:
     """log of the members' mean softmax `[batch, y, x, classes]` (float32)."""
     if len(variables) != len(self.members):
@@ -105,6 +112,40 @@ class Ensemble:
       p = jax.nn.softmax(member.apply(v, x, train=train).astype(jnp.float32), axis=-1)
       total = p if total is None else total + p
     return jnp.log(jnp.maximum(total / len(self.members), jnp.finfo(jnp.float32).tiny))
+
+
+def _weighted_probabilities(model, passes, variables, tiles, offset, scale, window):
+  """softmax(model(normalised tiles)) averaged over `passes` transforms, times the window."""
+
+  def probabilities(x):
+    logits = model.apply(variables, x, train=False)
+    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+
+  x = (tiles.astype(jnp.float32) - offset) * scale
+  probs = augmented_mean(probabilities, x, passes) if passes > 1 else probabilities(x)
+  return probs * window[None, :, :, None]
+
+
+# One jitted forward per (model, passes, devices), kept for the process: every
+# `segment_volume` call (a study segments dozens of times) makes a new `TilePredictor`, and
+# a jit of a new bound method would compile the same program again each time (seconds on
+# CPU). Flax modules compare by their fields, so the same architecture hits the cache.
+_FORWARDS: dict[Any, Callable[..., jax.Array]] = {}
+
+
+def _compiled_forward(
+  model: Any, passes: int, devices: tuple[jax.Device, ...], sharding: NamedSharding
+) -> Callable[..., jax.Array]:
+  fn = functools.partial(_weighted_probabilities, model, passes)
+  options = xla.compiler_options(devices[0].platform)
+  try:
+    key = (model, passes, devices)
+    hash(key)
+  except TypeError:  # an unhashable model: compile for this predictor only
+    return jax.jit(fn, out_shardings=sharding, compiler_options=options)
+  if key not in _FORWARDS:
+    _FORWARDS[key] = jax.jit(fn, out_shardings=sharding, compiler_options=options)
+  return _FORWARDS[key]
 
 
 class TilePredictor:
@@ -172,23 +213,7 @@ class TilePredictor:
     self._offset = jax.device_put(np.asarray(offset, np.float32), self._replicated)
     self._scale = jax.device_put(np.asarray(scale, np.float32), self._replicated)
     self._windows: dict[tuple[int, int], tuple[np.ndarray, jax.Array]] = {}
-    self._forward = jax.jit(
-      self._weighted_probabilities,
-      out_shardings=self._sharded,
-      compiler_options=xla.compiler_options(self.devices[0].platform),
-    )
-
-  def _probabilities(self, variables, x):
-    logits = self._model.apply(variables, x, train=False)
-    return jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
-
-  def _weighted_probabilities(self, variables, tiles, offset, scale, window):
-    x = (tiles.astype(jnp.float32) - offset) * scale
-    if self.passes > 1:
-      probs = augmented_mean(lambda t: self._probabilities(variables, t), x, self.passes)
-    else:
-      probs = self._probabilities(variables, x)
-    return probs * window[None, :, :, None]
+    self._forward = _compiled_forward(model, self.passes, tuple(self.devices), self._sharded)
 
   def window(self, tile_yx: Sequence[int]) -> np.ndarray:
     """The blending window [tile_y, tile_x] float32 applied to tiles of this size."""

@@ -36,6 +36,7 @@ class SlabReader:
     tile: int,
     size_multiple: int,
     read_ahead: int = 1,
+    min_tile: int = 0,
   ):
     self._volume = volume
     self._image = ts.open(
@@ -50,6 +51,7 @@ class SlabReader:
     self._tile = tile
     self._multiple = size_multiple
     self._read_ahead = max(read_ahead, 1)
+    self._min_tile = min_tile
     self._prefetch: data_reader.Prefetcher | None = None
 
   def _read_slices(self, zs: Sequence[int], geom: RegionGeometry) -> dict[int, ts.Future]:
@@ -80,6 +82,7 @@ class SlabReader:
           halo=self._halo,
           tile=self._tile,
           size_multiple=self._multiple,
+          min_tile=self._min_tile,
         )
       zs = [int(z) for z in tiling.slab_indices(block.z, self._slices, self._volume.shape[0])]
       futures = self._read_slices(sorted(set(zs) - set(cache)), geom)

@@ -302,8 +302,11 @@ def segment_volume(
     halo=overlap,
     tile=tile,
     size_multiple=size_multiple,
+    min_tile=train_patch or 0,
   )
-  blend = RegionBlender(predictor, overlap)
+  # Labels alone need no normalised probabilities: argmax of the weighted sums is theirs.
+  needs_probabilities = probabilities is not None or uncertainty is not None
+  blend = RegionBlender(predictor, overlap, normalise=needs_probabilities)
   with interrupt.StopRequest(
     first="stopping after the block in progress (Ctrl-C again: stop now)",
     protected="finishing the writes of the blocks done, then stopping",

@@ -1,6 +1,6 @@
 """How a segmentation runs (`SegmentSettings`) and what one run did (`SegmentationResult`).
 
-settings = infer.SegmentSettings(tile=512, overlap=64, batch=8, tta="auto")
+settings = infer.SegmentSettings(tile=768, overlap=64, batch=2, tta="auto")
 result = infer.segment_from_checkpoint("runs/unet", "vol.zarr", output="seg.zarr",
                                        settings=settings)
 """
@@ -17,7 +17,17 @@ from fibseg_jax.infer.tiling import InferenceError
 
 # Output chunks are [1, CHUNK_YX, CHUNK_YX] (smaller when the block is).
 CHUNK_YX = 512
-DEFAULT_BLOCK = 2048
+# Defaults chosen by measurement on a paper-size slice (3868 x 4062, 2 channels, 2-core
+# CPU; BUILD_NOTES.md "Segmentation throughput"): the forward pass runs at the same
+# Mpixel/s for tiles of 256 to 1024 and batches of 1 to 8, so what counts is the pixels
+# run through the model per pixel written (the overlap and the halo are recomputed):
+# one 4096 block per paper slice with fitted 720-752 tiles runs 1.24x its pixels, the
+# former 512 tiles in 2048 blocks 1.67x. Batch 2 of 768 tiles is about the pixels of the
+# former 8 of 512 per device call, with less activation memory on CPU.
+DEFAULT_TILE = 768
+DEFAULT_OVERLAP = 64
+DEFAULT_BATCH = 2
+DEFAULT_BLOCK = 4096
 # Compute dtypes a checkpoint can be run in (parameters stay float32).
 COMPUTE_DTYPES = ("float32", "bfloat16")
 # What --tta takes: a number of test-time passes (the first k of
@@ -72,7 +82,9 @@ class SegmentSettings:
   that name the flag.
 
   Attributes:
-    tile: tile side in pixels, a multiple of the model's size multiple.
+    tile: the largest tile side in pixels, a multiple of the model's size multiple; each
+      region is covered by as many tiles as this side needs, each as small as covering
+      it allows (`tiling.fitted_tile`).
     overlap: minimum overlap of neighbouring tiles, and the halo read around blocks
       and reflected at the volume border; 0 <= overlap < tile.
     batch: tiles per device call (rounded up to a multiple of the device count).
@@ -97,9 +109,9 @@ class SegmentSettings:
     devices: devices to shard tiles over; default this process's devices.
   """
 
-  tile: int = 512
-  overlap: int = 64
-  batch: int = 8
+  tile: int = DEFAULT_TILE
+  overlap: int = DEFAULT_OVERLAP
+  batch: int = DEFAULT_BATCH
   block: int = DEFAULT_BLOCK
   window: str = "cosine"
   tta: bool | int | str = False

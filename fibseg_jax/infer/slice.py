@@ -20,6 +20,7 @@ import numpy as np
 
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import blend, predict, reader, tiling
+from fibseg_jax.infer import settings as settings_lib
 from fibseg_jax.infer.tiling import InferenceError
 
 
@@ -28,9 +29,9 @@ def predict_slice(
   volume: volume_lib.Volume | Any,
   z: int,
   *,
-  tile: int = 512,
-  overlap: int = 64,
-  batch: int = 8,
+  tile: int = settings_lib.DEFAULT_TILE,
+  overlap: int = settings_lib.DEFAULT_OVERLAP,
+  batch: int = settings_lib.DEFAULT_BATCH,
   window: str = "cosine",
   tta: bool | int | str = False,
   devices: Sequence[jax.Device] | None = None,
@@ -100,3 +101,4 @@ def predict_slice(
     cy, cx = geom.crop
   probabilities = np.ascontiguousarray(probabilities[cy : cy + height, cx : cx + width])
   return np.argmax(probabilities, axis=-1).astype(np.uint8), probabilities
+
