@@ -173,6 +173,37 @@ def test_small_region_is_padded_to_a_valid_size():
   np.testing.assert_array_equal(geom.y_index[:4], [2, 1, 0, 1])
 
 
+@pytest.mark.parametrize(
+  ("length", "tile", "min_tile", "fitted", "tiles"),
+  [
+    (2176, 512, 0, 496, 5),  # 5 tiles of 512 are needed; 5 of 496 cover it
+    (3996, 768, 0, 720, 6),  # the paper slice's y with the defaults
+    (2176, 512, 512, 512, 5),  # not below the training patch of a per-tile-norm model
+    (300, 512, 0, 304, 1),  # one tile: the region rounded up to the size multiple
+    (1000, 64, 0, 64, 18),  # as large as --tile when that fits best
+  ],
+)
+def test_tiles_are_fitted_to_the_region(length, tile, min_tile, fitted, tiles):
+  assert tiling.fitted_tile(length, tile, 64 if tile > 64 else 8, 16, min_tile) == fitted
+  overlap = 64 if tile > 64 else 8
+  starts = tiling.tile_starts(length, fitted, overlap) if fitted < length else [0]
+  assert len(starts) == tiles
+  assert len(tiling.tile_starts(length, tile, overlap) if tile < length else [0]) == tiles
+  if tiles > 1:  # neighbours overlap by at least --overlap, and the last ends at the border
+    assert min(b - a for a, b in zip(starts, starts[1:], strict=False)) <= fitted - overlap
+    assert starts[-1] + fitted == length
+
+
+def test_segment_script_names_a_bad_tta(tmp_path):
+  proc = run_segment(
+    f"--workdir={tmp_path}", "--input=v.zarr", "--output=s.zarr", "--tta=3", "--format=none"
+  )
+  assert proc.returncode != 0
+  assert proc.stderr.strip().splitlines()[-1] == (
+    "error: --tta=3: expected one of off, 1, 2, 4, 8, all, auto"
+  )
+
+
 def test_small_batches_are_padded_to_few_shapes(pixel):
   predictor = infer.TilePredictor(*pixel, offset=[0, 0], scale=[1, 1], overlap=4, batch=6)
   assert predictor.batch == 6

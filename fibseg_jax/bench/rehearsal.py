@@ -85,23 +85,32 @@ def rehearse(
     "tta": settings.tta,
     "sample_rss_s": sample_rss_s,
   }
-  load_start = machine.load_average()
-  child = segment_memory.run_child(spec)
-  load_child = machine.load_average()
   model, variables = segment_memory._model_and_variables(spec)
   predictor = infer.TilePredictor(
     model, variables, offset=[0.0, 0.0], scale=[1.0, 1.0], overlap=0, batch=settings.batch
   )
   counts = segment_memory.tile_batches(tuple(vol.shape), spec, predictor)
   del predictor
-  step_s = {}
-  rng = np.random.default_rng(0)
-  for shape in sorted(counts):
-    rows, ty, tx = shape
-    image = rng.standard_normal((rows, slices, ty, tx, len(CHANNELS)), dtype=np.float32)
-    forward = jax_side.JaxForward(spec["model"], image, variables=variables)
-    step_s[shape] = timing.race({"bare": forward}, bare_repeats, 1)["bare"]["step_s_median"]
-    forward.close()
+
+  def bare_step_s() -> dict[tuple[int, int, int], float]:
+    step_s = {}
+    rng = np.random.default_rng(0)
+    for shape in sorted(counts):
+      rows, ty, tx = shape
+      image = rng.standard_normal((rows, slices, ty, tx, len(CHANNELS)), dtype=np.float32)
+      forward = jax_side.JaxForward(spec["model"], image, variables=variables)
+      step_s[shape] = timing.race({"bare": forward}, bare_repeats, 1)["bare"]["step_s_median"]
+      forward.close()
+    return step_s
+
+  # The bare forward is timed before and after the child and averaged: on a shared
+  # machine the load drifts over a run of minutes.
+  load_start = machine.load_average()
+  before = bare_step_s()
+  child = segment_memory.run_child(spec)
+  load_child = machine.load_average()
+  after = bare_step_s()
+  step_s = {s: (before[s] + after[s]) / 2 for s in counts}
   bare = segment_memory.bare_seconds(counts, step_s)
   depth = vol.shape[0]
   samples = child.get("rss_samples_mib", [])
@@ -114,6 +123,7 @@ def rehearse(
     "rss_mib": _rss_summary(samples),
     "forward_calls": {"x".join(map(str, s)): n for s, n in counts.items()},
     "bare_step_s": {"x".join(map(str, s)): t for s, t in step_s.items()},
+    "bare_step_s_before_after": {"x".join(map(str, s)): [before[s], after[s]] for s in counts},
     "bare_s": bare,
     "segment_over_bare": child["seconds"] / bare,
     "mpx_per_s": child["mpixels"] / child["seconds"],

@@ -274,3 +274,35 @@ def measure(
       timed["monai"]["step_s_median"] / timed["fibseg_jax"]["step_s_median"]
     )
   return result
+
+
+def main(argv: Sequence[str]) -> None:
+  """`python -m fibseg_jax.bench.segment_race FEATURES STEPS Z,Y,X`: the race on its own.
+
+  E.g. `... 16,16,32,64,128,16 2 1,3868,4062` (one paper-size slice, the quick budget's
+  widths); prints the result as JSON. Needs torch and monai for the race.
+  """
+  import json  # noqa: PLC0415
+  import sys  # noqa: PLC0415
+  import tempfile  # noqa: PLC0415
+
+  from fibseg_jax.bench import machine  # noqa: PLC0415
+
+  if len(argv) != 4:
+    sys.exit("usage: python -m fibseg_jax.bench.segment_race FEATURES STEPS Z,Y,X")
+  features = tuple(int(v) for v in argv[1].split(","))
+  options = Options(peer="monai", steps=int(argv[2]), model_overrides={"features": features})
+  the_peer = peer.load_peer(options)
+  if the_peer.available:
+    peer.torch_setup(the_peer, 0)
+  shape = tuple(int(v) for v in argv[3].split(","))
+  with tempfile.TemporaryDirectory() as workdir:
+    result = measure(options, workdir, the_peer, shape=shape)
+  result["load_average_end"] = machine.load_average()
+  print(json.dumps(result))
+
+
+if __name__ == "__main__":
+  import sys
+
+  main(sys.argv)

@@ -101,4 +101,3 @@ def predict_slice(
     cy, cx = geom.crop
   probabilities = np.ascontiguousarray(probabilities[cy : cy + height, cx : cx + width])
   return np.argmax(probabilities, axis=-1).astype(np.uint8), probabilities
-
