@@ -271,8 +271,9 @@ def test_tile_batches_follow_the_segmentation_plan():
   predictor = infer.TilePredictor(
     model, variables, offset=[0, 0], scale=[1, 1], overlap=8, batch=spec["batch"]
   )
-  # One 100 x 70 block a slice; region 116 x 86: 5 x 4 = 20 tiles = 5 full batches of 4.
-  assert segment_memory.tile_batches((3, 100, 70), spec, predictor) == {(4, 32, 32): 15}
+  # One 100 x 70 block a slice; region 116 x 86: 5 x 4 = 20 tiles = 5 full batches of 4,
+  # each tile fitted to the region (30 x 28 cover it as 5 x 4 tiles of 32 would).
+  assert segment_memory.tile_batches((3, 100, 70), spec, predictor) == {(4, 30, 28): 15}
   # 600 x 40: blocks 512 and 88 high; regions 528 and 104 high (22 and 4 tile rows), 56
   # wide (2 columns): 44 and 8 tiles, in batches of 3 with a padded remainder of 2 each.
   predictor = infer.TilePredictor(model, variables, offset=[0, 0], scale=[1, 1], overlap=8, batch=3)
