@@ -215,6 +215,12 @@ class TilePredictor:
     self._windows: dict[tuple[int, int], tuple[np.ndarray, jax.Array]] = {}
     self._forward = _compiled_forward(model, self.passes, tuple(self.devices), self._sharded)
 
+  def _weighted_probabilities(self, variables, tiles, offset, scale, window):
+    """What `_forward` compiles, uncompiled (for inspecting the compiler's options)."""
+    return _weighted_probabilities(
+      self._model, self.passes, variables, tiles, offset, scale, window
+    )
+
   def window(self, tile_yx: Sequence[int]) -> np.ndarray:
     """The blending window [tile_y, tile_x] float32 applied to tiles of this size."""
     return self._device_window(tile_yx)[0]
