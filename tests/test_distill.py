@@ -19,6 +19,7 @@ from fibseg_jax.train import distill, loop, losses, metrics_writer
 from fibseg_jax.train import state as state_lib
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_semi import _loader as semi_loader  # noqa: E402 - its tiny loader
 from test_train import make_volume, tiny_config  # noqa: E402 - its tiny volume and config
 
 
@@ -53,18 +54,7 @@ def _teacher_from_ice(volume, path):
 
 
 def _loader(volume, **overrides):
-  config = loader_lib.LoaderConfig(
-    channels=("ICE", "TLD"),
-    slices=3,
-    patch=16,
-    batch_size=4,
-    val_block=16,
-    prefetch=0,
-    workers=2,
-    eval_slices=(4,),
-    **overrides,
-  )
-  return loader_lib.SlabLoader(volume, config)
+  return semi_loader(volume, workers=2, eval_slices=(4,), **overrides)
 
 
 def test_teacher_patches_move_with_the_image_and_leave_the_labelled_stream(tmp_path):

@@ -65,17 +65,11 @@ def test_student_view_maps_back_onto_the_teachers_pixels():
 
 
 def _loader(volume, **overrides):
-  config = loader_lib.LoaderConfig(
-    channels=("ICE", "TLD"),
-    slices=3,
-    patch=16,
-    batch_size=4,
-    val_block=16,
-    prefetch=0,
-    workers=1,
-    **overrides,
+  """A tiny synchronous slab loader of the test volume; `overrides` are LoaderConfig fields."""
+  fields = dict(
+    channels=("ICE", "TLD"), slices=3, patch=16, batch_size=4, val_block=16, prefetch=0, workers=1
   )
-  return loader_lib.SlabLoader(volume, config)
+  return loader_lib.SlabLoader(volume, loader_lib.LoaderConfig(**{**fields, **overrides}))
 
 
 class _Recording:

@@ -28,7 +28,6 @@ from typing import Any
 
 import numpy as np
 
-from fibseg_jax import outputs
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
@@ -96,23 +95,8 @@ KIND = "recipe ablation"
 
 
 def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the ablation (`fibseg_jax.outputs`): new, empty or an earlier one.
-
-  Raises:
-    ValueError: `out` holds other files, or is or holds `volume` (unless the volume is
-      the synthetic stack generated inside it).
-  """
-  generated = volume and os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
-  try:
-    outputs.claim(
-      out,
-      kind=KIND,
-      flag="--out",
-      inputs={"--volume": volume} if volume and not generated else {},
-      directory=True,
-    )
-  except outputs.OutputError as e:
-    raise ValueError(str(e)) from e
+  """Claims `out` for the ablation (`runs.claim_study_directory`)."""
+  runs.claim_study_directory(out, volume, kind=KIND)
 
 
 def rows(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from fibseg_jax import infer, outputs
+from fibseg_jax import infer
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
@@ -38,23 +38,8 @@ ROWS = ("supervised", "teacher", "distilled", "distilled_narrow")
 
 
 def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the study: new, empty or an earlier one of this kind.
-
-  Raises:
-    ValueError: `out` holds other files, or is or holds `volume` (unless the volume is
-      the synthetic stack generated inside it).
-  """
-  generated = volume and os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
-  try:
-    outputs.claim(
-      out,
-      kind=KIND,
-      flag="--out",
-      inputs={"--volume": volume} if volume and not generated else {},
-      directory=True,
-    )
-  except outputs.OutputError as e:
-    raise ValueError(str(e)) from e
+  """Claims `out` for the study (`runs.claim_study_directory`)."""
+  runs.claim_study_directory(out, volume, kind=KIND)
 
 
 def narrow(features: Sequence[int]) -> tuple[int, ...]:

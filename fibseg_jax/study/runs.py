@@ -48,6 +48,31 @@ def read_result(directory: str) -> dict[str, Any] | None:
     return json.load(f)
 
 
+def claim_study_directory(
+  out: str, volume: str | None, *, kind: str, legacy: Sequence[str] = ()
+) -> None:
+  """Claims `out` for a study of `kind` (`fibseg_jax.outputs`): new, empty or its own.
+
+  A volume generated inside `out` (the synthetic stack) is the study's own; any other
+  `volume` must lie outside it.
+
+  Raises:
+    ValueError: `out` holds other files, or is or holds `volume`.
+  """
+  generated = volume and os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
+  try:
+    outputs.claim(
+      out,
+      kind=kind,
+      flag="--out",
+      inputs={"--volume": volume} if volume and not generated else {},
+      directory=True,
+      legacy=tuple(legacy),
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+
+
 def settings(budget: budget_lib.Budget, **fields: Any) -> dict[str, Any]:
   """What a cached result was computed with, as JSON (compared on every reuse)."""
   return json.loads(json.dumps({"budget": budget.to_json(), **fields}))

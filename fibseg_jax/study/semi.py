@@ -23,7 +23,7 @@ from typing import Any
 
 import numpy as np
 
-from fibseg_jax import infer, outputs
+from fibseg_jax import infer
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import uncertainty
 from fibseg_jax.study import budget as budget_lib
@@ -42,28 +42,9 @@ ROWS = (
 KIND = "semi study"
 
 
-def _generated(volume: str, out: str) -> bool:
-  """Whether `volume` is the synthetic stack the experiments generate inside `out`."""
-  return os.path.dirname(os.path.realpath(volume)) == os.path.realpath(out)
-
-
 def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the experiments (see `fibseg_jax.outputs`): empty, new or ours.
-
-  Raises:
-    ValueError: `out` holds other files, or is or holds `volume`.
-  """
-  try:
-    outputs.claim(
-      out,
-      kind=KIND,
-      flag="--out",
-      inputs={"--volume": volume} if volume and not _generated(volume, out) else {},
-      directory=True,
-      legacy=("fourway.json", "suggestion.json"),
-    )
-  except outputs.OutputError as e:
-    raise ValueError(str(e)) from e
+  """Claims `out` for the experiments (`runs.claim_study_directory`)."""
+  runs.claim_study_directory(out, volume, kind=KIND, legacy=("fourway.json", "suggestion.json"))
 
 
 def _train(
