@@ -43,6 +43,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fibseg_jax.cli.distill_study",
     "distil the seed ensemble into one fast network, with seeds",
   ),
+  "effort": (
+    "fibseg_jax.cli.effort",
+    "mean IoU against labelling effort: strokes, slices, every Nth; U-Net and forest",
+  ),
   "tta-curve": (
     "fibseg_jax.cli.tta_curve",
     "held-out mean IoU and cost against the number of TTA passes",

@@ -30,7 +30,10 @@ _OUT = flags.DEFINE_string(
 _SHAPE = flags.DEFINE_string("shape", "16,512,512", "Stack shape z,y,x in voxels.")
 _SEED = flags.DEFINE_integer("seed", 0, "Random seed; the same flags give the same stack.")
 _ANNOTATE = flags.DEFINE_list(
-  "annotate", ["3", "7", "11", "9"], "Slice indices whose labels are written (0-based)."
+  "annotate",
+  ["3", "7", "11", "9"],
+  "Slice indices whose labels are written (0-based), or `all` (the truth of every slice, "
+  "e.g. for `fibseg effort`).",
 )
 _FORMAT = flags.DEFINE_enum("format", "tiff", ["tiff", "zarr"], "Output format.")
 _VOXEL = flags.DEFINE_string("voxel_size_nm", "50,25,25", "Voxel size z,y,x in nm.")
@@ -40,6 +43,12 @@ _SHADING = flags.DEFINE_float(
 )
 _NOISE = flags.DEFINE_float("noise", 1.0, "Shot and read noise severity (0 = off).")
 _SHINE = flags.DEFINE_float("shine_through", 1.0, "Pore shine-through severity (0 = off).")
+_DRIFT = flags.DEFINE_float(
+  "drift",
+  0.0,
+  "Growth of every artifact severity along z: the last slice gets (1 + drift) x the first "
+  "one's (0 = alike slices). A stack whose slices differ, e.g. for `fibseg suggest`.",
+)
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
 
 # Show progress bars only where generating takes noticeable time.
@@ -80,7 +89,9 @@ def main(argv):
     sys.exit("error: --out is required, e.g. --out=synth_tiff (tiff) or --out=synth.zarr (zarr)")
   shape = _parse_ints("shape", _SHAPE.value, 3, "16,512,512")
   try:
-    annotate = [int(z) for z in _ANNOTATE.value]
+    annotate = (
+      list(range(shape[0])) if _ANNOTATE.value == ["all"] else [int(z) for z in _ANNOTATE.value]
+    )
   except ValueError:
     sys.exit(f"error: --annotate={','.join(_ANNOTATE.value)}: expected slice indices, e.g. 3,7,11")
   try:
@@ -92,6 +103,7 @@ def main(argv):
       shading=_SHADING.value,
       noise=_NOISE.value,
       shine_through=_SHINE.value,
+      drift=_DRIFT.value,
     )
   except ValueError as e:
     # The config names the field, which is the flag of the same name.

@@ -138,6 +138,10 @@ class SynthConfig:
     shading: severity of the occlusion shadow and gain gradient.
     noise: severity of shot and read noise (noise std scales linearly).
     shine_through: severity of pore shine-through.
+    drift: growth of the curtaining, shading, noise and shine-through severities along
+      z: slice z gets each severity x (1 + drift * z / (depth - 1)), so the last slice
+      of a stack with drift 1 has twice the first one's artifacts (0 = no drift). A
+      stack whose slices differ, to test which slice to annotate next.
   """
 
   shape: tuple[int, int, int] = (16, 512, 512)
@@ -147,6 +151,7 @@ class SynthConfig:
   shading: float = 1.0
   noise: float = 1.0
   shine_through: float = 1.0
+  drift: float = 0.0
 
   def __post_init__(self):
     shape = tuple(self.shape)
@@ -159,18 +164,27 @@ class SynthConfig:
       raise ValueError(f"voxel_size_nm must be 3 positive numbers z,y,x, got {self.voxel_size_nm}")
     if not isinstance(self.seed, (int, np.integer)) or self.seed < 0:
       raise ValueError(f"seed must be a non-negative integer, got {self.seed!r}")
-    for name in ("curtaining", "shading", "noise", "shine_through"):
+    for name in ("curtaining", "shading", "noise", "shine_through", "drift"):
       value = getattr(self, name)
       if not math.isfinite(value) or value < 0:
-        raise ValueError(
-          f"{name} severity must be a number >= 0 (0 = off, 1 = default), got {value}"
-        )
+        raise ValueError(f"{name} must be a number >= 0 (0 = off, 1 = default), got {value}")
     object.__setattr__(self, "shape", tuple(int(s) for s in shape))
     object.__setattr__(self, "voxel_size_nm", voxel)
     object.__setattr__(self, "seed", int(self.seed))
 
   def to_json(self) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    fields = dataclasses.asdict(self)
+    if not self.drift:  # stacks without drift keep the metadata they always had
+      del fields["drift"]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+
+  def at_slice(self, z: int) -> SynthConfig:
+    """The config whose severities slice `z` is rendered with (`drift` applied)."""
+    if not self.drift:
+      return self
+    scale = 1 + self.drift * z / max(self.shape[0] - 1, 1)
+    names = ("curtaining", "shading", "noise", "shine_through")
+    return dataclasses.replace(self, **{n: getattr(self, n) * scale for n in names})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -446,6 +460,7 @@ def _render_slice(
   curtains: _Curtains,
 ) -> np.ndarray:
   """Detector counts of one slice: [y, x, channel] uint16."""
+  config = config.at_slice(z)
   dz, dy, dx = config.voxel_size_nm
   sig = PHASE_SIGNAL[labels] + TEXTURE_AMPLITUDE[labels] * texture[..., None]
   sig = ndimage.gaussian_filter(sig, (BEAM_SIGMA_NM / dy, BEAM_SIGMA_NM / dx, 0))

@@ -102,3 +102,49 @@ def sweep_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
   axes[0].set_ylim(0, 1)
   axes[0].legend(fontsize=8, loc="lower left")
   fig.savefig(os.fspath(path), format="png")
+
+
+def effort_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Mean IoU against labelled pixels (log x), one line per method, to a PNG.
+
+  Args:
+    document: the effort.json document.
+    path: PNG to write.
+  """
+  fig = _figure(7.5, 4.6)
+  ax = fig.subplots()
+  names = {"network": "U-Net", "forest": "random forest (ilastik-style)"}
+  rows = document["rows"]
+  x = np.asarray([r["labelled_pixels"] for r in rows])
+  for method in document["methods"]:
+    color, marker = _METHOD_STYLE.get(method, ("black", "o"))
+    m = np.asarray([r[method]["mean_iou"]["mean"] for r in rows], float)
+    s = np.asarray([r[method]["mean_iou"]["std"] or 0.0 for r in rows], float)
+    kinds = [r["level"].split(":")[0] for r in rows]
+    for kind, face in (("strokes", "white"), ("slices", color), ("every", color)):
+      keep = np.asarray([k == kind for k in kinds])
+      if keep.any():
+        ax.errorbar(
+          x[keep],
+          m[keep],
+          yerr=s[keep],
+          fmt=marker,
+          color=color,
+          mfc=face,
+          capsize=3,
+          label=f"{names.get(method, method)}, {kind}",
+        )
+  for r, xi in zip(rows, x, strict=True):
+    top = max(r[m]["mean_iou"]["mean"] for m in document["methods"])
+    ax.annotate(
+      r["level"], (xi, top), textcoords="offset points", xytext=(0, 8), ha="center", fontsize=7
+    )
+  ax.set_xscale("log")
+  ax.set_xlabel(
+    f"labelled pixels (at {document['hours_per_mpixel']} h per Mpixel, stated estimate)"
+  )
+  ax.set_ylabel(f"mean IoU on slice(s) {document['eval_slices']}")
+  ax.set_title(f"annotation effort, {len(document['seeds'])} seeds (error bars: std)")
+  ax.grid(alpha=0.3)
+  ax.legend(fontsize=7, loc="lower right")
+  fig.savefig(os.fspath(path), format="png")

@@ -360,6 +360,7 @@ def run_route(
   channels: Sequence[str],
   eval_slices: Sequence[int],
   held_out: Sequence[int],
+  truth_volume: volume_lib.Volume | None = None,
 ) -> dict[str, Any]:
   """Fits a classical route on the training pixels and scores the evaluation slices.
 
@@ -372,6 +373,7 @@ def run_route(
     channels: channels the route reads.
     eval_slices: slices segmented and scored.
     held_out: annotated slices kept out of training.
+    truth_volume: whose labels are the truth; default `vol`.
 
   Returns:
     The result dict (also written to `directory/result.json`).
@@ -393,7 +395,7 @@ def run_route(
     "segment_seconds": model.seconds["clean_predict"] + model.seconds["predict"],
     "segment_mpixels": len(eval_slices) * height * width / 1e6,
     "seconds": dict(model.seconds),
-    **score(read_truths(vol, eval_slices), predictions, vol.classes),
+    **score(read_truths(truth_volume or vol, eval_slices), predictions, vol.classes),
   }
   write_json(os.path.join(directory, RESULT), result)
   return result

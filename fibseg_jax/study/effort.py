@@ -1,0 +1,322 @@
+"""The annotation-effort curve: held-out mean IoU against the pixels a user labels.
+
+For every annotation level (`fibseg_jax.data.annotations.Level`: brush strokes over a
+share of the training slices, whole slices, every Nth slice) and every seed, the stack's
+truth is cut down to that level's labels and written as its own volume
+(`sets/<level>[_s<seed>]/volume.zarr`, strokes drawn anew for every seed, as another
+user would paint them), then a U-Net of the budget and the random forest on multiscale
+features (the ilastik route) are trained on it, and both are scored on the evaluation
+slices of the full truth. Every run resumes (a directory with `result.json` is never
+redone).
+
+x = labelled pixels, and the hours a person needs to paint them at a stated rate
+(`HOURS_PER_MPIXEL`), y = mean IoU, mean +- std over seeds. Writes effort.json,
+effort.md and effort.png.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fibseg_jax.data import annotations
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.study import figures, runs
+from fibseg_jax.study.comparison import seed_stats
+
+KIND = "effort study"
+DEFAULT_LEVELS = (
+  "strokes:0.005",
+  "strokes:0.02",
+  "slices:1",
+  "slices:3",
+  "slices:5",
+  "every:4",
+)
+# A stated estimate, not a measurement: "days" for three whole 4000 x 4000 slices (48
+# Mpixel) in the brief, say 24 working hours, is half an hour per Mpixel; brush strokes
+# are taken at the same rate per pixel painted.
+HOURS_PER_MPIXEL = 0.5
+
+
+def claim_directory(out: str, volume: str | None = None) -> None:
+  """Claims `out` for the study (`runs.claim_study_directory`)."""
+  runs.claim_study_directory(out, volume, kind=KIND)
+
+
+def _dirname(level: annotations.Level) -> str:
+  return f"{level.kind}_{level.value:g}"
+
+
+def annotation_set(
+  out: str,
+  truth: volume_lib.Volume,
+  level: annotations.Level,
+  *,
+  seed: int,
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+) -> tuple[str, list[int], int]:
+  """Writes (or reuses) the volume of one level's annotation.
+
+  Returns:
+    (volume path, annotated slices, labelled pixels).
+  """
+  candidates = [z for z in truth.metadata.annotated_slices if z not in set(eval_slices)]
+  missing = sorted(set(train_slices) - set(truth.metadata.annotated_slices))
+  if missing:
+    raise ValueError(f"{truth.root}: training slices {missing} carry no truth")
+  chosen = level.slices(train_slices, candidates)
+  name = _dirname(level) + (f"_s{seed}" if level.kind == "strokes" else "")
+  directory = os.path.join(out, "sets", name)
+  settings = {
+    "level": level.name,
+    "seed": int(seed) if level.kind == "strokes" else None,
+    "slices": chosen,
+    "truth": os.path.abspath(str(truth.root)),
+  }
+  done = runs.cached(directory, settings)
+  path = os.path.join(directory, "volume.zarr")
+  if done is None:
+    labels = {z: level.labels(truth.read_labels(z), z, seed) for z in chosen}
+    pixels = int(sum(int((v != annotations.IGNORE_LABEL).sum()) for v in labels.values()))
+    os.makedirs(directory, exist_ok=True)
+    annotations.write_annotated_volume(
+      truth, path, labels, extra_attrs={"annotation": settings}, overwrite=True
+    )
+    done = {"settings": settings, "labelled_pixels": pixels}
+    runs.write_json(os.path.join(directory, runs.RESULT), done)
+  return path, chosen, int(done["labelled_pixels"])
+
+
+def _network(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  truth: volume_lib.Volume,
+  chosen: Sequence[int],
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  eval_slices: Sequence[int],
+  settings: dict[str, Any],
+) -> dict[str, Any]:
+  done = runs.cached(directory, settings)
+  if done is not None:
+    return done
+  workdir, seconds = runs.train_unet(
+    directory,
+    budget,
+    volume=volume,
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    train_slices=chosen,
+  )
+  scored, _ = runs.segment_and_score(
+    workdir,
+    volume,
+    os.path.join(directory, "seg.zarr"),
+    budget,
+    truth,
+    eval_slices,
+    only_slices=eval_slices,
+  )
+  result = {"settings": settings, "train_seconds": seconds, **scored}
+  runs.write_json(os.path.join(directory, runs.RESULT), result)
+  return result
+
+
+def _forest(
+  directory: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  truth: volume_lib.Volume,
+  channels: Sequence[str],
+  seed: int,
+  eval_slices: Sequence[int],
+  settings: dict[str, Any],
+) -> dict[str, Any]:
+  done = runs.cached(directory, settings)
+  if done is not None:
+    return done
+  result = runs.run_route(
+    directory,
+    budget,
+    route="forest",
+    seed=seed,
+    vol=volume_lib.open_volume(volume),
+    channels=channels,
+    eval_slices=eval_slices,
+    held_out=(),
+    truth_volume=truth,
+  )
+  result["settings"] = settings
+  runs.write_json(os.path.join(directory, runs.RESULT), result)
+  return result
+
+
+def run_effort(
+  out: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seeds: Sequence[int],
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  levels: Sequence[str] = DEFAULT_LEVELS,
+  methods: Sequence[str] = ("network", "forest"),
+  log=print,
+) -> dict[str, Any]:
+  """The effort curve over `levels` and `seeds`; writes out/effort.{json,md,png}.
+
+  Args:
+    out: the study directory.
+    budget: the network's steps and widths, the tiling and the forest.
+    volume: a volume with truth on the training, evaluation and candidate slices (the
+      synthetic stack labelled everywhere, or a real stack's labelled slices); only the
+      level's labels are ever trained on.
+    channels, slices: the U-Net's input.
+    seeds: training seeds (and stroke draws).
+    train_slices: where strokes are painted; `slices:N` takes N of them while N fits.
+    eval_slices: scored on, never annotated.
+    levels: annotation levels (`annotations.Level.parse`).
+    methods: "network" and/or "forest".
+  """
+  claim_directory(out, volume)
+  parsed = [annotations.Level.parse(text) for text in levels]
+  unknown = sorted(set(methods) - {"network", "forest"})
+  if unknown:
+    raise ValueError(f"--methods: unknown {unknown}; expected network, forest")
+  truth = volume_lib.open_volume(volume)
+  lacking = sorted(set(eval_slices) - set(truth.metadata.annotated_slices))
+  if lacking:
+    raise ValueError(f"{volume}: evaluation slices {lacking} carry no truth")
+  rows = []
+  for level in parsed:
+    results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
+    pixels = []
+    for seed in seeds:
+      path, chosen, count = annotation_set(
+        out, truth, level, seed=seed, train_slices=train_slices, eval_slices=eval_slices
+      )
+      pixels.append(count)
+      common = dict(
+        level=level.name,
+        volume=os.path.abspath(path),
+        channels=list(channels),
+        seed=int(seed),
+        slices_annotated=chosen,
+        eval_slices=[int(z) for z in eval_slices],
+      )
+      for method in methods:
+        start = time.perf_counter()
+        directory = os.path.join(out, _dirname(level), f"{method}_s{seed}")
+        if method == "network":
+          settings = runs.settings(budget, slices=int(slices), **common)
+          r = _network(
+            directory,
+            budget,
+            volume=path,
+            truth=truth,
+            chosen=chosen,
+            channels=channels,
+            slices=slices,
+            seed=seed,
+            eval_slices=eval_slices,
+            settings=settings,
+          )
+        else:
+          settings = runs.settings(budget, **common)
+          r = _forest(
+            directory,
+            budget,
+            volume=path,
+            truth=truth,
+            channels=channels,
+            seed=seed,
+            eval_slices=eval_slices,
+            settings=settings,
+          )
+        results[method].append(r)
+        log(
+          f"{level.name} {method} seed {seed}: {count} labelled pixels, mIoU "
+          f"{r['mean_iou']:.4f} ({time.perf_counter() - start:.0f} s)"
+        )
+    row = {
+      "level": level.name,
+      "slices": chosen,
+      "labelled_pixels": float(np.mean(pixels)),
+      "hours": float(np.mean(pixels)) / 1e6 * HOURS_PER_MPIXEL,
+      "share": float(np.mean(pixels)) / (len(chosen) * truth.shape[1] * truth.shape[2]),
+    }
+    for method, rs in results.items():
+      values = [r["mean_iou"] for r in rs]
+      row[method] = {"mean_iou": seed_stats(values), "values": values}
+    if len(results) == 2:
+      diff = [a - b for a, b in zip(row["network"]["values"], row["forest"]["values"], strict=True)]
+      row["network_minus_forest"] = seed_stats(diff)
+    rows.append(row)
+  document = {
+    "volume": volume,
+    "classes": list(truth.classes),
+    "channels": list(channels),
+    "slices": int(slices),
+    "train_slices": [int(z) for z in train_slices],
+    "eval_slices": [int(z) for z in eval_slices],
+    "seeds": [int(s) for s in seeds],
+    "budget": budget.to_json(),
+    "hours_per_mpixel": HOURS_PER_MPIXEL,
+    "methods": list(methods),
+    "rows": rows,
+  }
+  runs.write_json(os.path.join(out, "effort.json"), document)
+  with open(os.path.join(out, "effort.md"), "w") as f:
+    f.write(markdown(document))
+  figures.effort_plot(document, os.path.join(out, "effort.png"))
+  return document
+
+
+def _stat(s: dict[str, Any] | None) -> str:
+  if not s or s["mean"] is None:
+    return "-"
+  return f"{s['mean']:.3f}" + ("" if s["std"] is None else f" +- {s['std']:.3f}")
+
+
+def markdown(document: dict[str, Any]) -> str:
+  """The curve as a table: one row per level."""
+  methods = document["methods"]
+  names = {"network": "U-Net", "forest": "random forest"}
+  head = ["level", "slices", "labelled pixels", "share of those slices", "hours (est.)"]
+  head += [f"{names[m]} mean IoU" for m in methods]
+  if len(methods) == 2:
+    head.append("U-Net - forest (paired)")
+  lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+  for row in document["rows"]:
+    cells = [
+      row["level"],
+      ",".join(map(str, row["slices"])),
+      f"{row['labelled_pixels']:.0f}",
+      f"{100 * row['share']:.2f}%",
+      f"{row['hours']:.3f}",
+    ]
+    cells += [_stat(row[m]["mean_iou"]) for m in methods]
+    if len(methods) == 2:
+      cells.append(_stat(row["network_minus_forest"]))
+    lines.append("| " + " | ".join(cells) + " |")
+  note = (
+    f"\nScored on slices {document['eval_slices']} of {document['volume']}; seeds "
+    f"{document['seeds']} (mean +- std; strokes drawn anew per seed); budget "
+    f"{document['budget']['name']}. Hours at a stated {document['hours_per_mpixel']} h per "
+    "labelled Mpixel (an estimate, not a measurement).\n"
+  )
+  return "\n".join(lines) + "\n" + note
