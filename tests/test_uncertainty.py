@@ -199,3 +199,90 @@ def test_script(tmp_path):
   proc = run(f"--uncertainty={probs}", f"--out={tmp_path / 'x'}", "--annotated=0")
   assert proc.returncode == 1 and "Traceback" not in proc.stderr
   assert f"error: --uncertainty={probs}: expected uncertainty [z, y, x], got rank 4" in proc.stderr
+
+
+def test_disagreement_is_zero_when_members_agree_however_unsure():
+  confident = np.array([[0.98, 0.02], [0.02, 0.98]], np.float32)
+  flipped = confident[:, ::-1]
+  unsure = np.full((2, 2), 0.5, np.float32)
+  assert np.allclose(uncertainty.disagreement([unsure, unsure, unsure]), 0, atol=1e-6)
+  assert np.allclose(uncertainty.entropy(unsure), 1)  # entropy calls it the worst slice
+  d = uncertainty.disagreement([confident, flipped])
+  assert (d > 0.8).all() and (d <= 1).all()
+  u8 = [np.rint(255 * m).astype(np.uint8) for m in (confident, flipped)]
+  assert np.allclose(uncertainty.disagreement(u8), d, atol=0.02)
+  with pytest.raises(ValueError, match=">= 2 members"):
+    uncertainty.disagreement([confident])
+
+
+def test_the_ranking_spreads_along_z():
+  # Scores peak around the annotated slice 10: entropy-first would take 9 and 11.
+  scores = [0.1] * 24
+  for z, s in {9: 0.9, 11: 0.88, 12: 0.8, 8: 0.7, 3: 0.5, 20: 0.4}.items():
+    scores[z] = s
+  ranking = uncertainty.rank_slices(scores, annotated=[10])
+  assert [z for z, _ in ranking[:2]] == [9, 11]
+  gap = uncertainty.default_gap(24, annotated=1, top=3)
+  assert gap == 3
+  chosen = uncertainty.choose_spread(ranking, [10], 3, gap)
+  assert chosen == [3, 20, 0]  # 9, 11, 12 and 8 lie within 3 of slice 10
+    abs(a - b) >= gap for a in chosen for b in [10, *chosen] if a != b
+  )
+  assert 9 not in chosen and 11 not in chosen
+  # When the gap leaves too few slices it is relaxed, never more than the slices left.
+  assert sorted(uncertainty.choose_spread(uncertainty.rank_slices([1, 2, 3], [1]), [1], 5, 4)) == [
+    0,
+    2,
+  ]
+
+
+def _members(tmp_path, shape=(8, 12, 12), classes=3):
+  """Three members: confident and agreeing, except on slices 4 and 5 (confident and
+  contradicting: member m votes class m) and slice 2 (all uniform, agreeing)."""
+  rng = np.random.default_rng(0)
+  labels = rng.integers(0, classes, shape)
+  paths = []
+  for m in range(3):
+    p = np.full((*shape, classes), 10, np.uint8)
+    np.put_along_axis(p, labels[..., None], 235, axis=-1)
+    p[4:6] = 10
+    p[4:6, ..., m] = 235
+    p[2] = 85
+    path = str(tmp_path / f"p{m}.zarr")
+    spec = {
+      "driver": "zarr3",
+      "kvstore": {"driver": "file", "path": path},
+      "metadata": {"shape": list(p.shape), "data_type": "uint8"},
+      "create": True,
+    }
+    ts.open(spec).result().write(p).result()
+    paths.append(path)
+  return paths
+
+
+def test_suggest_by_disagreement_skips_agreed_blur_and_states_the_narrowing(tmp_path):
+  paths = _members(tmp_path)
+  doc = uncertainty.suggest(paths, tmp_path / "s", annotated=[0], top=2, min_gap=2)
+  assert doc["suggested"][0] in (4, 5)  # not slice 2, where entropy alone would point
+  assert abs(doc["suggested"][1] - doc["suggested"][0]) >= 2  # not both of 4 and 5
+  assert doc["probabilities"] == paths and "disagreement" in doc["measure"]
+  rows = {r["z"]: r for r in doc["ranking"]}
+  # Members split 3 ways on slices 4, 5: each phase's stack fraction has a range there,
+  # and annotating one of them narrows it; annotating an agreed slice narrows nothing.
+  lo, hi = doc["fraction_interval"]["class0"]
+  assert hi - lo > 0.1
+  assert rows[4]["expected_narrowing"]["class0"] > 0.05
+  assert abs(rows[2]["expected_narrowing"]["class0"]) < 1e-9
+  entropy_doc = uncertainty.suggest(paths[0], tmp_path / "e", annotated=[0], top=1)
+  assert entropy_doc["suggested"] == [2]
+  proc = subprocess.run(
+    [sys.executable, SCRIPT, f"--probabilities={','.join(paths)}", f"--out={tmp_path / 'c'}"]
+    + ["--annotated=0", "--top=1"],
+    capture_output=True,
+    text=True,
+    timeout=120,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert (
+    "1. slice 4" in proc.stdout and "narrows the phase-fraction ranges by class0" in proc.stdout
+  )

@@ -3,11 +3,18 @@ r"""Ranks the slices nobody annotated by the model's uncertainty: which to annot
   fibseg segment --workdir=runs/unet --input=vol.zarr --output=seg.zarr \
     --uncertainty=unc.zarr
   fibseg suggest --uncertainty=unc.zarr --volume=vol.zarr --out=suggest/
+  fibseg suggest --probabilities=p_s0.zarr,p_s1.zarr,p_s2.zarr --volume=vol.zarr \
+    --out=suggest/
 
 Uncertainty = entropy of the blended class probabilities / log(classes), averaged over
 each slice. Give exactly one of --uncertainty (segment.py's per-voxel uncertainty array
 [z, y, x], already that entropy; one byte a voxel) or --probabilities (its class
-probability array [z, y, x, classes], whose entropy is computed here). Writes
+probability array [z, y, x, classes], whose entropy is computed here). Several
+--probabilities arrays, comma-separated (one per ensemble member, e.g. segment.py run
+with each seed's workdir), rank by the members' disagreement instead (mutual
+information: the entropy of their mean minus their mean entropy), and each candidate
+slice gets the expected narrowing of the phase fractions' range over the members. The
+suggestions keep --min_gap slices from the annotated ones and from each other. Writes
 suggest.json (every slice's score, the ranking), uncertainty_z.png (the profile along z,
 annotated and suggested slices marked) and uncertainty_top.png (the suggested slices'
 uncertainty maps). Annotated slices come from --volume's metadata (or --annotated) and
@@ -26,7 +33,10 @@ from fibseg_jax.infer import store
 from fibseg_jax.train import config as config_lib
 
 _PROBABILITIES = flags.DEFINE_string(
-  "probabilities", None, "segment.py's --probabilities array [z, y, x, classes]."
+  "probabilities",
+  None,
+  "segment.py's --probabilities array [z, y, x, classes]; several, comma-separated, to rank "
+  "by their disagreement.",
 )
 _UNCERTAINTY = flags.DEFINE_string(
   "uncertainty", None, "segment.py's --uncertainty array [z, y, x] (instead of --probabilities)."
@@ -37,6 +47,12 @@ _ANNOTATED = flags.DEFINE_string(
 )
 _OUT = flags.DEFINE_string("out", None, "Output directory.")
 _TOP = flags.DEFINE_integer("top", 3, "How many slices to suggest.")
+_MIN_GAP = flags.DEFINE_integer(
+  "min_gap",
+  None,
+  "Smallest distance along z between a suggestion and an annotated or another suggested "
+  "slice; default max(2, depth / (2 (annotated + top))).",
+)
 
 
 def main(argv):
@@ -52,19 +68,39 @@ def main(argv):
   if not _OUT.value:
     sys.exit("error: --out is required")
   try:
+    classes = None
+    if _VOLUME.value:
+      vol = volume.open_volume(_VOLUME.value)
+      annotated, classes = vol.metadata.annotated_slices, vol.classes
     if _ANNOTATED.value is not None:
       annotated = config_lib.parse_ints(_ANNOTATED.value, "--annotated")
-    elif _VOLUME.value:
-      annotated = volume.open_volume(_VOLUME.value).metadata.annotated_slices
-    else:
+    elif not _VOLUME.value:
       sys.exit("error: give --volume=vol.zarr (or --annotated=5,11,17) to leave out annotated")
+    if _MIN_GAP.value is not None and _MIN_GAP.value < 1:
+      sys.exit(f"error: --min_gap={_MIN_GAP.value}: expected an integer >= 1")
+    source = given[0].value
+    if given[0] is _PROBABILITIES and "," in source:
+      source = [p for p in source.split(",") if p]
     document = uncertainty.suggest(
-      given[0].value, _OUT.value, annotated=annotated, top=_TOP.value, kind=given[0].name
+      source,
+      _OUT.value,
+      annotated=annotated,
+      top=_TOP.value,
+      kind=given[0].name,
+      min_gap=_MIN_GAP.value,
+      classes=classes,
     )
   except (ValueError, store.OutputError, volume.VolumeError) as e:
     sys.exit(f"error: {e}")
-  for rank, row in enumerate(document["ranking"][: _TOP.value], 1):
-    print(f"{rank}. slice {row['z']}: uncertainty {row['uncertainty']:.4f}")
+  rows = {row["z"]: row for row in document["ranking"]}
+  for rank, z in enumerate(document["suggested"], 1):
+    row = rows[z]
+    line = f"{rank}. slice {z}: uncertainty {row['uncertainty']:.4f}"
+    if "expected_narrowing" in row:
+      line += "; narrows the phase-fraction ranges by " + ", ".join(
+        f"{name} {100 * v:.2f} pp" for name, v in row["expected_narrowing"].items()
+      )
+    print(line)
   print(f"wrote {os.path.join(_OUT.value, 'suggest.json')}, uncertainty_z.png, uncertainty_top.png")
 
 
