@@ -15,6 +15,7 @@ from sklearn import metrics as skm
 
 from fibseg_jax import eval as evaluation
 from fibseg_jax.data import volume
+from fibseg_jax.eval import quantify
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 EVALUATE = os.path.join(REPO, "experiments", "evaluate.py")
@@ -334,3 +335,63 @@ def test_palette_png_truth_is_read_as_class_indices(tmp_path):
   opened = evaluation.open_truth(str(tmp_path / "labels" / "*.png"))
   for z in range(2):
     np.testing.assert_array_equal(opened.read(z), truth[z])
+
+
+def _grow(labels, phase, steps):
+  """`phase` grown (steps > 0) or shrunk (< 0) by |steps| voxels in y and x."""
+  from scipy import ndimage
+
+  mask = labels == phase
+  out = labels.copy()
+  for _ in range(abs(steps)):
+    if steps > 0:
+      grown = ndimage.binary_dilation(mask, structure=np.ones((1, 3, 3), bool))
+      out[grown & ~mask] = phase
+      mask = grown
+    else:
+      shrunk = ndimage.binary_erosion(mask, structure=np.ones((1, 3, 3), bool))
+      # Give the lost rim to the most common other phase around it.
+      out[mask & ~shrunk] = (phase + 1) % 4
+      mask = shrunk
+  return out
+
+
+def test_intervals_over_members_bracket_the_truth_when_they_err_both_ways(dataset):
+  d = dataset
+  truth = d["truth"]
+  paths = []
+  for name, steps in (("over", 1), ("under", -1), ("over2", 2)):
+    path = str(d["tmp"] / f"seg_{name}.zarr")
+    write_prediction(path, _grow(truth, 0, steps), CLASSES, source=d["root"])
+    paths.append(path)
+  report = evaluation.evaluate(paths[0], d["root"], members=paths[1:2])
+  iv = report.intervals
+  assert iv["members"] == 2 and "seg_under.zarr" in iv["source"]
+  fraction = iv["phases"][CLASSES[0]]["volume_fraction"]
+  exact = float(np.mean(truth == 0))
+  assert fraction["min"] < exact < fraction["max"]  # one member over, one under
+  assert len(fraction["values"]) == 2  # the member, then --prediction
+  truth_q = quantify.quantify(truth, CLASSES, (50, 25, 25))
+  assert quantify.coverage(iv, truth_q)[CLASSES[0]]["volume_fraction"]
+  # Two members that both overshoot give an interval that misses the truth: coverage
+  # is measured, not assumed.
+  both_over = evaluation.evaluate(paths[0], d["root"], members=paths[2:])
+  assert not quantify.coverage(both_over.intervals, truth_q)[CLASSES[0]]["volume_fraction"]
+  out = str(d["tmp"] / "report_iv")
+  evaluation.write_report(report, out)
+  text = open(os.path.join(out, "report.md")).read()
+  assert "How much the numbers depend on the model (2 segmentations)" in text
+  assert json.load(open(os.path.join(out, "report.json")))["intervals"]["members"] == 2
+  proc = subprocess.run(
+    [sys.executable, EVALUATE, f"--prediction={paths[0]}", f"--truth={d['root']}"]
+    + [f"--members={paths[1]}", f"--out={d['tmp'] / 'cli_iv'}", "--slices=1"],
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
+  assert proc.returncode == 0, proc.stderr[-2000:]
+  assert "intervals over 2 segmentations (min .. max):" in proc.stdout
+  wrong = str(d["tmp"] / "small.zarr")
+  write_prediction(wrong, truth[:2], CLASSES)
+  with pytest.raises(evaluation.EvaluationError, match=r"--members: .*small.zarr is \[2,"):
+    evaluation.evaluate(paths[0], d["root"], members=[wrong])

@@ -10,7 +10,10 @@ Writes report.json, report.md, slice_NNNN.png (channels | truth | prediction | e
 map), fractions_z.png (predicted phase fractions along z), structure.png (per phase:
 largest connected cluster, percolation, surface density) and pore_sizes.png (local
 thickness distribution), the last two on the whole stack if it has at most
---max_voxels voxels, else on a centred subvolume that the report names.
+--max_voxels voxels, else on a centred subvolume that the report names. With
+--members=seg_s1.zarr,seg_s2.zarr (other segmentations of the stack: each ensemble
+member's), every structure quantity also gets its range over them: an interval that
+shows how much the number depends on the model.
 """
 
 import sys
@@ -33,6 +36,12 @@ _STRUCTURE = flags.DEFINE_bool(
 )
 _MAX_VOXELS = flags.DEFINE_integer(
   "max_voxels", quantify.DEFAULT_MAX_VOXELS, "Largest subvolume quantified, in voxels."
+)
+_MEMBERS = flags.DEFINE_list(
+  "members",
+  [],
+  "Other segmentations of the stack (each ensemble member's or TTA pass's labels): every "
+  "structure quantity gets its range over them and --prediction.",
 )
 _SIZE_CLASSES = flags.DEFINE_list(
   "size_classes", None, "Classes with a size distribution (default: those named like pores)."
@@ -67,6 +76,7 @@ def main(argv):
       structure=_STRUCTURE.value,
       max_voxels=_MAX_VOXELS.value,
       size_classes=_SIZE_CLASSES.value,
+      members=_MEMBERS.value,
     )
     paths = evaluation.write_report(report, _OUT.value)
   except (evaluation.EvaluationError, evaluation.MetricsError) as e:
@@ -93,6 +103,12 @@ def main(argv):
         f"  {p.name}: largest cluster {_percent(p.connectivity.largest_fraction)}, "
         f"percolates {along or 'nowhere'}, S_V {p.surface_density_per_um:.3g} /um{sizes}"
       )
+  if report.intervals:
+    print(f"intervals over {report.intervals['members']} segmentations (min .. max):")
+    for phase, entry in report.intervals["phases"].items():
+      if "volume_fraction" in entry:
+        r = entry["volume_fraction"]
+        print(f"  {phase}: volume fraction {_percent(r['min'])} .. {_percent(r['max'])}")
   print(f"report:  {paths['markdown']}")
   print(f"         {paths['json']}")
   for p in paths["slices"].values():

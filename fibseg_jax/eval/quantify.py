@@ -460,3 +460,69 @@ def quantify_stack(
   if sizes_for is None:
     sizes_for = size_classes(classes)
   return quantify(labels, classes, voxel_size_nm, sizes_for=sizes_for, bins=bins, subvolume=box)
+
+
+# The quantities given an interval, as (report key, how to read it off a phase).
+INTERVAL_QUANTITIES = {
+  "volume_fraction": lambda p: p.volume_fraction,
+  "largest_cluster_fraction": lambda p: p.connectivity.largest_fraction,
+  "surface_density_per_um": lambda p: p.surface_density_per_um,
+  "d50_nm": lambda p: p.sizes.d50_nm if p.sizes else float("nan"),
+}
+
+
+def intervals(members: Sequence[Quantification], source: str) -> dict[str, Any]:
+  """The spread of each phase's quantities over several segmentations of one stack.
+
+  Each member (an ensemble member's or a TTA pass's segmentation, quantified on the same
+  subvolume) gives one value per quantity; the interval is their range, with mean and
+  std beside it. It shows how much the number depends on the model: a range wider than
+  the difference a paper reports says another annotated slice (`fibseg suggest`) may
+  change it.
+
+  Args:
+    members: >= 2 quantifications with the same classes.
+    source: what the members are, for the report ("3 ensemble members: a, b, c").
+
+  Returns:
+    {"source", "kind", "members", "phases": {phase: {quantity: {"min", "max", "mean",
+    "std", "values"}}}}; quantities a phase lacks (no size distribution) are left out.
+  """
+  if len(members) < 2:
+    raise ValueError(f"an interval needs >= 2 segmentations, got {len(members)}")
+  names = [p.name for p in members[0].phases]
+  if any([p.name for p in m.phases] != names for m in members):
+    raise ValueError("the segmentations quantified for an interval differ in their classes")
+  phases = {}
+  for i, name in enumerate(names):
+    entry = {}
+    for key, read in INTERVAL_QUANTITIES.items():
+      values = [float(read(m.phases[i])) for m in members]
+      if any(math.isnan(v) for v in values):
+        continue
+      entry[key] = {
+        "min": min(values),
+        "max": max(values),
+        "mean": float(np.mean(values)),
+        "std": float(np.std(values, ddof=1)),
+        "values": values,
+      }
+    phases[name] = entry
+  return {
+    "source": source,
+    "kind": "range (min..max) over the members; mean and std (ddof 1) beside it",
+    "members": len(members),
+    "phases": phases,
+  }
+
+
+def coverage(interval: dict[str, Any], truth: Quantification) -> dict[str, dict[str, bool]]:
+  """Whether each interval of `intervals` holds the truth's value (per phase, quantity)."""
+  out = {}
+  for phase in truth.phases:
+    entry = interval["phases"].get(phase.name, {})
+    out[phase.name] = {
+      key: bool(r["min"] <= float(INTERVAL_QUANTITIES[key](phase)) <= r["max"])
+      for key, r in entry.items()
+    }
+  return out

@@ -269,4 +269,38 @@ def _structure_lines(report: Report, paths: dict[str, Any]) -> list[str]:
   for key, alt in (("structure", "connectivity and surface density"), ("pore_sizes", "pore sizes")):
     if paths.get(key):
       lines += ["", f"![{alt}]({os.path.basename(paths[key])})"]
+  return lines + _interval_lines(report)
+
+
+_INTERVAL_NAMES = {
+  "volume_fraction": ("volume fraction", True),
+  "largest_cluster_fraction": ("largest cluster", True),
+  "surface_density_per_um": ("S_V (µm²/µm³)", False),
+  "d50_nm": ("pore d50 (nm)", False),
+}
+
+
+def _interval_lines(report: Report) -> list[str]:
+  """The intervals section of report.md (empty without members)."""
+  iv = report.intervals
+  if not iv:
+    return []
+  lines = [
+    "",
+    f"### How much the numbers depend on the model ({iv['members']} segmentations)",
+    "",
+    f"Each quantity's range (min .. max) and mean +- std over {iv['source']}. A range "
+    "wider than the difference you report means another annotated slice may change the "
+    "number (`fibseg suggest` with the members' probabilities says which).",
+    "",
+    "| phase | quantity | min .. max | mean +- std |",
+    "| --- | --- | --- | --- |",
+  ]
+  for phase, entry in iv["phases"].items():
+    for key, r in entry.items():
+      name, percent = _INTERVAL_NAMES[key]
+      lines.append(
+        f"| {phase} | {name} | {_fmt(r['min'], percent)} .. {_fmt(r['max'], percent)} | "
+        f"{_fmt(r['mean'], percent)} +- {_fmt(r['std'], percent)} |"
+      )
   return lines

@@ -16,6 +16,7 @@ fits `max_voxels`, else on a centred subvolume, which the report names.
 from __future__ import annotations
 
 import dataclasses
+import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -56,6 +57,8 @@ class Report:
     voxel_size_nm: (z, y, x), or None when unknown.
     structure: per-phase connectivity, surface and sizes of the prediction, or None
       (not asked for, or the voxel size is unknown).
+    intervals: the range of each structure quantity over `members` segmentations of the
+      same stack (`quantify.intervals`), or None when none were given.
   """
 
   prediction: Prediction
@@ -68,6 +71,7 @@ class Report:
   image: volume_lib.Volume | None
   voxel_size_nm: tuple[float, float, float] | None
   structure: quantify.Quantification | None = None
+  intervals: dict[str, Any] | None = None
 
   def to_json(self) -> dict[str, Any]:
     """The contents of report.json (NaN written as null)."""
@@ -92,6 +96,7 @@ class Report:
       },
       "phase_quantities": self.phase_quantities(),
       "structure": self.structure.to_json() if self.structure else None,
+      "intervals": self.intervals,
     }
 
   def phase_quantities(self) -> dict[str, dict[str, Any]]:
@@ -155,6 +160,7 @@ def evaluate(
   structure: bool = True,
   max_voxels: int = quantify.DEFAULT_MAX_VOXELS,
   size_classes: Sequence[str] | None = None,
+  members: Sequence[Any] = (),
 ) -> Report:
   """Scores a segmented stack against hand labels and measures its phase fractions.
 
@@ -168,6 +174,10 @@ def evaluate(
     max_voxels: the largest subvolume quantified, in voxels.
     size_classes: classes that get a pore-size distribution; default those named like
       pores ("pore", "void").
+    members: other segmentations of the same stack (label arrays: each ensemble
+      member's or TTA pass's, `fibseg segment` run per workdir); with >= 2 (the
+      prediction counts as one if it is not among them), every structure quantity gets
+      an interval over them (`Report.intervals`). Needs `structure`.
 
   Returns:
     A `Report`.
@@ -254,6 +264,33 @@ def evaluate(
     structure_result = quantify.quantify_stack(
       pred.array, classes, voxel, max_voxels=max_voxels, sizes_for=sized
     )
+  intervals = None
+  if members:
+    if structure_result is None:
+      raise EvaluationError(
+        "--members: intervals need the structure quantification (--structure, and a voxel "
+        "size in the truth, image or prediction)"
+      )
+    opened = [open_prediction(m) for m in members]
+    for m in opened:
+      if tuple(m.shape) != tuple(pred.shape):
+        raise EvaluationError(
+          f"--members: {volume_lib.describe(m.path)} is {list(m.shape)} [z, y, x] but "
+          f"--prediction {volume_lib.describe(pred.path)} is {list(pred.shape)}"
+        )
+    paths = [os.path.abspath(str(m.path)) for m in opened]
+    quantified = [
+      quantify.quantify_stack(m.array, classes, voxel, max_voxels=max_voxels, sizes_for=sized)
+      for m in opened
+    ]
+    if os.path.abspath(str(pred.path)) not in paths:
+      quantified.append(structure_result)
+      paths.append(os.path.abspath(str(pred.path)))
+    if len(quantified) < 2:
+      raise EvaluationError("--members: give at least one segmentation besides --prediction")
+    intervals = quantify.intervals(
+      quantified, f"{len(quantified)} segmentations: " + ", ".join(paths)
+    )
   return Report(
     prediction=pred,
     truth=tru,
@@ -265,6 +302,7 @@ def evaluate(
     image=img,
     voxel_size_nm=voxel,
     structure=structure_result,
+    intervals=intervals,
   )
 
 
