@@ -47,6 +47,10 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fibseg_jax.cli.effort",
     "mean IoU against labelling effort: strokes, slices, every Nth; U-Net and forest",
   ),
+  "ranking": (
+    "fibseg_jax.cli.ranking",
+    "which slice next: the ensemble's suggestion against a random slice, with seeds",
+  ),
   "tta-curve": (
     "fibseg_jax.cli.tta_curve",
     "held-out mean IoU and cost against the number of TTA passes",

@@ -37,17 +37,18 @@ def budget() -> study.Budget:
   return chosen
 
 
-def stack(chosen: study.Budget, annotate: Sequence[int] | None = None) -> dict:
+def stack(chosen: study.Budget, annotate: Sequence[int] | None = None, **severities: float) -> dict:
   """volume, channels, slices, seeds, train_slices and eval_slices of the flags.
 
   Without --volume, the budget's synthetic stack is generated in --out/volume.zarr
-  (labelled on `annotate`, default the budget's slices).
+  (labelled on `annotate`, default the budget's slices; `severities` as
+  `synth.SynthConfig`'s, e.g. drift=1).
   """
   volume = VOLUME.value
   if not volume:
     volume = os.path.join(OUT.value, "volume.zarr")
     extra = {} if annotate is None else {"annotate": annotate}
-    study.synthetic_volume(volume, chosen, **extra)
+    study.synthetic_volume(volume, chosen, **extra, **severities)
   vol = volume_lib.open_volume(volume)
   return {
     "volume": volume,

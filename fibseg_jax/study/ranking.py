@@ -1,0 +1,266 @@
+"""Does the suggested slice beat a random one? And do the members' intervals hold the truth?
+
+On a stack labelled everywhere (the synthetic stack, whose artifacts can drift along z,
+so its slices differ), for every seed:
+
+1. a U-Net of the budget is trained on the training slices and segments the whole
+   stack, writing its class probabilities: the seeds are the members of an ensemble;
+2. the slices outside the training and evaluation ones are ranked by the members'
+   disagreement (`uncertainty.suggest` with every member's probabilities, spread along
+   z), and, for comparison, by each member's own entropy (the earlier ranking);
+3. a U-Net of the same seed is trained with one more slice: the disagreement pick, the
+   entropy pick of that seed's model, or a random slice (another one per seed);
+4. each is scored on the evaluation slices.
+
+Besides, every structure quantity (`quantify`) of the members' segmentations gets its
+range, and whether the truth's value lies in it is counted (`quantify.coverage`).
+Writes ranking.json and ranking.md; every run resumes.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from fibseg_jax import infer
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.eval import quantify, uncertainty
+from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.study import runs
+from fibseg_jax.study.comparison import seed_stats
+
+KIND = "ranking study"
+PICKS = ("disagreement", "entropy", "random")
+
+
+def claim_directory(out: str, volume: str | None = None) -> None:
+  """Claims `out` for the study (`runs.claim_study_directory`)."""
+  runs.claim_study_directory(out, volume, kind=KIND)
+
+
+def _train_and_score(
+  directory: str,
+  budget: budget_lib.Budget,
+  vol: volume_lib.Volume,
+  settings: dict[str, Any],
+  *,
+  train_slices: Sequence[int],
+  probabilities: bool,
+) -> dict[str, Any]:
+  done = runs.cached(directory, settings)
+  if done is not None:
+    return done
+  workdir, seconds = runs.train_unet(
+    directory,
+    budget,
+    volume=settings["volume"],
+    channels=settings["channels"],
+    slices=settings["slices"],
+    seed=settings["seed"],
+    train_slices=train_slices,
+  )
+  output = os.path.join(directory, "seg.zarr")
+  infer.segment_from_checkpoint(
+    workdir,
+    vol,
+    output=output,
+    probabilities=os.path.join(directory, "probs.zarr") if probabilities else None,
+    settings=infer.SegmentSettings(
+      tile=budget.tile,
+      overlap=budget.overlap,
+      batch=budget.infer_batch,
+      only_slices=None if probabilities else settings["eval_slices"],
+      overwrite=True,
+      progress=False,
+    ),
+  )
+  labels = infer.open_array(output)
+  eval_slices = settings["eval_slices"]
+  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+  scored = runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes)
+  result = {"settings": settings, "train_seconds": seconds, **scored}
+  runs.write_json(os.path.join(directory, runs.RESULT), result)
+  return result
+
+
+def run_ranking(
+  out: str,
+  budget: budget_lib.Budget,
+  *,
+  volume: str,
+  channels: Sequence[str],
+  slices: int,
+  seeds: Sequence[int],
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  log=print,
+) -> dict[str, Any]:
+  """The ranking test and the interval coverage; writes out/ranking.{json,md}."""
+  claim_directory(out, volume)
+  vol = volume_lib.open_volume(volume)
+  exclude = {int(z) for z in (*train_slices, *eval_slices)}
+  candidates = [z for z in vol.metadata.annotated_slices if z not in exclude]
+  if len(candidates) < 2:
+    raise ValueError(
+      f"{volume}: the ranking test needs >= 2 labelled slices outside the training and "
+      f"evaluation ones, found {candidates}"
+    )
+  if len(seeds) < 2:
+    raise ValueError(f"--seeds: the members' disagreement needs >= 2 seeds, got {list(seeds)}")
+  common = dict(
+    volume=os.path.abspath(volume),
+    channels=list(channels),
+    slices=int(slices),
+    eval_slices=[int(z) for z in eval_slices],
+  )
+  base = {}
+  for seed in seeds:
+    settings = runs.settings(budget, seed=int(seed), train_slices=list(train_slices), **common)
+    base[seed] = _train_and_score(
+      os.path.join(out, f"base_s{seed}"),
+      budget,
+      vol,
+      settings,
+      train_slices=train_slices,
+      probabilities=True,
+    )
+    log(f"seed {seed}: {len(train_slices)} slices -> mIoU {base[seed]['mean_iou']:.4f}")
+  probs = [os.path.join(out, f"base_s{s}", "probs.zarr") for s in seeds]
+  suggestion = uncertainty.suggest(
+    probs, os.path.join(out, "suggest"), annotated=sorted(exclude), top=3, classes=vol.classes
+  )
+  ranked = [z for z in suggestion["suggested"] if z in candidates]
+  ranked += [row["z"] for row in suggestion["ranking"] if row["z"] in candidates]
+  picks: dict[str, dict[int, int]] = {"disagreement": {s: int(ranked[0]) for s in seeds}}
+  picks["entropy"] = {}
+  picks["random"] = {}
+  for seed, path in zip(seeds, probs, strict=True):
+    scores = uncertainty.slice_uncertainty(path, "probabilities")
+    own = [z for z, _ in uncertainty.rank_slices(scores, sorted(exclude)) if z in candidates]
+    picks["entropy"][seed] = int(own[0])
+    others = [z for z in candidates if z != ranked[0]]
+    picks["random"][seed] = int(np.random.default_rng([int(seed), 4]).choice(others))
+  rows = {}
+  for pick in PICKS:
+    values = []
+    for seed in seeds:
+      z = picks[pick][seed]
+      four = sorted({*map(int, train_slices), z})
+      settings = runs.settings(budget, seed=int(seed), train_slices=four, **common)
+      r = _train_and_score(
+        os.path.join(out, f"{pick}_s{seed}"),
+        budget,
+        vol,
+        settings,
+        train_slices=four,
+        probabilities=False,
+      )
+      values.append(r["mean_iou"])
+      log(f"seed {seed}: + {pick} slice {z} -> mIoU {r['mean_iou']:.4f}")
+    rows[pick] = {
+      "slices": [picks[pick][s] for s in seeds],
+      "values": values,
+      "mean_iou": seed_stats(values),
+    }
+  rows["three slices"] = {
+    "slices": [],
+    "values": [base[s]["mean_iou"] for s in seeds],
+    "mean_iou": seed_stats([base[s]["mean_iou"] for s in seeds]),
+  }
+  diff = [
+    a - b for a, b in zip(rows["disagreement"]["values"], rows["random"]["values"], strict=True)
+  ]
+  document = {
+    "volume": volume,
+    "train_slices": [int(z) for z in train_slices],
+    "eval_slices": [int(z) for z in eval_slices],
+    "candidates": candidates,
+    "seeds": [int(s) for s in seeds],
+    "budget": budget.to_json(),
+    "suggestion": {k: suggestion[k] for k in ("measure", "min_gap", "suggested")},
+    "slice_disagreement": suggestion["slice_uncertainty"],
+    "rows": rows,
+    "disagreement_minus_random": seed_stats(diff),
+    "intervals": _intervals(out, vol, seeds),
+  }
+  runs.write_json(os.path.join(out, "ranking.json"), document)
+  with open(os.path.join(out, "ranking.md"), "w") as f:
+    f.write(markdown(document))
+  return document
+
+
+def _intervals(out: str, vol: volume_lib.Volume, seeds: Sequence[int]) -> dict[str, Any]:
+  """The members' ranges of every structure quantity and whether the truth lies in them."""
+  voxel = vol.metadata.voxel_size_nm
+  sized = quantify.size_classes(vol.classes)
+  members = [
+    quantify.quantify_stack(
+      infer.open_array(os.path.join(out, f"base_s{s}", "seg.zarr")),
+      vol.classes,
+      voxel,
+      sizes_for=sized,
+    )
+    for s in seeds
+  ]
+  truth = quantify.quantify_stack(vol.labels, vol.classes, voxel, sizes_for=sized)
+  interval = quantify.intervals(members, f"the {len(seeds)} seeds' U-Nets")
+  covered = quantify.coverage(interval, truth)
+  flat = [v for phase in covered.values() for v in phase.values()]
+  truth_values = {
+    p.name: {
+      key: float(quantify.INTERVAL_QUANTITIES[key](p)) for key in interval["phases"][p.name]
+    }
+    for p in truth.phases
+  }
+  return {
+    **interval,
+    "truth": truth_values,
+    "covered": covered,
+    "covered_share": float(np.mean(flat)) if flat else None,
+  }
+
+
+def _stat(s: dict[str, Any]) -> str:
+  if s["mean"] is None:
+    return "-"
+  return f"{s['mean']:.4f}" + ("" if s["std"] is None else f" +- {s['std']:.4f}")
+
+
+def markdown(document: dict[str, Any]) -> str:
+  """ranking.md: the four rows, the paired difference and the interval coverage."""
+  names = {
+    "three slices": "training slices only",
+    "disagreement": "+ the members' top-disagreement slice (spread along z)",
+    "entropy": "+ the seed's own most uncertain slice (entropy)",
+    "random": "+ a random slice",
+  }
+  lines = ["| fourth slice | slice per seed | mean IoU |", "|---|---|---|"]
+  for key in ("three slices", *PICKS):
+    row = document["rows"][key]
+    chosen = ",".join(map(str, row["slices"])) or "-"
+    lines.append(f"| {names[key]} | {chosen} | {_stat(row['mean_iou'])} |")
+  iv = document["intervals"]
+  lines += [
+    "",
+    f"Disagreement minus random (paired by seed): {_stat(document['disagreement_minus_random'])}.",
+    f"Seeds {document['seeds']}; scored on slices {document['eval_slices']}; trained on "
+    f"{document['train_slices']} plus the fourth slice; budget {document['budget']['name']}.",
+    "",
+    f"Intervals over {iv['source']}: the truth lies in the members' range for "
+    f"{sum(v for p in iv['covered'].values() for v in p.values())} of "
+    f"{sum(len(p) for p in iv['covered'].values())} (phase, quantity) pairs.",
+    "",
+    "| phase | quantity | members' range | truth | inside |",
+    "|---|---|---|---|---|",
+  ]
+  for phase, entry in iv["phases"].items():
+    for key, r in entry.items():
+      inside = "yes" if iv["covered"][phase][key] else "no"
+      lines.append(
+        f"| {phase} | {key} | {r['min']:.4g} .. {r['max']:.4g} | "
+        f"{iv['truth'][phase][key]:.4g} | {inside} |"
+      )
+  return "\n".join(lines) + "\n"
