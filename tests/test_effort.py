@@ -9,7 +9,7 @@ import pytest
 from fibseg_jax.data import annotations, synth
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import effort
+from fibseg_jax.study import effort, ranking
 from fibseg_jax.study.comparison import synthetic_volume
 
 
@@ -141,3 +141,42 @@ def test_effort_refuses_evaluation_slices_without_truth(tmp_path):
       train_slices=budget.train_slices,
       eval_slices=[bare[0]],
     )
+
+
+def test_ranking_study_compares_three_fourth_slices_and_counts_coverage(tmp_path):
+  budget = budget_lib.SMOKE
+  path = str(tmp_path / "vol.zarr")
+  synthetic_volume(path, budget, annotate=range(budget.shape[0]), drift=1.0)
+  out = str(tmp_path / "ranking")
+  document = ranking.run_ranking(
+    out,
+    budget,
+    volume=path,
+    channels=["ICE", "TLD"],
+    slices=1,
+    seeds=[0, 1],
+    train_slices=budget.train_slices,
+    eval_slices=budget.eval_slices,
+  )
+  rows = document["rows"]
+  assert set(rows) == {"three slices", "disagreement", "entropy", "random"}
+  pick = rows["disagreement"]["slices"][0]
+  taken = {*budget.train_slices, *budget.eval_slices}
+  assert pick not in taken and all(z not in taken for z in rows["random"]["slices"])
+  assert pick not in rows["random"]["slices"]  # the random slice is another one
+  iv = document["intervals"]
+  assert iv["members"] == 2 and 0 <= iv["covered_share"] <= 1
+  assert "| + a random slice |" in open(os.path.join(out, "ranking.md")).read()
+  with pytest.raises(ValueError, match="needs >= 2 seeds"):
+    ranking.run_ranking(out, budget, **{**_ranking_args(path, budget), "seeds": [0]})
+
+
+def _ranking_args(path, budget):
+  return dict(
+    volume=path,
+    channels=["ICE"],
+    slices=1,
+    seeds=[0, 1],
+    train_slices=budget.train_slices,
+    eval_slices=budget.eval_slices,
+  )
