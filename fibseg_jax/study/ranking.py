@@ -210,9 +210,7 @@ def _intervals(out: str, vol: volume_lib.Volume, seeds: Sequence[int]) -> dict[s
   covered = quantify.coverage(interval, truth)
   flat = [v for phase in covered.values() for v in phase.values()]
   truth_values = {
-    p.name: {
-      key: float(quantify.INTERVAL_QUANTITIES[key](p)) for key in interval["phases"][p.name]
-    }
+    p.name: {key: float(quantify.INTERVAL_QUANTITIES[key](p)) for key in interval["phases"][p.name]}
     for p in truth.phases
   }
   return {
