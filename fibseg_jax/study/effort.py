@@ -94,45 +94,6 @@ def annotation_set(
   return path, chosen, int(done["labelled_pixels"])
 
 
-def _network(
-  directory: str,
-  budget: budget_lib.Budget,
-  *,
-  volume: str,
-  truth: volume_lib.Volume,
-  chosen: Sequence[int],
-  channels: Sequence[str],
-  slices: int,
-  seed: int,
-  eval_slices: Sequence[int],
-  settings: dict[str, Any],
-) -> dict[str, Any]:
-  done = runs.cached(directory, settings)
-  if done is not None:
-    return done
-  workdir, seconds = runs.train_unet(
-    directory,
-    budget,
-    volume=volume,
-    channels=channels,
-    slices=slices,
-    seed=seed,
-    train_slices=chosen,
-  )
-  scored, _ = runs.segment_and_score(
-    workdir,
-    volume,
-    os.path.join(directory, "seg.zarr"),
-    budget,
-    truth,
-    eval_slices,
-    only_slices=eval_slices,
-  )
-  result = {"settings": settings, "train_seconds": seconds, **scored}
-  runs.write_json(os.path.join(directory, runs.RESULT), result)
-  return result
-
-
 def _forest(
   directory: str,
   budget: budget_lib.Budget,
@@ -223,17 +184,17 @@ def run_effort(
         directory = os.path.join(out, _dirname(level), f"{method}_s{seed}")
         if method == "network":
           settings = runs.settings(budget, slices=int(slices), **common)
-          r = _network(
+          r = runs.train_and_score(
             directory,
             budget,
+            settings,
             volume=path,
-            truth=truth,
-            chosen=chosen,
+            truth_volume=truth,
             channels=channels,
             slices=slices,
             seed=seed,
+            train_slices=chosen,
             eval_slices=eval_slices,
-            settings=settings,
           )
         else:
           settings = runs.settings(budget, **common)

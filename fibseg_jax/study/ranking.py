@@ -50,40 +50,21 @@ def _train_and_score(
   train_slices: Sequence[int],
   probabilities: bool,
 ) -> dict[str, Any]:
-  done = runs.cached(directory, settings)
-  if done is not None:
-    return done
-  workdir, seconds = runs.train_unet(
+  """`runs.train_and_score` with the fields of `settings` (the whole stack and its
+  probabilities when `probabilities`)."""
+  return runs.train_and_score(
     directory,
     budget,
+    settings,
     volume=settings["volume"],
+    truth_volume=vol,
     channels=settings["channels"],
     slices=settings["slices"],
     seed=settings["seed"],
     train_slices=train_slices,
+    eval_slices=settings["eval_slices"],
+    whole_stack=probabilities,
   )
-  output = os.path.join(directory, "seg.zarr")
-  infer.segment_from_checkpoint(
-    workdir,
-    vol,
-    output=output,
-    probabilities=os.path.join(directory, "probs.zarr") if probabilities else None,
-    settings=infer.SegmentSettings(
-      tile=budget.tile,
-      overlap=budget.overlap,
-      batch=budget.infer_batch,
-      only_slices=None if probabilities else settings["eval_slices"],
-      overwrite=True,
-      progress=False,
-    ),
-  )
-  labels = infer.open_array(output)
-  eval_slices = settings["eval_slices"]
-  predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
-  scored = runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes)
-  result = {"settings": settings, "train_seconds": seconds, **scored}
-  runs.write_json(os.path.join(directory, runs.RESULT), result)
-  return result
 
 
 def run_ranking(

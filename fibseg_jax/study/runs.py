@@ -258,6 +258,7 @@ def segment_and_score(
   *,
   tta: bool = False,
   only_slices: Sequence[int] | None = None,
+  probabilities: str | None = None,
 ) -> tuple[dict[str, Any], infer.SegmentationResult]:
   """Segments `volume` with the budget's tiling and scores the evaluation slices.
 
@@ -270,6 +271,7 @@ def segment_and_score(
     eval_slices: slices scored.
     tta: average over flips, quarter turns and slab reversal (`SegmentSettings.tta`).
     only_slices: segment only these slices, or None for all (`SegmentSettings`).
+    probabilities: also write the class probabilities there (`segment_volume`).
 
   Returns:
     (`score`'s dict, the segmentation result).
@@ -278,6 +280,7 @@ def segment_and_score(
     model,
     volume,
     output=output,
+    probabilities=probabilities,
     settings=infer.SegmentSettings(
       tile=budget.tile,
       overlap=budget.overlap,
@@ -292,6 +295,56 @@ def segment_and_score(
   predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
   scored = score(read_truths(truth_volume, eval_slices), predictions, truth_volume.classes)
   return scored, segmented
+
+
+def train_and_score(
+  directory: str,
+  budget: budget_lib.Budget,
+  settings: dict[str, Any],
+  *,
+  volume: str,
+  truth_volume: volume_lib.Volume,
+  channels: Sequence[str],
+  slices: int,
+  seed: int,
+  train_slices: Sequence[int],
+  eval_slices: Sequence[int],
+  whole_stack: bool = False,
+) -> dict[str, Any]:
+  """Trains the budget's U-Net on `train_slices` and scores `eval_slices`, once.
+
+  A directory whose result.json holds `settings` is returned as it is. The segmentation
+  (`directory/seg.zarr`) covers only the evaluation slices, or with `whole_stack` every
+  slice, with the class probabilities in `directory/probs.zarr`.
+
+  Returns:
+    {"settings", "train_seconds", **`score`}, also written to `directory/result.json`.
+  """
+  done = cached(directory, settings)
+  if done is not None:
+    return done
+  workdir, seconds = train_unet(
+    directory,
+    budget,
+    volume=volume,
+    channels=channels,
+    slices=slices,
+    seed=seed,
+    train_slices=train_slices,
+  )
+  scored, _ = segment_and_score(
+    workdir,
+    volume,
+    os.path.join(directory, "seg.zarr"),
+    budget,
+    truth_volume,
+    eval_slices,
+    only_slices=None if whole_stack else eval_slices,
+    probabilities=os.path.join(directory, "probs.zarr") if whole_stack else None,
+  )
+  result = {"settings": settings, "train_seconds": seconds, **scored}
+  write_json(os.path.join(directory, RESULT), result)
+  return result
 
 
 def run_network(
