@@ -39,10 +39,20 @@ class StopRequest:
     protected: printed at a Ctrl-C inside `protected()`.
     enabled: False leaves SIGINT alone (e.g. several processes that cannot agree on a
       stopping point).
+    event: set from another thread (a GUI's Cancel button) it is a first Ctrl-C: the
+      loop stops at its next safe point. Works whether or not SIGINT is taken over.
   """
 
-  def __init__(self, *, first: str, protected: str, enabled: bool = True):
-    self.requested = False
+  def __init__(
+    self,
+    *,
+    first: str,
+    protected: str,
+    enabled: bool = True,
+    event: threading.Event | None = None,
+  ):
+    self._requested = False
+    self._event = event
     self._first, self._protected_note = first, protected
     self._protected = False
     self._previous = None
@@ -51,6 +61,10 @@ class StopRequest:
       and threading.current_thread() is threading.main_thread()
       and signal.getsignal(signal.SIGINT) is signal.default_int_handler
     )
+
+  @property
+  def requested(self) -> bool:
+    return self._requested or (self._event is not None and self._event.is_set())
 
   def __enter__(self) -> StopRequest:
     if self._enabled:
@@ -65,12 +79,12 @@ class StopRequest:
   def _handle(self, signum, frame) -> None:
     del signum, frame
     if self._protected:
-      self.requested = True
+      self._requested = True
       tqdm.write(f"Ctrl-C: {self._protected_note}", file=sys.stderr)
       return
-    if self.requested:
+    if self._requested:
       raise KeyboardInterrupt  # the caller words it, knowing what was kept
-    self.requested = True
+    self._requested = True
     tqdm.write(f"Ctrl-C: {self._first}", file=sys.stderr)
 
   @contextlib.contextmanager

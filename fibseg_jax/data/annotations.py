@@ -23,6 +23,7 @@ import numpy as np
 from scipy import ndimage
 from skimage import morphology
 
+from fibseg_jax.data import ome
 from fibseg_jax.data import volume as volume_lib
 
 IGNORE_LABEL = volume_lib.IGNORE_LABEL
@@ -186,3 +187,64 @@ def write_annotated_volume(
     for z in range(truth.shape[0]):
       writer.write_slice(z, truth.read_image(z), labels.get(z))
     return writer.commit(extra_attrs=dict(extra_attrs or {}))
+
+
+def painted_from_volume(volume: volume_lib.Volume) -> np.ndarray:
+  """The volume's hand labels as painting tools hold them: [z, y, x] uint8, 0 = not
+  painted, class i painted as i + 1 (napari's and ilastik's Labels convention)."""
+  painted = np.zeros(volume.shape, np.uint8)
+  for z in volume.metadata.annotated_slices:
+    painted[z] = ome.label_values(volume.read_labels(z), IGNORE_LABEL)
+  return painted
+
+
+def labels_from_painted(
+  painted: np.ndarray, num_classes: int, where: str = "painted"
+) -> np.ndarray:
+  """Painted values (0 = not painted, i + 1 = class i) -> library labels (255 = none).
+
+  Raises:
+    volume_lib.VolumeError: a value above `num_classes`, naming it.
+  """
+  painted = np.asarray(painted)
+  if painted.size and int(painted.max()) > num_classes:
+    raise volume_lib.VolumeError(
+      f"{where}: label value {int(painted.max())} is painted, but there are {num_classes} "
+      f"classes (values 1..{num_classes}; 0 = not painted)"
+    )
+  labels = painted.astype(np.int32) - 1
+  labels[painted == 0] = IGNORE_LABEL
+  return labels.astype(np.uint8)
+
+
+def save_painted(root: Any, painted: np.ndarray) -> list[int]:
+  """Writes a painted [z, y, x] stack (0 = not painted) into the volume's labels.
+
+  Only slices whose labels differ from the stored ones are written (`write_labels`,
+  crash-safe); a slice painted over entirely with 0 stops being annotated.
+
+  Returns:
+    The slices written.
+
+  Raises:
+    volume_lib.VolumeError: another shape than the volume's, or a value above the classes.
+  """
+  vol = volume_lib.open_volume(root, check_labels=False)
+  painted = np.asarray(painted)
+  if painted.shape != tuple(vol.shape):
+    raise volume_lib.VolumeError(
+      f"{volume_lib.describe(root)}: the painted labels are {list(painted.shape)} [z, y, x]; "
+      f"the volume is {list(vol.shape)}"
+    )
+  annotated = set(vol.metadata.annotated_slices)
+  touched = painted.reshape(painted.shape[0], -1).any(axis=1)
+  changed = {}
+  for z in range(painted.shape[0]):
+    if not touched[z] and z not in annotated:
+      continue
+    labels = labels_from_painted(painted[z], vol.metadata.num_classes, f"slice {z}")
+    stored = vol.read_labels(z) if z in annotated else None
+    if stored is None or not np.array_equal(stored, labels):
+      changed[z] = labels
+  volume_lib.write_labels(root, changed)
+  return sorted(changed)

@@ -307,6 +307,31 @@ class MultiscaleWriter:
     write_group(self.kvstore, attributes, self.context)
 
 
+def rewrite_label_slice(
+  kvstore: Mapping[str, Any], pyr: Pyramid, z: int, values: np.ndarray, context
+) -> None:
+  """Replaces slice z of an existing label pyramid (written by `MultiscaleWriter` with
+  `averaged=False`) at every level that samples it: a label level keeps the first voxel
+  of each block, so level l holds level 0's slices z % fz == 0, subsampled by (fy, fx).
+
+  Args:
+    kvstore: kvstore spec of the label image's group.
+    pyr: its levels.
+    z: the level-0 slice.
+    values: viewer values [y, x] (`label_values`).
+    context: tensorstore context.
+  """
+  futures = []
+  for level, (fz, fy, fx) in enumerate(pyr.factors):
+    if z % fz:
+      continue
+    spec = {"driver": "zarr3", "kvstore": group_spec(kvstore, str(level))}
+    array = ts.open(spec, open=True, context=context).result()
+    futures.append(array[z // fz].write(values[::fy, ::fx]))
+  for f in futures:
+    f.result()
+
+
 def _block_mean(data: np.ndarray, step: Sequence[int]) -> np.ndarray:
   """Mean over step-sized blocks of the last three axes [..., z, y, x]; a block cut by
   the edge averages the voxels it has (edge padding repeats them)."""

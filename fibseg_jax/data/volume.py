@@ -707,6 +707,67 @@ class _OmeViewWriter:
     )
 
 
+def write_labels(
+  root: str | os.PathLike | Mapping[str, Any], slices: Mapping[int, np.ndarray]
+) -> VolumeMetadata:
+  """Replaces the hand labels of whole slices of an existing volume, crash-safe.
+
+  A slice holding at least one label becomes (or stays) annotated; one holding none
+  leaves `annotated_slices`. The order makes a crash harmless: the slices are first
+  taken off the annotated list, then written (and their OME view, if any), then listed
+  again. A slice cut off half-way is not listed, so nothing trains on it, and writing
+  again completes it.
+
+  Args:
+    root: the volume.
+    slices: z -> labels [y, x] (class index, 255 = not annotated).
+
+  Returns:
+    The volume's new metadata.
+
+  Raises:
+    VolumeError: a slice outside the stack, a shape other than the volume's [y, x], or
+      a value that is neither a class index nor 255.
+  """
+  vol = open_volume(root, check_labels=False)
+  meta, where = vol.metadata, describe(root)
+  checked = {}
+  for z, labels in slices.items():
+    z, labels = int(z), np.asarray(labels)
+    if not 0 <= z < meta.shape[0]:
+      raise VolumeError(f"{where}: slice {z} is outside 0..{meta.shape[0] - 1}")
+    if labels.shape != tuple(meta.shape[1:]):
+      raise VolumeError(
+        f"{where}: labels of slice {z} are {list(labels.shape)}; the volume's slices are "
+        f"{list(meta.shape[1:])}"
+      )
+    values = np.unique(labels)
+    wrong = [int(v) for v in values if v >= meta.num_classes and v != IGNORE_LABEL]
+    if wrong or values.min(initial=0) < 0:
+      raise VolumeError(
+        f"{where}: labels of slice {z} hold values {wrong or [int(values.min())]}; valid are "
+        f"0..{meta.num_classes - 1} ({', '.join(meta.classes)}) and {IGNORE_LABEL} = not annotated"
+      )
+    checked[z] = labels.astype(np.uint8)
+  if not checked:
+    return meta
+  attrs = _read_group_attrs(vol.kvstore, where)
+  listed = set(meta.annotated_slices)
+  attrs["annotated_slices"] = sorted(listed - set(checked))
+  _write_group_attrs(vol.kvstore, attrs)
+  for z, labels in checked.items():
+    vol.labels[z].write(labels).result()
+  if attrs.get("ome_view"):
+    view = ome.group_spec(vol.kvstore, f"{attrs['ome_view']}/labels/{ome.ANNOTATIONS}")
+    pyr = ome.pyramid(meta.shape, meta.voxel_size_nm)
+    for z, labels in checked.items():
+      ome.rewrite_label_slice(view, pyr, z, ome.label_values(labels, IGNORE_LABEL), _OME_CONTEXT)
+  painted = {z for z, labels in checked.items() if (labels != IGNORE_LABEL).any()}
+  attrs["annotated_slices"] = sorted((listed - set(checked)) | painted)
+  _write_group_attrs(vol.kvstore, attrs)
+  return VolumeMetadata.from_json(attrs, where)
+
+
 def add_ome_view(root: str | os.PathLike | Mapping[str, Any]) -> str:
   """Writes (or rewrites) the OME-NGFF view of an existing volume, slice by slice.
 

@@ -25,6 +25,7 @@ import dataclasses
 import math
 import os
 import sys
+import threading
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -127,6 +128,7 @@ def segment_volume(
   checkpoint: str | None = None,
   train_patch: int | None = None,
   settings: SegmentSettings | None = None,
+  stop: threading.Event | None = None,
 ) -> SegmentationResult:
   """Segments every slice of a volume into a zarr v3 label array.
 
@@ -151,6 +153,8 @@ def segment_volume(
       of it. Tiles that the volume or the block bound anyway are not refused.
     settings: tiling, TTA passes, slices, overwrite, progress and process share; default
       `SegmentSettings()`. Its `dtype` must be None here (the model runs as given).
+    stop: setting it from another thread (a GUI's Cancel) stops as a Ctrl-C does, after
+      the block in progress, raising KeyboardInterrupt; a rerun resumes.
 
   Returns:
     A `SegmentationResult`.
@@ -310,6 +314,7 @@ def segment_volume(
   with interrupt.StopRequest(
     first="stopping after the block in progress (Ctrl-C again: stop now)",
     protected="finishing the writes of the blocks done, then stopping",
+    event=stop,
   ) as stop:
     estimated = 0  # blocks the time of all was foretold from (first, then second)
     previous = start
@@ -403,6 +408,7 @@ def segment_from_checkpoint(
   probabilities: Any | None = None,
   uncertainty: Any | None = None,
   settings: SegmentSettings | None = None,
+  stop: threading.Event | None = None,
 ) -> SegmentationResult:
   """`segment_volume` with the model, channels, slab depth and classes of a checkpoint.
 
@@ -417,6 +423,7 @@ def segment_from_checkpoint(
     uncertainty: optional path of the uncertainty array (see `segment_volume`).
     settings: as for `segment_volume`; its `dtype` ("float32" or "bfloat16") runs the
       models in that compute dtype instead of the one they were trained with.
+    stop: see `segment_volume`.
 
   Raises:
     checkpoint.CheckpointError: not a checkpoint.
@@ -483,4 +490,5 @@ def segment_from_checkpoint(
     uncertainty=uncertainty,
     train_patch=train_patch,
     settings=dataclasses.replace(settings, dtype=None),
+    stop=stop,
   )

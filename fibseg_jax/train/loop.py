@@ -13,6 +13,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import threading
 import time
 from typing import Any
 
@@ -313,7 +314,11 @@ def _as_model_batch(local: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, *, progress: bool = True
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  *,
+  progress: bool = True,
+  stop: threading.Event | None = None,
 ) -> dict[str, Any]:
   """Trains (or resumes) the experiment in `workdir`.
 
@@ -321,6 +326,8 @@ def train_and_evaluate(
     config: experiment config (see fibseg_jax.train.config.base_config).
     workdir: where checkpoints, metrics.jsonl, TensorBoard events and curves go.
     progress: show a progress bar on process 0.
+    stop: setting it from another thread (a GUI's Cancel) stops as a Ctrl-C does: after
+      the step in flight, with its checkpoint saved, raising KeyboardInterrupt.
 
   Returns:
     Summary: final step, best step and its validation metrics, last train loss.
@@ -337,7 +344,7 @@ def train_and_evaluate(
       resumes from.
   """
   try:
-    return _train_and_evaluate(config, workdir, progress)
+    return _train_and_evaluate(config, workdir, progress, stop)
   except KeyboardInterrupt as e:
     if e.args:  # worded by the loop
       raise
@@ -347,7 +354,10 @@ def train_and_evaluate(
 
 
 def _train_and_evaluate(
-  config: ml_collections.ConfigDict, workdir: str, progress: bool
+  config: ml_collections.ConfigDict,
+  workdir: str,
+  progress: bool,
+  stop_event: threading.Event | None,
 ) -> dict[str, Any]:
   exp = prepare(config, workdir)
   config = exp.config
@@ -445,6 +455,7 @@ def _train_and_evaluate(
     first="stopping after this step to save a checkpoint (Ctrl-C again: stop now, without it)",
     protected="writing the checkpoint; stopping once it is complete",
     enabled=processes == 1,
+    event=stop_event,
   )
   saved = start  # the step of the latest checkpoint (0: none)
   current = start  # the step in flight, counted from 1

@@ -1,0 +1,364 @@
+"""What the napari widget does, without Qt: the library's own functions, one call each.
+
+  session = Session("vol.zarr")
+  session.save_painted(painted)              # napari Labels data: 0 = not painted
+  run = session.train(TrainChoice(steps=400))  # resumes a stopped run; fine-tunes a finished one
+  labels, uncertainty = session.preview(z=9)
+  result = session.segment()                 # out of core, resumable
+  session.next_slices()                      # the ranking's suggestions
+  table = session.quantify()                 # per-phase fractions, connectivity, S_V, sizes
+
+Every method may take minutes; the widget runs them in worker threads and passes a
+`threading.Event` as `stop` (Cancel). User mistakes raise `SessionError` (or the
+library's own one-line errors: ConfigError, VolumeError, InferenceError), worded as on
+the command line.
+
+Run folders: `Session.runs` (default `<volume>.runs/` beside the volume) holds `run_1`,
+`run_2`, ...: Train resumes the newest run while it is unfinished (a Cancel, a crash)
+and otherwise starts the next one from its weights (`--config.train.init_from`), so
+labels painted after a run refine it instead of starting over.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import json
+import os
+import re
+import threading
+from collections.abc import Sequence
+from typing import Any
+
+import ml_collections
+import numpy as np
+
+from fibseg_jax import checkpoint, configs
+from fibseg_jax.data import annotations
+from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.eval import quantify as quantify_lib
+from fibseg_jax.eval import uncertainty as uncertainty_lib
+from fibseg_jax.infer import segment as segment_lib
+from fibseg_jax.infer import slice as slice_lib
+from fibseg_jax.infer import store
+from fibseg_jax.infer.settings import SegmentSettings
+from fibseg_jax.train import loop, metrics_writer
+from fibseg_jax.train.config import ConfigError
+
+RUN_PREFIX = "run_"
+SEGMENTATION = "segmentation.zarr"
+UNCERTAINTY = "uncertainty.zarr"
+
+
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step of a training workdir (None: none saved)."""
+  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  return checkpoint.manager(directory, read_only=True).latest_step()
+
+
+class SessionError(ValueError):
+  """A user mistake in the widget's choices; the message names the field."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainChoice:
+  """The widget's training fields.
+
+  Attributes:
+    model: a shipped config name (`fibseg train --config=...`): "unet" or "sensor3d".
+    channels: the volume channels the model takes; empty = all of them.
+    slices: slab depth (odd).
+    steps: training steps.
+    overrides: further `--config.` fields, e.g. "train.batch_size=4 model.features=(8,16,32)".
+  """
+
+  model: str = "unet"
+  channels: tuple[str, ...] = ()
+  slices: int = 3
+  steps: int = 400
+  overrides: str = ""
+
+
+def parse_overrides(text: str) -> dict[str, Any]:
+  """'train.batch_size=4 model.features=(8,16)' -> {'train.batch_size': 4, ...}.
+
+  Values are Python literals where they parse (numbers, tuples, True/False), else strings.
+  """
+  result = {}
+  for item in text.split():
+    name, sep, value = item.partition("=")
+    name = name.removeprefix("--").removeprefix("config.")
+    if not sep or not re.fullmatch(r"[a-z_]+\.[a-z_0-9]+", name):
+      raise SessionError(
+        f"More settings: {item!r} is not FIELD=VALUE, e.g. train.batch_size=4 "
+        "(`fibseg train --config=unet --show_config` lists the fields)"
+      )
+    try:
+      result[name] = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+      result[name] = value
+  return result
+
+
+class Session:
+  """One volume and its run folders.
+
+  Args:
+    volume: the volume root (`fibseg ingest` or `fibseg make-synthetic` wrote it).
+    runs: the folder of run folders; default `<volume>.runs` beside the volume.
+  """
+
+  def __init__(self, volume: str | os.PathLike, runs: str | os.PathLike | None = None):
+    self.root = os.fspath(volume)
+    self.volume = volume_lib.open_volume(self.root, check_labels=False)
+    stem = self.root.rstrip("/")
+    self.runs = os.fspath(runs) if runs else f"{stem.removesuffix('.zarr')}.runs"
+
+  # --- labels -------------------------------------------------------------------------
+
+  def painted(self) -> np.ndarray:
+    """The volume's labels as a napari Labels layer holds them (0 = not painted)."""
+    return annotations.painted_from_volume(self.volume)
+
+  def save_painted(self, painted: np.ndarray) -> list[int]:
+    """Writes the painted slices into the volume (`volume.write_labels`, crash-safe).
+
+    Returns:
+      The slices whose labels changed.
+    """
+    changed = annotations.save_painted(self.root, painted)
+    self.volume = volume_lib.open_volume(self.root, check_labels=False)
+    return changed
+
+  # --- training -----------------------------------------------------------------------
+
+  def run_dirs(self) -> list[str]:
+    """The run folders, oldest first."""
+    if not os.path.isdir(self.runs):
+      return []
+    numbered = [
+      (int(n[len(RUN_PREFIX) :]), n)
+      for n in os.listdir(self.runs)
+      if n.startswith(RUN_PREFIX) and n[len(RUN_PREFIX) :].isdigit()
+    ]
+    return [os.path.join(self.runs, n) for _, n in sorted(numbered)]
+
+  def latest_run(self) -> str | None:
+    """The newest run folder holding a checkpoint, or None."""
+    for workdir in reversed(self.run_dirs()):
+      if latest_step(workdir) is not None:
+        return workdir
+    return None
+
+  def config(self, choice: TrainChoice) -> ml_collections.ConfigDict:
+    """The experiment config `fibseg train --config=<model>` would run with these fields."""
+    path = configs.path(choice.model)
+    if path is None:
+      raise SessionError(f"Model: {choice.model!r}; expected one of {', '.join(configs.names())}")
+    config = configs.load(path)
+    channels = tuple(choice.channels) or self.volume.channels
+    self.volume.channel_indices(channels, "Channels")
+    if choice.slices < 1 or choice.slices % 2 == 0:
+      raise SessionError(f"Slices: {choice.slices}; expected an odd number, e.g. 1 or 3")
+    if choice.steps < 1:
+      raise SessionError(f"Steps: {choice.steps}; expected at least 1")
+    config.data.path = self.root
+    config.data.channels = ",".join(channels)
+    config.data.slices = int(choice.slices)
+    config.train.steps = int(choice.steps)
+    config.train.eval_every = max(1, min(int(config.train.eval_every), choice.steps // 4 or 1))
+    config.train.log_every = max(1, min(int(config.train.log_every), choice.steps // 20 or 1))
+    config.train.warmup_steps = min(int(config.train.warmup_steps), choice.steps // 4)
+    for name, value in parse_overrides(choice.overrides).items():
+      section, field = name.split(".")
+      if section not in config or field not in config[section]:
+        raise SessionError(f"More settings: no field {name} (see --show_config)")
+      try:
+        config[section][field] = value
+      except (TypeError, ValueError) as e:
+        raise SessionError(f"More settings: {name}={value!r}: {e}") from None
+    return config
+
+  def next_workdir(self, config: ml_collections.ConfigDict) -> tuple[str, str | None]:
+    """(workdir, init_from): resume the newest run while it is unfinished; otherwise a
+    new run starting from the newest finished run's weights (None: from scratch)."""
+    runs = self.run_dirs()
+    latest = self.latest_run()
+    if runs and latest_step(runs[-1]) is None:
+      return runs[-1], self._init_of(runs[-1])  # made but never saved: use it
+    if latest is not None:
+      step = latest_step(latest)
+      if step < int(config.train.steps) and self._resumable(config, latest):
+        return latest, self._init_of(latest)
+    number = len(runs) + 1
+    while os.path.exists(os.path.join(self.runs, f"{RUN_PREFIX}{number}")):
+      number += 1
+    return os.path.join(self.runs, f"{RUN_PREFIX}{number}"), latest
+
+  @staticmethod
+  def _init_of(workdir: str) -> str | None:
+    saved = metrics_writer.saved_config(workdir) or {}
+    return (saved.get("train") or {}).get("init_from") or None
+
+  @staticmethod
+  def _resumable(config: ml_collections.ConfigDict, workdir: str) -> bool:
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.data.classes = tuple(config.data.classes) or ()
+    try:
+      loop.check_workdir(loop.prepare(trial).config, workdir)
+    except ConfigError:
+      return False
+    return True
+
+  def train(
+    self, choice: TrainChoice, stop: threading.Event | None = None
+  ) -> tuple[str, dict[str, Any] | None]:
+    """Trains (resumes, or refines the last run); returns (workdir, summary).
+
+    The summary is None when `stop` ended the run early: its checkpoint is saved and
+    the next `train` resumes it.
+    """
+    config = self.config(choice)
+    workdir, init_from = self.next_workdir(config)
+    if init_from and os.path.abspath(init_from) != os.path.abspath(workdir):
+      config.train.init_from = init_from
+    os.makedirs(workdir, exist_ok=True)
+    try:
+      return workdir, loop.train_and_evaluate(config, workdir, progress=False, stop=stop)
+    except KeyboardInterrupt:
+      if stop is not None and stop.is_set():
+        return workdir, None
+      raise
+
+  @staticmethod
+  def curve(workdir: str) -> dict[str, list[float]]:
+    """Training loss and validation mean IoU so far (metrics.jsonl), for a live plot."""
+    out = {"step": [], "loss": [], "val_step": [], "val_miou": []}
+    path = os.path.join(workdir, "metrics.jsonl")
+    if not os.path.exists(path):
+      return out
+    for row in metrics_writer.read_metrics(path):
+      if "loss" in row:
+        out["step"].append(row["step"])
+        out["loss"].append(row["loss"])
+      if "val_miou" in row:
+        out["val_step"].append(row["step"])
+        out["val_miou"].append(row["val_miou"])
+    return out
+
+  # --- prediction ---------------------------------------------------------------------
+
+  def _workdir(self, workdir: str | None) -> str:
+    workdir = workdir or self.latest_run()
+    if workdir is None:
+      raise SessionError("no trained run yet: paint labels and press Train first")
+    return workdir
+
+  def preview(self, z: int, workdir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (napari values: class + 1) and uncertainty (entropy / log classes, 0-1) of
+    slice z from the best checkpoint of the run, in memory."""
+    restored = checkpoint.load(self._workdir(workdir))
+    labels, probabilities = slice_lib.predict_slice(restored, self.volume, int(z))
+    p = np.clip(probabilities, 1e-7, 1.0)
+    entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
+    return labels.astype(np.uint8) + 1, entropy.astype(np.float32)
+
+  def output_dir(self, workdir: str) -> str:
+    return os.path.join(workdir, "segmentation")
+
+  def segment(
+    self, workdir: str | None = None, stop: threading.Event | None = None, tta: str = "auto"
+  ) -> segment_lib.SegmentationResult:
+    """Segments the whole stack out of core into `<run>/segmentation/` (labels and
+    uncertainty); resumes a stopped segmentation of the same run."""
+    workdir = self._workdir(workdir)
+    out = self.output_dir(workdir)
+    os.makedirs(out, exist_ok=True)
+    return segment_lib.segment_from_checkpoint(
+      workdir,
+      self.volume,
+      output=os.path.join(out, SEGMENTATION),
+      uncertainty=os.path.join(out, UNCERTAINTY),
+      settings=SegmentSettings(tta=tta, progress=False),
+      stop=stop,
+    )
+
+  def segmentation(self, workdir: str | None = None) -> str:
+    path = os.path.join(self.output_dir(self._workdir(workdir)), SEGMENTATION)
+    if not os.path.exists(os.path.join(path, "zarr.json")):
+      raise SessionError("no segmentation of this run yet: press Segment stack first")
+    return path
+
+  def next_slices(self, workdir: str | None = None, top: int = 3) -> list[int]:
+    """The slices the ranking suggests annotating next (`uncertainty.suggest`), from the
+    run's segmentation; writes suggest.json and its figures beside it."""
+    seg = self.segmentation(workdir)
+    out = os.path.join(os.path.dirname(seg), "suggest")
+    doc = uncertainty_lib.suggest(
+      os.path.join(os.path.dirname(seg), UNCERTAINTY),
+      out,
+      annotated=self.volume.metadata.annotated_slices,
+      top=top,
+      kind="uncertainty",
+    )
+    return [int(z) for z in doc["suggested"]]
+
+  def quantify(self, workdir: str | None = None) -> tuple[list[dict[str, Any]], str]:
+    """Per-phase structure of the run's segmentation (`quantify.quantify_stack`); writes
+    quantify.json and quantify.md beside it. Returns (rows, path of quantify.md)."""
+    seg = self.segmentation(workdir)
+    array = store.open_segmentation(seg).array
+    meta = self.volume.metadata
+    q = quantify_lib.quantify_stack(array, meta.classes, meta.voxel_size_nm)
+    rows = [phase_row(p) for p in q.phases]
+    out = os.path.dirname(seg)
+    with open(os.path.join(out, "quantify.json"), "w") as f:
+      json.dump(q.to_json(), f, indent=1)
+    path = os.path.join(out, "quantify.md")
+    with open(path, "w") as f:
+      f.write(quantify_markdown(rows, q))
+    return rows, path
+
+
+COLUMNS = (
+  ("phase", "phase"),
+  ("volume_fraction", "volume fraction"),
+  ("largest_cluster", "largest cluster share"),
+  ("surface_density_per_um", "S_V (1/um)"),
+  ("d50_nm", "size d50 (nm)"),
+)
+
+
+def phase_row(phase: quantify_lib.PhaseStructure) -> dict[str, Any]:
+  return {
+    "phase": phase.name,
+    "volume_fraction": phase.volume_fraction,
+    "largest_cluster": phase.connectivity.largest_fraction,
+    "surface_density_per_um": phase.surface_density_per_um,
+    "d50_nm": phase.sizes.d50_nm if phase.sizes else float("nan"),
+  }
+
+
+def format_cell(value: Any) -> str:
+  if isinstance(value, str):
+    return value
+  if value is None or (isinstance(value, float) and np.isnan(value)):
+    return "-"
+  return f"{value:.4g}"
+
+
+def quantify_markdown(rows: Sequence[dict[str, Any]], q: quantify_lib.Quantification) -> str:
+  box = q.subvolume
+  lines = [
+    "# Microstructure of the segmentation",
+    "",
+    f"Subvolume {list(box.shape)} [z, y, x] voxels at {list(q.voxel_size_nm)} nm "
+    f"(from {list(box.start)}); {q.not_segmented} voxels not segmented.",
+    "",
+    "| " + " | ".join(title for _, title in COLUMNS) + " |",
+    "|" + " --- |" * len(COLUMNS),
+  ]
+  lines += ["| " + " | ".join(format_cell(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
+  return "\n".join(lines) + "\n"
