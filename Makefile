@@ -9,7 +9,14 @@ PY := $(VENV)/bin/python
 DEMO_DIR ?= demo_out
 export PYTHONUNBUFFERED := 1
 
-.PHONY: test lint demo bench install clean
+.PHONY: test lint demo bench install clean system-deps
+
+# What Qt needs to draw napari under Xvfb (tests/test_napari_widget.py). `make test`
+# installs them with apt-get where it runs as root and they are missing; elsewhere the
+# napari tests are skipped with one line naming this list.
+XVFB_PACKAGES := xvfb xauth libdbus-1-3 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 \
+  libxcb-keysyms1 libxcb-randr0 libxcb-render-util0 libxcb-xinerama0 libxcb-xinput0 \
+  libxcb-xfixes0 libxcb-shape0 libxcb-cursor0 libegl1 libgl1-mesa-dri
 
 $(VENV)/.installed: requirements.txt tests/requirements.txt setup.cfg
 	$(PYTHON) -m venv $(VENV)
@@ -22,7 +29,16 @@ lint: $(VENV)/.installed
 	$(VENV)/bin/ruff check fibseg_jax experiments tests
 	$(VENV)/bin/ruff format --check fibseg_jax experiments tests
 
-test: lint
+system-deps:
+	@if dpkg -s $(XVFB_PACKAGES) >/dev/null 2>&1; then :; \
+	elif [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  echo "installing the X server packages the napari tests need (apt-get)"; \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	    --no-install-recommends $(XVFB_PACKAGES) >/dev/null) \
+	  || echo "warning: apt-get failed; the napari tests will be skipped"; \
+	else echo "note: not root: the napari tests need: apt-get install $(XVFB_PACKAGES)"; fi
+
+test: lint system-deps
 	$(PY) -m pytest -q --durations=15 tests
 
 demo: $(VENV)/.installed

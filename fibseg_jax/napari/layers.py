@@ -49,6 +49,27 @@ class LazyChannel:
     return data if dtype is None else data.astype(dtype)
 
 
+class LazyLabels:
+  """A `fibseg segment` label array as napari values (class + 1, 0 = not segmented),
+  read from the store only where napari looks."""
+
+  def __init__(self, array: Any):
+    self._array = array
+    self.shape = tuple(int(s) for s in array.shape)
+    self.dtype = np.dtype(np.uint8)
+    self.ndim = len(self.shape)
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    data = np.asarray(self._array[index].read().result())
+    values = data + np.uint8(1)
+    values[data == volume_lib.IGNORE_LABEL] = 0
+    return values
+
+  def __array__(self, dtype=None, copy=None):
+    data = self[...]
+    return data if dtype is None else data.astype(dtype)
+
+
 def label_colormap(classes: Sequence[str]) -> Any:
   """napari colormap: value i + 1 in the colour of classes[i], 0 transparent."""
   from napari.utils.colormaps import DirectLabelColormap  # noqa: PLC0415 - napari extra
@@ -100,20 +121,16 @@ def segmentation_layers(
 ) -> list[tuple[Any, dict[str, Any], str]]:
   """A `fibseg segment` array: labels as a Labels layer (class + 1), uncertainty as an image."""
   seg = store.open_segmentation(path)
-  data = seg.array.read().result()
   scale = tuple(voxel_size_nm or seg.voxel_size_nm or (1.0, 1.0, 1.0))
   name = name or os.path.basename(os.fspath(path).rstrip("/")).removesuffix(".zarr")
   if seg.kind == "uncertainty":
     kwargs = {"name": name, "scale": scale, "colormap": "inferno", "contrast_limits": (0, 255)}
-    return [(data, kwargs, "image")]
+    return [(LazyChannel(seg.array[..., np.newaxis], 0), kwargs, "image")]
   if seg.kind == "probabilities":
     raise ValueError(f"{path}: a probabilities array; open the labels (--output) instead")
-  classes = seg.classes or tuple(
-    f"class {i}" for i in range(int(data[data != 255].max(initial=0)) + 1)
-  )
-  values = data.astype(np.uint8) + 1
-  values[data == volume_lib.IGNORE_LABEL] = 0
-  return [(values, label_kwargs(name, classes, scale), "labels")]
+  if not seg.classes:
+    raise ValueError(f"{path}: its attributes name no classes; not a `fibseg segment` output")
+  return [(LazyLabels(seg.array), label_kwargs(name, seg.classes, scale), "labels")]
 
 
 def get_reader(path: str | list[str]):

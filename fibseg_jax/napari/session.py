@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import ast
 import dataclasses
+import glob
 import json
 import os
 import re
@@ -35,6 +36,7 @@ import numpy as np
 
 from fibseg_jax import checkpoint, configs
 from fibseg_jax.data import annotations
+from fibseg_jax.data import ingest as ingest_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import quantify as quantify_lib
 from fibseg_jax.eval import uncertainty as uncertainty_lib
@@ -362,3 +364,59 @@ def quantify_markdown(rows: Sequence[dict[str, Any]], q: quantify_lib.Quantifica
   ]
   lines += ["| " + " | ".join(format_cell(r[k]) for k, _ in COLUMNS) + " |" for r in rows]
   return "\n".join(lines) + "\n"
+
+
+IMAGE_GLOBS = ("*.tif", "*.tiff", "*.png")
+
+
+def _slice_glob(folder: str) -> str | None:
+  for pattern in IMAGE_GLOBS:
+    if glob.glob(os.path.join(folder, pattern)):
+      return os.path.join(folder, pattern)
+  return None
+
+
+def ingest_folder(
+  folder: str | os.PathLike,
+  *,
+  classes: Sequence[str],
+  voxel_size_nm: Sequence[float],
+  out: str | os.PathLike | None = None,
+) -> str:
+  """Ingests a folder holding one subfolder of slice images (TIFF or PNG) per channel,
+  named after the channel, and optionally `labels/` (255 = not annotated, as `fibseg
+  ingest --labels`), into a new volume `<folder>.zarr` (never replacing anything).
+
+  Returns:
+    The volume's path.
+
+  Raises:
+    SessionError: no channel subfolders, or no class names.
+    ingest.IngestError: as `fibseg ingest` (naming the file).
+  """
+  folder = os.fspath(folder).rstrip("/")
+  if not os.path.isdir(folder):
+    raise SessionError(f"Folder: {folder} is not a directory")
+  channels = {}
+  for name in sorted(os.listdir(folder)):
+    path = os.path.join(folder, name)
+    if name != "labels" and os.path.isdir(path) and _slice_glob(path):
+      channels[name] = _slice_glob(path)
+  if not channels:
+    raise SessionError(
+      f"Folder: {folder} has no subfolder of slice images (*.tif, *.tiff, *.png); expected one "
+      "per channel, e.g. ICE/ and TLD/"
+    )
+  if not [c for c in classes if c.strip()]:
+    raise SessionError("Classes: give the class names, e.g. pore,solid")
+  labels = (
+    _slice_glob(os.path.join(folder, "labels"))
+    if os.path.isdir(os.path.join(folder, "labels"))
+    else None
+  )
+  out = os.fspath(out) if out else f"{folder}.zarr"
+  if os.path.exists(out):
+    raise SessionError(f"Folder: {out} exists already; open it, or move it away to ingest again")
+  plan = ingest_lib.plan_ingest(channels, labels, list(classes))
+  ingest_lib.ingest(plan, out, voxel_size_nm=tuple(voxel_size_nm), progress=False)
+  return out
