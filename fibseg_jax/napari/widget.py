@@ -209,6 +209,7 @@ class FibsegWidget(QWidget):
     row.addWidget(self.quantify_button)
     column.addLayout(row)
     self.table = QTableWidget(0, len(session_lib.COLUMNS))
+    self.table.setMinimumHeight(160)
     self.table.setHorizontalHeaderLabels([title for _, title in session_lib.COLUMNS])
     column.addWidget(self.table)
     layout.addWidget(box)
