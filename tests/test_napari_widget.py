@@ -105,6 +105,7 @@ def test_paint_train_preview_segment_next_quantify(widget, qtbot):
 
   click_and_wait(qtbot, w, w.segment_button)
   assert w.last_error is None, w.last_error
+  assert w.progress.maximum() == 6 and w.progress.value() == 6  # a block a slice, all done
   seg = viewer.layers["segmentation"]
   assert tuple(seg.scale) == SCALE and seg.metadata["classes"] == list(CLASSES)
   values = np.asarray(seg.data[2])
@@ -146,6 +147,9 @@ def test_reader_opens_volumes_and_segmentations(make_napari_viewer, tmp_path):
     pytest.skip(f"napari tests skipped: no X display; {APT}")
   root = make_volume(str(tmp_path / "vol.zarr"))
   viewer = make_napari_viewer()
+  # The manifest's widget, as Plugins > Segment with fibseg opens it.
+  _, widget = viewer.window.add_plugin_dock_widget("fibseg_jax", "Segment with fibseg")
+  assert type(widget).__name__ == "FibsegWidget"
   layers = viewer.open(root, plugin="fibseg_jax")
   assert [layer.name for layer in layers] == ["ICE", "TLD", "annotations"]
   assert tuple(layers[0].scale) == SCALE

@@ -42,7 +42,7 @@ from fibseg_jax.eval import quantify as quantify_lib
 from fibseg_jax.eval import uncertainty as uncertainty_lib
 from fibseg_jax.infer import segment as segment_lib
 from fibseg_jax.infer import slice as slice_lib
-from fibseg_jax.infer import store
+from fibseg_jax.infer import store, tiling
 from fibseg_jax.infer.settings import SegmentSettings
 from fibseg_jax.train import loop, metrics_writer
 from fibseg_jax.train.config import ConfigError
@@ -286,6 +286,15 @@ class Session:
       settings=SegmentSettings(tta=tta, progress=False),
       stop=stop,
     )
+
+  def segment_progress(self, workdir: str | None = None) -> tuple[int, int]:
+    """(blocks finished, blocks in all) of the run's segmentation, read from its markers
+    (so a GUI can show the progress of a `segment` running in another thread)."""
+    workdir = self._workdir(workdir)
+    total = len(tiling.plan_blocks(self.volume.shape, SegmentSettings().block))
+    markers = os.path.join(self.output_dir(workdir), SEGMENTATION, store.DONE_PREFIX)
+    done = len(os.listdir(markers)) if os.path.isdir(markers) else 0
+    return min(done, total), total
 
   def segmentation(self, workdir: str | None = None) -> str:
     path = os.path.join(self.output_dir(self._workdir(workdir)), SEGMENTATION)

@@ -111,6 +111,7 @@ class FibsegWidget(QWidget):
     self.worker = None
     self.stop: threading.Event | None = None
     self.last_error: str | None = None
+    self.segmenting: str | None = None  # the run whose stack is being segmented
     self.timer = QTimer(self)
     self.timer.setInterval(POLL_MS)
     self.timer.timeout.connect(self._poll)
@@ -235,6 +236,7 @@ class FibsegWidget(QWidget):
     show_info(text)
 
   def _error(self, error: BaseException) -> None:
+    self.segmenting = None
     self.last_error = one_line(error)
     if not isinstance(error, ValueError | KeyboardInterrupt | OSError):
       traceback.print_exception(error)
@@ -264,12 +266,14 @@ class FibsegWidget(QWidget):
     return worker
 
   def _finished(self) -> None:
-    self.timer.stop()
-    self._poll()
+    self.worker = None
+    if self.timer.isActive():
+      self.timer.stop()
+      self._poll()  # the last steps or blocks
+    self.segmenting = None
     for b in self.action_buttons:
       b.setEnabled(True)
     self.cancel_button.setEnabled(False)
-    self.worker = None
 
   def busy(self) -> bool:
     return self.worker is not None
@@ -376,6 +380,10 @@ class FibsegWidget(QWidget):
       self.status.setText("stopping after the step in flight ...")
 
   def _poll(self) -> None:
+    if self.segmenting:
+      done, _ = self.session.segment_progress(self.segmenting)
+      self.progress.setValue(done)
+      return
     if not self.workdir:
       return
     curve = session_lib.Session.curve(self.workdir)
@@ -423,13 +431,15 @@ class FibsegWidget(QWidget):
     session = self._guard(self._need_session)
     if session is None:
       return
-    self.progress.setRange(0, 0)  # busy: the blocks report to the terminal
+    self.segmenting = self.workdir or session.latest_run()
+    _, total = self._guard(lambda: session.segment_progress(self.segmenting)) or (0, 1)
+    self.progress.setRange(0, total)
+    self.progress.setValue(0)
     self._say("segmenting the stack ...")
     self._start(lambda: session.segment(self.workdir, self.stop), self._segmented, stoppable=True)
+    self.timer.start()
 
   def _segmented(self, result: Any) -> None:
-    self.progress.setRange(0, 1)
-    self.progress.setValue(1)
     out = os.path.dirname(result.output)
     scale = self.session.volume.metadata.voxel_size_nm
     self._replace_layers(layers_lib.segmentation_layers(result.output, SEGMENTATION, scale))
