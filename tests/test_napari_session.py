@@ -122,9 +122,11 @@ def test_cancel_resume_refine_preview_segment_quantify(tmp_path):
   assert uncertainty.shape == (48, 48) and 0 <= uncertainty.min() <= uncertainty.max() <= 1
 
   result = session.segment()
-  assert result.complete
+  assert result.complete and result.blocks_done == 6
+  again = session.segment()  # finished: opened as it is, not recomputed or refused
+  assert again.complete and again.blocks_done == 0 and again.output == result.output
   seg = session.segmentation()
-  assert seg.startswith(workdir2)
+  assert seg.startswith(os.path.join(workdir2, "segmentation_step"))
   suggested = session.next_slices(top=2)
   assert len(suggested) == 2 and not set(suggested) & {1, 3, 4}
   rows, report = session.quantify()

@@ -43,7 +43,7 @@ from fibseg_jax.eval import uncertainty as uncertainty_lib
 from fibseg_jax.infer import segment as segment_lib
 from fibseg_jax.infer import slice as slice_lib
 from fibseg_jax.infer import store, tiling
-from fibseg_jax.infer.settings import SegmentSettings
+from fibseg_jax.infer.settings import SegmentationResult, SegmentSettings
 from fibseg_jax.train import loop, metrics_writer
 from fibseg_jax.train.config import ConfigError
 
@@ -267,17 +267,36 @@ class Session:
     entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
     return labels.astype(np.uint8) + 1, entropy.astype(np.float32)
 
-  def output_dir(self, workdir: str) -> str:
-    return os.path.join(workdir, "segmentation")
+  @staticmethod
+  def output_dir(workdir: str) -> str:
+    """`<run>/segmentation_step<N>`, N the checkpoint segment uses (the best by validation
+    mean IoU): a run trained further segments anew beside the earlier one."""
+    mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), read_only=True)
+    step = mngr.best_step() or mngr.latest_step()
+    return os.path.join(workdir, f"segmentation_step{step}")
 
   def segment(
     self, workdir: str | None = None, stop: threading.Event | None = None, tta: str = "auto"
-  ) -> segment_lib.SegmentationResult:
-    """Segments the whole stack out of core into `<run>/segmentation/` (labels and
-    uncertainty); resumes a stopped segmentation of the same run."""
+  ) -> SegmentationResult:
+    """Segments the whole stack out of core into `output_dir` (labels and uncertainty);
+    resumes a stopped segmentation, and returns a finished one as it is."""
     workdir = self._workdir(workdir)
     out = self.output_dir(workdir)
     os.makedirs(out, exist_ok=True)
+    done, total = self.segment_progress(workdir)
+    if done == total:
+      return SegmentationResult(
+        output=os.path.join(out, SEGMENTATION),
+        probabilities=None,
+        blocks_total=total,
+        blocks_assigned=total,
+        blocks_skipped=total,
+        blocks_done=0,
+        complete=True,
+        seconds=0.0,
+        mpixels=0.0,
+        uncertainty=os.path.join(out, UNCERTAINTY),
+      )
     return segment_lib.segment_from_checkpoint(
       workdir,
       self.volume,

@@ -265,6 +265,12 @@ class FibsegWidget(QWidget):
     worker.start()
     return worker
 
+  def _start_with_session(self, fn: Callable[[session_lib.Session], Any], done) -> None:
+    """`_start(fn(session), done)`, or the error notification when no volume is open."""
+    session = self._guard(self._need_session)
+    if session is not None:
+      self._start(lambda: fn(session), done)
+
   def _finished(self) -> None:
     self.worker = None
     if self.timer.isActive():
@@ -398,11 +404,8 @@ class FibsegWidget(QWidget):
     return int(self.viewer.dims.current_step[0])
 
   def preview(self) -> None:
-    session = self._guard(self._need_session)
-    if session is None:
-      return
     z = self.current_slice()
-    self._start(lambda: (z, *session.preview(z, self.workdir)), self._previewed)
+    self._start_with_session(lambda s: (z, *s.preview(z, self.workdir)), self._previewed)
 
   def _previewed(self, result: tuple[int, np.ndarray, np.ndarray]) -> None:
     z, labels, uncertainty = result
@@ -446,15 +449,15 @@ class FibsegWidget(QWidget):
     unc = layers_lib.segmentation_layers(result.uncertainty, UNCERTAINTY, scale)
     unc[0][1]["visible"] = False
     self._replace_layers(unc)
-    self._say(f"segmented {result.mpixels:.1f} Mpixel in {result.seconds:.0f} s -> {out}")
+    if result.blocks_done:
+      self._say(f"segmented {result.mpixels:.1f} Mpixel in {result.seconds:.0f} s -> {out}")
+    else:
+      self._say(f"this checkpoint's segmentation is complete already: {out}")
 
   # --- 5. next --------------------------------------------------------------------------
 
   def next_slice(self) -> None:
-    session = self._guard(self._need_session)
-    if session is None:
-      return
-    self._start(lambda: session.next_slices(self.workdir), self._jump)
+    self._start_with_session(lambda s: s.next_slices(self.workdir), self._jump)
 
   def _jump(self, slices: list[int]) -> None:
     if not slices:
@@ -464,10 +467,7 @@ class FibsegWidget(QWidget):
     self._say(f"annotate next: slices {slices} (showing {slices[0]})")
 
   def quantify(self) -> None:
-    session = self._guard(self._need_session)
-    if session is None:
-      return
-    self._start(lambda: session.quantify(self.workdir), self._quantified)
+    self._start_with_session(lambda s: s.quantify(self.workdir), self._quantified)
 
   def _quantified(self, result: tuple[list[dict[str, Any]], str]) -> None:
     rows, path = result
