@@ -2,6 +2,8 @@
 label write they rely on (volume.write_labels, annotations.save_painted)."""
 
 import os
+import subprocess
+import sys
 import threading
 
 import numpy as np
@@ -133,3 +135,23 @@ def test_cancel_resume_refine_preview_segment_quantify(tmp_path):
   assert [r["phase"] for r in rows] == list(CLASSES)
   assert abs(sum(r["volume_fraction"] for r in rows) - 1) < 1e-6
   assert "| pore |" in open(report).read()
+
+
+def test_ingest_folder_reads_one_subfolder_per_channel(tmp_path):
+  folder = tmp_path / "stack"
+  subprocess.run(
+    [sys.executable, "-m", "fibseg_jax.cli", "make-synthetic", f"--out={folder}",
+     "--shape=4,32,32", "--annotate=1,2", "--format=tiff"],
+    check=True, capture_output=True,
+  )  # fmt: skip
+  classes = ["pore", "csh", "portlandite", "clinker"]
+  out = session_lib.ingest_folder(folder, classes=classes, voxel_size_nm=(50, 25, 25))
+  assert out == f"{folder}.zarr"
+  vol = volume_lib.open_volume(out)
+  assert vol.channels == ("ICE", "TLD") and vol.classes == tuple(classes)
+  assert vol.metadata.annotated_slices == (1, 2) and vol.shape == (4, 32, 32)
+  with pytest.raises(session_lib.SessionError, match="exists already"):
+    session_lib.ingest_folder(folder, classes=classes, voxel_size_nm=(50, 25, 25))
+  (tmp_path / "empty" / "ICE").mkdir(parents=True)
+  with pytest.raises(session_lib.SessionError, match="no subfolder of slice images"):
+    session_lib.ingest_folder(tmp_path / "empty", classes=classes, voxel_size_nm=(50, 25, 25))
