@@ -124,6 +124,14 @@ def test_paint_train_preview_segment_next_quantify(widget, qtbot):
   w.more_edit.setText("batch")
   click_and_wait(qtbot, w, w.train_button)
   assert "'batch' is not FIELD=VALUE" in w.last_error
+  viewer.layers.remove("annotations")
+  w.save_labels()
+  assert "no 'annotations' layer to save" in w.last_error
+  # Opening the volume again brings back its layers, the painting saved, and drops
+  # the previews and segmentation of before.
+  w.open_volume(w.session.root)
+  assert "preview" not in viewer.layers and "segmentation" not in viewer.layers
+  assert (viewer.layers["annotations"].data[2, 12, 10:30] == 2).all()
 
 
 def test_cancel_keeps_a_checkpoint_and_train_resumes(widget, qtbot):

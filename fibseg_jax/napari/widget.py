@@ -302,6 +302,10 @@ class FibsegWidget(QWidget):
       if not path.strip():
         raise session_lib.SessionError("Volume: give the path of a volume (.zarr)")
       self.session = session_lib.Session(path.strip())
+      self.workdir = None
+      for name in (PREVIEW, PREVIEW_UNCERTAINTY, SEGMENTATION, UNCERTAINTY):
+        if name in self.viewer.layers:  # of the volume open before
+          self.viewer.layers.remove(name)
       self.volume_edit.setText(self.session.root)
       self._replace_layers(layers_lib.volume_layers(self.session.root))
       meta = self.session.volume.metadata
@@ -336,6 +340,10 @@ class FibsegWidget(QWidget):
   def save_labels(self) -> list[int] | None:
     def do():
       session = self._need_session()
+      if layers_lib.ANNOTATIONS not in self.viewer.layers:
+        raise session_lib.SessionError(
+          f"no '{layers_lib.ANNOTATIONS}' layer to save: Open the volume again to get it back"
+        )
       layer = self.viewer.layers[layers_lib.ANNOTATIONS]
       changed = session.save_painted(np.asarray(layer.data))
       done = f"saved slices {changed}" if changed else "labels unchanged"
