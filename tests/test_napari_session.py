@@ -1,6 +1,7 @@
 """The napari widget's actions without Qt (fibseg_jax.napari.session) and the crash-safe
 label write they rely on (volume.write_labels, annotations.save_painted)."""
 
+import dataclasses
 import os
 import subprocess
 import sys
@@ -97,6 +98,9 @@ def test_choices_are_checked(tmp_path):
   assert config.data.channels == "ICE,TLD" and config.train.eval_every == 2
   with pytest.raises(session_lib.SessionError, match="no trained run yet"):
     session.preview(0)
+  session.save_painted(np.zeros(session.volume.shape, np.uint8))  # every label wiped
+  with pytest.raises(session_lib.SessionError, match="nothing to train on: paint"):
+    session.train(session_lib.TrainChoice())
 
 
 def test_cancel_resume_refine_preview_segment_quantify(tmp_path):
@@ -119,6 +123,11 @@ def test_cancel_resume_refine_preview_segment_quantify(tmp_path):
   assert workdir2.endswith("run_2") and summary["step"] == 4
   assert metrics_writer.saved_config(workdir2)["train"]["init_from"] == workdir
 
+  # Another slab depth cannot take run_2's weights: run_3 starts from scratch.
+  workdir3, _ = session.train(dataclasses.replace(choice, slices=1))
+  assert workdir3.endswith("run_3")
+  assert not metrics_writer.saved_config(workdir3)["train"]["init_from"]
+
   labels, uncertainty = session.preview(2)
   assert labels.shape == (48, 48) and labels.min() >= 1 and labels.max() <= len(CLASSES)
   assert uncertainty.shape == (48, 48) and 0 <= uncertainty.min() <= uncertainty.max() <= 1
@@ -128,7 +137,7 @@ def test_cancel_resume_refine_preview_segment_quantify(tmp_path):
   again = session.segment()  # finished: opened as it is, not recomputed or refused
   assert again.complete and again.blocks_done == 0 and again.output == result.output
   seg = session.segmentation()
-  assert seg.startswith(os.path.join(workdir2, "segmentation_step"))
+  assert seg.startswith(os.path.join(workdir3, "segmentation_step"))  # the newest run
   suggested = session.next_slices(top=2)
   assert len(suggested) == 2 and not set(suggested) & {1, 3, 4}
   rows, report = session.quantify()

@@ -100,8 +100,8 @@ def test_paint_train_preview_segment_next_quantify(widget, qtbot):
   click_and_wait(qtbot, w, w.preview_button)
   preview = viewer.layers["preview"]
   assert tuple(preview.scale) == SCALE and preview.metadata["classes"] == list(CLASSES)
-  assert preview.data[2].min() >= 1 and preview.data[2].max() <= len(CLASSES)
-  assert not preview.data[0].any()  # only the previewed slice
+  assert preview.data.shape == (1, 48, 48) and preview.translate[0] == 2 * SCALE[0]
+  assert preview.data.min() >= 1 and preview.data.max() <= len(CLASSES)
 
   click_and_wait(qtbot, w, w.segment_button)
   assert w.last_error is None, w.last_error
@@ -148,6 +148,14 @@ def test_cancel_keeps_a_checkpoint_and_train_resumes(widget, qtbot):
   click_and_wait(qtbot, w, w.train_button)
   assert w.workdir.endswith("run_1")  # resumed, not a new run
   assert session_lib.latest_step(w.workdir) == step + 2
+  # Cancel during Segment stack: stopped, the widget usable again, and Segment resumes.
+  qtbot.mouseClick(w.segment_button, Qt.LeftButton)
+  qtbot.mouseClick(w.cancel_button, Qt.LeftButton)
+  qtbot.waitUntil(lambda: not w.busy(), timeout=WAIT_MS)
+  assert w.last_error is None, w.last_error
+  assert "segmentation stopped" in w.status.text() and w.segment_button.isEnabled()
+  click_and_wait(qtbot, w, w.segment_button)
+  assert w.last_error is None and "segmentation" in w.viewer.layers
 
 
 def test_reader_opens_volumes_and_segmentations(make_napari_viewer, tmp_path):

@@ -188,16 +188,18 @@ class Session:
     new run starting from the newest finished run's weights (None: from scratch)."""
     runs = self.run_dirs()
     latest = self.latest_run()
+    compatible = latest is not None and self._resumable(config, latest)
+    if latest is not None and compatible and latest_step(latest) < int(config.train.steps):
+      return latest, self._init_of(latest)
+    # A new run refines the latest one when it is the same experiment (another model,
+    # channels or slab depth cannot take its weights: those start from scratch).
+    init_from = latest if compatible else None
     if runs and latest_step(runs[-1]) is None:
-      return runs[-1], self._init_of(runs[-1])  # made but never saved: use it
-    if latest is not None:
-      step = latest_step(latest)
-      if step < int(config.train.steps) and self._resumable(config, latest):
-        return latest, self._init_of(latest)
+      return runs[-1], init_from  # made but never saved (a failed start): use it
     number = len(runs) + 1
     while os.path.exists(os.path.join(self.runs, f"{RUN_PREFIX}{number}")):
       number += 1
-    return os.path.join(self.runs, f"{RUN_PREFIX}{number}"), latest
+    return os.path.join(self.runs, f"{RUN_PREFIX}{number}"), init_from
 
   @staticmethod
   def _init_of(workdir: str) -> str | None:
@@ -222,6 +224,10 @@ class Session:
     The summary is None when `stop` ended the run early: its checkpoint is saved and
     the next `train` resumes it.
     """
+    if not self.volume.metadata.annotated_slices:
+      raise SessionError(
+        "nothing to train on: paint classes on a slice of 'annotations' and Save labels"
+      )
     config = self.config(choice)
     workdir, init_from = self.next_workdir(config)
     if init_from and os.path.abspath(init_from) != os.path.abspath(workdir):
@@ -252,8 +258,10 @@ class Session:
 
   # --- prediction ---------------------------------------------------------------------
 
-  def _workdir(self, workdir: str | None) -> str:
-    workdir = workdir or self.latest_run()
+  def resolve_run(self, workdir: str | None) -> str:
+    """`workdir` if it holds a checkpoint, else the newest run that does."""
+    if workdir is None or latest_step(workdir) is None:  # none given, or never saved
+      workdir = self.latest_run()
     if workdir is None:
       raise SessionError("no trained run yet: paint labels and press Train first")
     return workdir
@@ -261,7 +269,7 @@ class Session:
   def preview(self, z: int, workdir: str | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Labels (napari values: class + 1) and uncertainty (entropy / log classes, 0-1) of
     slice z from the best checkpoint of the run, in memory."""
-    restored = checkpoint.load(self._workdir(workdir))
+    restored = checkpoint.load(self.resolve_run(workdir))
     labels, probabilities = slice_lib.predict_slice(restored, self.volume, int(z))
     p = np.clip(probabilities, 1e-7, 1.0)
     entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
@@ -277,13 +285,13 @@ class Session:
 
   def segment(
     self, workdir: str | None = None, stop: threading.Event | None = None, tta: str = "auto"
-  ) -> SegmentationResult:
+  ) -> SegmentationResult | None:
     """Segments the whole stack out of core into `output_dir` (labels and uncertainty);
     resumes a stopped segmentation, and returns a finished one as it is."""
-    workdir = self._workdir(workdir)
+    workdir = self.resolve_run(workdir)
     out = self.output_dir(workdir)
     os.makedirs(out, exist_ok=True)
-    done, total = self.segment_progress(workdir)
+    done, total = self.progress_of(out)
     if done == total:
       return SegmentationResult(
         output=os.path.join(out, SEGMENTATION),
@@ -297,26 +305,34 @@ class Session:
         mpixels=0.0,
         uncertainty=os.path.join(out, UNCERTAINTY),
       )
-    return segment_lib.segment_from_checkpoint(
-      workdir,
-      self.volume,
-      output=os.path.join(out, SEGMENTATION),
-      uncertainty=os.path.join(out, UNCERTAINTY),
-      settings=SegmentSettings(tta=tta, progress=False),
-      stop=stop,
-    )
+    try:
+      return segment_lib.segment_from_checkpoint(
+        workdir,
+        self.volume,
+        output=os.path.join(out, SEGMENTATION),
+        uncertainty=os.path.join(out, UNCERTAINTY),
+        settings=SegmentSettings(tta=tta, progress=False),
+        stop=stop,
+      )
+    except KeyboardInterrupt:
+      if stop is not None and stop.is_set():
+        return None
+      raise
 
   def segment_progress(self, workdir: str | None = None) -> tuple[int, int]:
-    """(blocks finished, blocks in all) of the run's segmentation, read from its markers
-    (so a GUI can show the progress of a `segment` running in another thread)."""
-    workdir = self._workdir(workdir)
+    """(blocks finished, blocks in all) of the run's segmentation (`progress_of`)."""
+    return self.progress_of(self.output_dir(self.resolve_run(workdir)))
+
+  def progress_of(self, out: str) -> tuple[int, int]:
+    """(blocks finished, blocks in all) of the segmentation in `out`, read from its block
+    markers: a GUI can poll the progress of a `segment` running in another thread."""
     total = len(tiling.plan_blocks(self.volume.shape, SegmentSettings().block))
-    markers = os.path.join(self.output_dir(workdir), SEGMENTATION, store.DONE_PREFIX)
+    markers = os.path.join(out, SEGMENTATION, store.DONE_PREFIX)
     done = len(os.listdir(markers)) if os.path.isdir(markers) else 0
     return min(done, total), total
 
   def segmentation(self, workdir: str | None = None) -> str:
-    path = os.path.join(self.output_dir(self._workdir(workdir)), SEGMENTATION)
+    path = os.path.join(self.output_dir(self.resolve_run(workdir)), SEGMENTATION)
     if not os.path.exists(os.path.join(path, "zarr.json")):
       raise SessionError("no segmentation of this run yet: press Segment stack first")
     return path

@@ -100,6 +100,16 @@ class CurveCanvas(QWidget):
     self.canvas.draw_idle()
 
 
+class WorkerStop(threading.Event):
+  """Cancel for a library loop (`stop=`): set by the Cancel button, or by napari asking
+  the worker to quit (closing the viewer), so a quit never waits out a whole run."""
+
+  worker: Any = None
+
+  def is_set(self) -> bool:
+    return super().is_set() or bool(self.worker is not None and self.worker.abort_requested)
+
+
 class FibsegWidget(QWidget):
   """The dock widget (see the module docstring)."""
 
@@ -111,7 +121,8 @@ class FibsegWidget(QWidget):
     self.worker = None
     self.stop: threading.Event | None = None
     self.last_error: str | None = None
-    self.segmenting: str | None = None  # the run whose stack is being segmented
+    self.segmenting: str | None = None  # the output folder being segmented
+    self.training: str | None = None  # the run folder being trained
     self.timer = QTimer(self)
     self.timer.setInterval(POLL_MS)
     self.timer.timeout.connect(self._poll)
@@ -236,7 +247,6 @@ class FibsegWidget(QWidget):
     show_info(text)
 
   def _error(self, error: BaseException) -> None:
-    self.segmenting = None
     self.last_error = one_line(error)
     if not isinstance(error, ValueError | KeyboardInterrupt | OSError):
       traceback.print_exception(error)
@@ -252,12 +262,23 @@ class FibsegWidget(QWidget):
       return None
 
   def _start(self, fn: Callable[..., Any], done: Callable[[Any], None], *, stoppable: bool = False):
-    """Runs fn in a worker thread; `done` gets its result in the GUI thread."""
+    """Runs fn in a worker thread; `done` gets its result in the GUI thread, an error
+    becomes one notification (`_error`)."""
     for b in self.action_buttons:
       b.setEnabled(False)
     self.cancel_button.setEnabled(stoppable)
-    self.stop = threading.Event() if stoppable else None
-    worker = create_worker(fn, _start_thread=False)
+    stop = WorkerStop() if stoppable else None
+    self.stop = stop
+
+    def work():
+      try:
+        return fn()
+      except KeyboardInterrupt as e:  # a stop the action did not word: still one line
+        raise session_lib.SessionError(str(e) or "stopped") from None
+
+    worker = create_worker(work, _start_thread=False, _ignore_errors=True)
+    if stop is not None:
+      stop.worker = worker  # napari quitting asks the worker to quit: stop there too
     worker.returned.connect(done)
     worker.errored.connect(self._error)
     worker.finished.connect(self._finished)
@@ -276,7 +297,7 @@ class FibsegWidget(QWidget):
     if self.timer.isActive():
       self.timer.stop()
       self._poll()  # the last steps or blocks
-    self.segmenting = None
+    self.segmenting = self.training = None
     for b in self.action_buttons:
       b.setEnabled(True)
     self.cancel_button.setEnabled(False)
@@ -285,6 +306,12 @@ class FibsegWidget(QWidget):
     return self.worker is not None
 
   def _need_session(self) -> session_lib.Session:
+    if self.session is None and layers_lib.ANNOTATIONS in self.viewer.layers:
+      # A volume opened by the reader (`napari --plugin fibseg_jax vol.zarr`).
+      root = self.viewer.layers[layers_lib.ANNOTATIONS].metadata.get("fibseg_volume")
+      if root:
+        self.session = session_lib.Session(root)
+        self.volume_edit.setText(root)
     if self.session is None:
       raise session_lib.SessionError("Volume: open a volume first")
     return self.session
@@ -307,7 +334,12 @@ class FibsegWidget(QWidget):
         if name in self.viewer.layers:  # of the volume open before
           self.viewer.layers.remove(name)
       self.volume_edit.setText(self.session.root)
-      self._replace_layers(layers_lib.volume_layers(self.session.root))
+      data = layers_lib.volume_layers(self.session.root)
+      if layers_lib.ANNOTATIONS in self.viewer.layers:
+        mine = self.viewer.layers[layers_lib.ANNOTATIONS].metadata.get("fibseg_volume")
+        if mine and os.path.realpath(mine) == os.path.realpath(self.session.root):
+          data = [d for d in data if d[1]["name"] != layers_lib.ANNOTATIONS]  # keep unsaved paint
+      self._replace_layers(data)
       meta = self.session.volume.metadata
       classes = ", ".join(f"{i + 1} = {c}" for i, c in enumerate(meta.classes))
       self._say(
@@ -319,17 +351,17 @@ class FibsegWidget(QWidget):
 
   def ingest(self) -> None:
     folder = self.folder_edit.text().strip()
+    classes = [c.strip() for c in self.classes_edit.text().split(",") if c.strip()]
+    voxel_text = self.voxel_edit.text()
 
     def work():
-      classes = [c.strip() for c in self.classes_edit.text().split(",") if c.strip()]
       try:
-        voxel = [float(v) for v in self.voxel_edit.text().split(",")]
+        voxel = [float(v) for v in voxel_text.split(",")]
       except ValueError:
         voxel = []
       if len(voxel) != 3 or min(voxel) <= 0:
         raise session_lib.SessionError(
-          f"Voxel z,y,x nm: {self.voxel_edit.text()!r}; expected three positive numbers, "
-          "e.g. 50,25,25"
+          f"Voxel z,y,x nm: {voxel_text!r}; expected three positive numbers, e.g. 50,25,25"
         )
       return session_lib.ingest_folder(folder, classes=classes, voxel_size_nm=voxel)
 
@@ -371,10 +403,10 @@ class FibsegWidget(QWidget):
     config = self._guard(lambda: session.config(choice))
     if config is None:
       return
-    self.workdir, _ = session.next_workdir(config)
+    self.training, _ = session.next_workdir(config)
     self.progress.setRange(0, choice.steps)
     self.progress.setValue(0)
-    self._say(f"training {choice.model} in {self.workdir}")
+    self._say(f"training {choice.model} in {self.training}")
     self._start(lambda: session.train(choice, self.stop), self._trained, stoppable=True)
     self.timer.start()
 
@@ -395,12 +427,12 @@ class FibsegWidget(QWidget):
 
   def _poll(self) -> None:
     if self.segmenting:
-      done, _ = self.session.segment_progress(self.segmenting)
+      done, _ = self.session.progress_of(self.segmenting)
       self.progress.setValue(done)
       return
-    if not self.workdir:
+    if not self.training:
       return
-    curve = session_lib.Session.curve(self.workdir)
+    curve = session_lib.Session.curve(self.training)
     if curve["step"]:
       self.progress.setValue(int(curve["step"][-1]))
     if len(curve["step"]) + len(curve["val_step"]) != self.curve.points:
@@ -419,41 +451,54 @@ class FibsegWidget(QWidget):
     z, labels, uncertainty = result
     meta = self.session.volume.metadata
     scale = tuple(meta.voxel_size_nm)
-    if PREVIEW not in self.viewer.layers:
+    # One slice, placed at z: shown on that slice only, one slice of memory.
+    translate = (z * scale[0], 0.0, 0.0)
+    unc = np.round(255 * uncertainty).astype(np.uint8)[np.newaxis]
+    if PREVIEW in self.viewer.layers and PREVIEW_UNCERTAINTY in self.viewer.layers:
+      for name, data in ((PREVIEW, labels[np.newaxis]), (PREVIEW_UNCERTAINTY, unc)):
+        layer = self.viewer.layers[name]
+        layer.data = data
+        layer.translate = translate
+    else:
       kwargs = layers_lib.label_kwargs(PREVIEW, meta.classes, scale)
-      self.viewer.add_labels(np.zeros(meta.shape, np.uint8), opacity=0.5, **kwargs)
-      self.viewer.add_image(
-        np.zeros(meta.shape, np.uint8),
-        name=PREVIEW_UNCERTAINTY,
-        scale=scale,
-        colormap="inferno",
-        contrast_limits=(0, 255),
-        visible=False,
-      )
-    layer = self.viewer.layers[PREVIEW]
-    layer.data[z] = labels
-    layer.refresh()
-    unc = self.viewer.layers[PREVIEW_UNCERTAINTY]
-    unc.data[z] = np.round(255 * uncertainty).astype(np.uint8)
-    unc.refresh()
+      self._replace_layers([(labels[np.newaxis], kwargs, "labels")])
+      self.viewer.layers[PREVIEW].translate = translate
+      self.viewer.layers[PREVIEW].opacity = 0.5
+      kwargs = {
+        "name": PREVIEW_UNCERTAINTY,
+        "scale": scale,
+        "translate": translate,
+        "colormap": "inferno",
+        "contrast_limits": (0, 255),
+        "visible": False,
+      }
+      self._replace_layers([(unc, kwargs, "image")])
     self._say(f"preview of slice {z}: mean uncertainty {float(uncertainty.mean()):.3f}")
 
   def segment(self) -> None:
     session = self._guard(self._need_session)
     if session is None:
       return
-    self.segmenting = self.workdir or session.latest_run()
-    _, total = self._guard(lambda: session.segment_progress(self.segmenting)) or (0, 1)
+    out = self._guard(lambda: session.output_dir(session.resolve_run(self.workdir)))
+    if out is None:
+      return
+    self.segmenting = out
+    done, total = session.progress_of(out)
     self.progress.setRange(0, total)
+    self.progress.setValue(done)
     self.progress.setValue(0)
     self._say("segmenting the stack ...")
     self._start(lambda: session.segment(self.workdir, self.stop), self._segmented, stoppable=True)
     self.timer.start()
 
   def _segmented(self, result: Any) -> None:
+    if result is None:
+      self._say("segmentation stopped: the blocks done are kept; Segment stack resumes it")
+      return
     out = os.path.dirname(result.output)
     scale = self.session.volume.metadata.voxel_size_nm
     self._replace_layers(layers_lib.segmentation_layers(result.output, SEGMENTATION, scale))
+    self.viewer.layers[SEGMENTATION].editable = False  # read from its zarr store
     unc = layers_lib.segmentation_layers(result.uncertainty, UNCERTAINTY, scale)
     unc[0][1]["visible"] = False
     self._replace_layers(unc)
