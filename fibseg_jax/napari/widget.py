@@ -67,6 +67,21 @@ def one_line(error: BaseException) -> str:
   )
 
 
+def button(text: str, slot: Callable[[], Any]) -> QPushButton:
+  """A push button that calls `slot` when clicked."""
+  b = QPushButton(text)
+  b.clicked.connect(lambda: slot())
+  return b
+
+
+def row_of(*widgets: QWidget) -> QHBoxLayout:
+  """The widgets side by side."""
+  row = QHBoxLayout()
+  for w in widgets:
+    row.addWidget(w)
+  return row
+
+
 class CurveCanvas(QWidget):
   """Training loss and validation mean IoU against the step (matplotlib in Qt)."""
 
@@ -133,32 +148,22 @@ class FibsegWidget(QWidget):
     form = QFormLayout(box)
     self.volume_edit = QLineEdit()
     self.volume_edit.setPlaceholderText("path/to/volume.zarr")
-    self.open_button = QPushButton("Open")
-    self.open_button.clicked.connect(lambda: self.open_volume(self.volume_edit.text()))
-    row = QHBoxLayout()
-    row.addWidget(self.volume_edit)
-    row.addWidget(self.open_button)
-    form.addRow("Volume", row)
+    self.open_button = button("Open", lambda: self.open_volume(self.volume_edit.text()))
+    form.addRow("Volume", row_of(self.volume_edit, self.open_button))
     self.folder_edit = QLineEdit()
     self.folder_edit.setPlaceholderText("folder with ICE/, TLD/ (and labels/) of TIFFs")
     self.classes_edit = QLineEdit()
     self.classes_edit.setPlaceholderText("pore,solid")
     self.voxel_edit = QLineEdit("50,25,25")
-    self.ingest_button = QPushButton("Ingest")
-    self.ingest_button.clicked.connect(self.ingest)
-    row = QHBoxLayout()
-    row.addWidget(self.folder_edit)
-    row.addWidget(self.ingest_button)
-    form.addRow("or TIFFs", row)
+    self.ingest_button = button("Ingest", self.ingest)
+    form.addRow("or TIFFs", row_of(self.folder_edit, self.ingest_button))
     form.addRow("Classes", self.classes_edit)
     form.addRow("Voxel z,y,x nm", self.voxel_edit)
     layout.addWidget(box)
     # 2. labels
     box = QGroupBox("2. Paint in 'annotations' (0 = not painted)")
-    row = QHBoxLayout(box)
-    self.save_button = QPushButton("Save labels")
-    self.save_button.clicked.connect(self.save_labels)
-    row.addWidget(self.save_button)
+    self.save_button = button("Save labels", self.save_labels)
+    box.setLayout(row_of(self.save_button))
     layout.addWidget(box)
     # 3. training
     box = QGroupBox("3. Train")
@@ -185,15 +190,10 @@ class FibsegWidget(QWidget):
       ("More settings", self.more_edit),
     ):
       form.addRow(label, w)
-    row = QHBoxLayout()
-    self.train_button = QPushButton("Train")
-    self.train_button.clicked.connect(self.train)
-    self.cancel_button = QPushButton("Cancel")
-    self.cancel_button.clicked.connect(self.cancel)
+    self.train_button = button("Train", self.train)
+    self.cancel_button = button("Cancel", self.cancel)
     self.cancel_button.setEnabled(False)
-    row.addWidget(self.train_button)
-    row.addWidget(self.cancel_button)
-    form.addRow(row)
+    form.addRow(row_of(self.train_button, self.cancel_button))
     self.progress = QProgressBar()
     form.addRow(self.progress)
     self.curve = CurveCanvas()
@@ -201,25 +201,16 @@ class FibsegWidget(QWidget):
     layout.addWidget(box)
     # 4. segmentation
     box = QGroupBox("4. Segment")
-    row = QHBoxLayout(box)
-    self.preview_button = QPushButton("Preview slice")
-    self.preview_button.clicked.connect(self.preview)
-    self.segment_button = QPushButton("Segment stack")
-    self.segment_button.clicked.connect(self.segment)
-    row.addWidget(self.preview_button)
-    row.addWidget(self.segment_button)
+    self.preview_button = button("Preview slice", self.preview)
+    self.segment_button = button("Segment stack", self.segment)
+    box.setLayout(row_of(self.preview_button, self.segment_button))
     layout.addWidget(box)
     # 5. what next
     box = QGroupBox("5. Next")
     column = QVBoxLayout(box)
-    row = QHBoxLayout()
-    self.next_button = QPushButton("Next slice")
-    self.next_button.clicked.connect(self.next_slice)
-    self.quantify_button = QPushButton("Quantify")
-    self.quantify_button.clicked.connect(self.quantify)
-    row.addWidget(self.next_button)
-    row.addWidget(self.quantify_button)
-    column.addLayout(row)
+    self.next_button = button("Next slice", self.next_slice)
+    self.quantify_button = button("Quantify", self.quantify)
+    column.addLayout(row_of(self.next_button, self.quantify_button))
     self.table = QTableWidget(0, len(session_lib.COLUMNS))
     self.table.setMinimumHeight(160)
     self.table.setHorizontalHeaderLabels([title for _, title in session_lib.COLUMNS])
