@@ -244,6 +244,20 @@ def _locate(path: str) -> tuple[str, int | None]:
   )
 
 
+def latest_step(workdir: str) -> int | None:
+  """The newest checkpoint step of a training workdir (None: it has saved none)."""
+  directory = os.path.join(workdir, CHECKPOINT_DIR)
+  if not os.path.isdir(directory):
+    return None
+  return manager(directory, read_only=True).latest_step()
+
+
+def default_step(mngr: ocp.CheckpointManager, best: bool = True) -> int | None:
+  """The step `load` restores when none is named: the best by validation mean IoU (with
+  `best`), else the latest."""
+  return (mngr.best_step() if best else None) or mngr.latest_step()
+
+
 def load(
   path_or_workdir: str, step: int | None = None, *, best: bool = True, aux_heads: bool = False
 ) -> Restored:
@@ -273,7 +287,7 @@ def load(
   if not steps:
     raise CheckpointError(f"{directory}: holds no finished checkpoint")
   if step is None:
-    step = (mngr.best_step() if best else None) or mngr.latest_step()
+    step = default_step(mngr, best)
   if step not in steps:
     raise CheckpointError(f"{directory}: no checkpoint at step {step}; available: {steps}")
   try:

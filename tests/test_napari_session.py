@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 from test_train import CLASSES, make_volume
 
+from fibseg_jax import checkpoint
 from fibseg_jax.data import annotations
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.napari import session as session_lib
@@ -113,7 +114,7 @@ def test_cancel_resume_refine_preview_segment_quantify(tmp_path):
   stop.set()  # Cancel pressed at once: the first step is finished and saved
   workdir, summary = session.train(choice, stop)
   assert summary is None and workdir.endswith("run_1")
-  assert session_lib.latest_step(workdir) == 1
+  assert checkpoint.latest_step(workdir) == 1
   workdir, summary = session.train(choice)
   assert workdir.endswith("run_1") and summary["step"] == 4
   curve = session.curve(workdir)

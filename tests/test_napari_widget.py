@@ -15,6 +15,7 @@ import numpy as np
 import pytest
 from test_train import CLASSES, make_volume
 
+from fibseg_jax import checkpoint
 from fibseg_jax.data import volume as volume_lib
 
 APT = (
@@ -40,7 +41,6 @@ with warnings.catch_warnings():  # napari's models: pydantic v1 idioms (not ours
   warnings.simplefilter("ignore", DeprecationWarning)
   from qtpy.QtCore import Qt
 
-  from fibseg_jax.napari import session as session_lib
   from fibseg_jax.napari.widget import FibsegWidget
 
 pytest_plugins = ("napari.utils._testsupport",)  # make_napari_viewer (off elsewhere: setup.cfg)
@@ -142,12 +142,12 @@ def test_cancel_keeps_a_checkpoint_and_train_resumes(widget, qtbot):
   qtbot.waitUntil(lambda: not w.busy(), timeout=WAIT_MS)
   assert w.last_error is None, w.last_error
   assert "cancelled" in w.status.text()
-  step = session_lib.latest_step(w.workdir)
+  step = checkpoint.latest_step(w.workdir)
   assert step is not None and 1 <= step < 40
   w.steps_spin.setValue(step + 2)
   click_and_wait(qtbot, w, w.train_button)
   assert w.workdir.endswith("run_1")  # resumed, not a new run
-  assert session_lib.latest_step(w.workdir) == step + 2
+  assert checkpoint.latest_step(w.workdir) == step + 2
   # Cancel during Segment stack: stopped, the widget usable again, and Segment resumes.
   qtbot.mouseClick(w.segment_button, Qt.LeftButton)
   qtbot.mouseClick(w.cancel_button, Qt.LeftButton)

@@ -52,14 +52,6 @@ SEGMENTATION = "segmentation.zarr"
 UNCERTAINTY = "uncertainty.zarr"
 
 
-def latest_step(workdir: str) -> int | None:
-  """The newest checkpoint step of a training workdir (None: none saved)."""
-  directory = os.path.join(workdir, checkpoint.CHECKPOINT_DIR)
-  if not os.path.isdir(directory):
-    return None
-  return checkpoint.manager(directory, read_only=True).latest_step()
-
-
 class SessionError(ValueError):
   """A user mistake in the widget's choices; the message names the field."""
 
@@ -150,7 +142,7 @@ class Session:
   def latest_run(self) -> str | None:
     """The newest run folder holding a checkpoint, or None."""
     for workdir in reversed(self.run_dirs()):
-      if latest_step(workdir) is not None:
+      if checkpoint.latest_step(workdir) is not None:
         return workdir
     return None
 
@@ -189,12 +181,12 @@ class Session:
     runs = self.run_dirs()
     latest = self.latest_run()
     compatible = latest is not None and self._resumable(config, latest)
-    if latest is not None and compatible and latest_step(latest) < int(config.train.steps):
+    if compatible and checkpoint.latest_step(latest) < int(config.train.steps):
       return latest, self._init_of(latest)
     # A new run refines the latest one when it is the same experiment (another model,
     # channels or slab depth cannot take its weights: those start from scratch).
     init_from = latest if compatible else None
-    if runs and latest_step(runs[-1]) is None:
+    if runs and checkpoint.latest_step(runs[-1]) is None:
       return runs[-1], init_from  # made but never saved (a failed start): use it
     number = len(runs) + 1
     while os.path.exists(os.path.join(self.runs, f"{RUN_PREFIX}{number}")):
@@ -208,22 +200,15 @@ class Session:
 
   @staticmethod
   def _resumable(config: ml_collections.ConfigDict, workdir: str) -> bool:
-    trial = ml_collections.ConfigDict(config.to_dict())
-    trial.data.classes = tuple(config.data.classes) or ()
     try:
-      loop.check_workdir(loop.prepare(trial).config, workdir)
+      loop.check_workdir(loop.prepare(config).config, workdir)
     except ConfigError:
       return False
     return True
 
-  def train(
-    self, choice: TrainChoice, stop: threading.Event | None = None
-  ) -> tuple[str, dict[str, Any] | None]:
-    """Trains (resumes, or refines the last run); returns (workdir, summary).
-
-    The summary is None when `stop` ended the run early: its checkpoint is saved and
-    the next `train` resumes it.
-    """
+  def plan(self, choice: TrainChoice) -> tuple[ml_collections.ConfigDict, str]:
+    """(config, run folder) that `train` uses: `config(choice)` with the run to refine
+    as `train.init_from`, and the folder `next_workdir` picks."""
     if not self.volume.metadata.annotated_slices:
       raise SessionError(
         "nothing to train on: paint classes on a slice of 'annotations' and Save labels"
@@ -232,6 +217,22 @@ class Session:
     workdir, init_from = self.next_workdir(config)
     if init_from and os.path.abspath(init_from) != os.path.abspath(workdir):
       config.train.init_from = init_from
+    return config, workdir
+
+  def train(
+    self,
+    choice: TrainChoice,
+    stop: threading.Event | None = None,
+    *,
+    plan: tuple[ml_collections.ConfigDict, str] | None = None,
+  ) -> tuple[str, dict[str, Any] | None]:
+    """Trains (resumes, or refines the last run); returns (workdir, summary).
+
+    The summary is None when `stop` ended the run early: its checkpoint is saved and
+    the next `train` resumes it. `plan`: `plan(choice)` already made, by a caller that
+    needed the run folder first.
+    """
+    config, workdir = plan or self.plan(choice)
     os.makedirs(workdir, exist_ok=True)
     try:
       return workdir, loop.train_and_evaluate(config, workdir, progress=False, stop=stop)
@@ -243,24 +244,17 @@ class Session:
   @staticmethod
   def curve(workdir: str) -> dict[str, list[float]]:
     """Training loss and validation mean IoU so far (metrics.jsonl), for a live plot."""
-    out = {"step": [], "loss": [], "val_step": [], "val_miou": []}
-    path = os.path.join(workdir, "metrics.jsonl")
-    if not os.path.exists(path):
-      return out
-    for row in metrics_writer.read_metrics(path):
-      if "loss" in row:
-        out["step"].append(row["step"])
-        out["loss"].append(row["loss"])
-      if "val_miou" in row:
-        out["val_step"].append(row["step"])
-        out["val_miou"].append(row["val_miou"])
-    return out
+    path = os.path.join(workdir, metrics_writer.METRICS_FILE)
+    rows = metrics_writer.read_metrics(path) if os.path.exists(path) else []
+    step, loss = metrics_writer.series(rows, "loss")
+    val_step, val_miou = metrics_writer.series(rows, "val_miou")
+    return {"step": step, "loss": loss, "val_step": val_step, "val_miou": val_miou}
 
   # --- prediction ---------------------------------------------------------------------
 
   def resolve_run(self, workdir: str | None) -> str:
     """`workdir` if it holds a checkpoint, else the newest run that does."""
-    if workdir is None or latest_step(workdir) is None:  # none given, or never saved
+    if workdir is None or checkpoint.latest_step(workdir) is None:  # none given, or never saved
       workdir = self.latest_run()
     if workdir is None:
       raise SessionError("no trained run yet: paint labels and press Train first")
@@ -280,7 +274,7 @@ class Session:
     """`<run>/segmentation_step<N>`, N the checkpoint segment uses (the best by validation
     mean IoU): a run trained further segments anew beside the earlier one."""
     mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), read_only=True)
-    step = mngr.best_step() or mngr.latest_step()
+    step = checkpoint.default_step(mngr)
     return os.path.join(workdir, f"segmentation_step{step}")
 
   def segment(

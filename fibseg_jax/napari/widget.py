@@ -391,14 +391,14 @@ class FibsegWidget(QWidget):
     if self.save_labels() is None:
       return
     session, choice = self.session, self.choice()
-    config = self._guard(lambda: session.config(choice))
-    if config is None:
+    plan = self._guard(lambda: session.plan(choice))
+    if plan is None:
       return
-    self.training, _ = session.next_workdir(config)
+    _, self.training = plan
     self.progress.setRange(0, choice.steps)
     self.progress.setValue(0)
     self._say(f"training {choice.model} in {self.training}")
-    self._start(lambda: session.train(choice, self.stop), self._trained, stoppable=True)
+    self._start(lambda: session.train(choice, self.stop, plan=plan), self._trained, stoppable=True)
     self.timer.start()
 
   def _trained(self, result: tuple[str, dict[str, Any] | None]) -> None:

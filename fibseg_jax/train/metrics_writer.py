@@ -130,6 +130,12 @@ def describe_run(config: Mapping | None, workdir: str) -> str:
   return f"{text}, on {palette.stack_name(path)}" if path else text
 
 
+def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+  """(steps, values) of the metrics rows that hold `key`."""
+  points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+  return [p[0] for p in points], [p[1] for p in points]
+
+
 def plot_curves(
   workdir: str, out: str | None = None, *, config: Mapping | None = None
 ) -> str | None:
@@ -153,20 +159,20 @@ def plot_curves(
   from matplotlib.figure import Figure  # noqa: PLC0415 - only when plotting
   from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: PLC0415
 
-  def series(key):
-    pts = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-    return ([p[0] for p in pts], [p[1] for p in pts]) if pts else None
+  def curve(key):
+    steps, values = series(rows, key)
+    return (steps, values) if steps else None
 
   fig = Figure(figsize=(11, 4.2))
   ax_loss, ax_iou = fig.subplots(1, 2)
   for key, label in (("loss", "train loss"), ("val_loss", "validation loss")):
-    s = series(key)
+    s = curve(key)
     if s:
       ax_loss.plot(*s, label=label, marker="o" if key == "val_loss" else None)
   ax_loss.set_xlabel("step")
   ax_loss.set_ylabel("loss (cross-entropy + Dice)")
   ax_loss.set_yscale("log")
-  losses = [v for key in ("loss", "val_loss") for v in (series(key) or ((), ()))[1] if v > 0]
+  losses = [v for key in ("loss", "val_loss") for v in (curve(key) or ((), ()))[1] if v > 0]
   if losses:  # plain numbers (0.5, 1, 2) on the log axis, not 5 x 10^-1
     lo, hi = min(losses) / 1.1, max(losses) * 1.1
     ax_loss.set_ylim(lo, hi)
@@ -181,11 +187,11 @@ def plot_curves(
   order = {c: i for i, c in enumerate(classes)}  # class order, as in every other figure
   iou_keys.sort(key=lambda k: (order.get(k.split("/", 1)[1], len(order)), k))
   for key in iou_keys:
-    s = series(key)
+    s = curve(key)
     name = key.split("/", 1)[1]
     if s:
       ax_iou.plot(*s, label=name, color=palette.class_color(name), lw=1.5, alpha=0.85)
-  s = series("val_miou")
+  s = curve("val_miou")
   if s:
     ax_iou.plot(
       *s, label="mean IoU", color="black", linewidth=2.2, ls="--", marker="D", ms=4, mfc="white"
