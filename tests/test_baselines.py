@@ -181,3 +181,15 @@ def test_route_errors_name_the_problem():
     route.fit([np.ones((16, 16, 1), np.float32)], [np.full((16, 16), 255, np.uint8)])
   with pytest.raises(ValueError, match="before fit"):
     baselines.make_route("forest", 3).predict(np.ones((16, 16, 1), np.float32))
+
+
+def test_forest_probabilities_sum_to_one_match_predict_and_skip_unseen_classes():
+  rng = np.random.default_rng(0)
+  truth = rng.integers(0, 2, (8, 8)).repeat(8, 0).repeat(8, 1).astype(np.uint8)
+  image = (truth[..., None] * 2.0 + rng.normal(0, 0.3, (64, 64, 1))).astype(np.float32)
+  forest = baselines.RandomForest(3, baselines.ForestConfig(n_estimators=5)).fit([image], [truth])
+  p = forest.probabilities(image)
+  assert p.shape == (64, 64, 3) and p.dtype == np.float32
+  np.testing.assert_allclose(p.sum(-1), 1, atol=1e-5)
+  assert (p[..., 2] == 0).all()  # class 2 has no training pixel
+  np.testing.assert_array_equal(forest.predict(image), p.argmax(-1))

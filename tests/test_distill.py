@@ -179,3 +179,43 @@ def test_distill_mistakes_name_the_flag(tmp_path):
   config.distill.weight = -1.0
   with pytest.raises(config_lib.ConfigError, match="--config.distill.weight=-1.0"):
     distill.settings(config, str(tmp_path / "student"))
+
+
+def test_a_forest_fitted_on_the_training_pixels_teaches_and_is_computed_once(tmp_path):
+  """`distill.teacher=forest`: the forest's probabilities of every slice, from the run's
+  own training pixels only (evaluation labels unseen), written once, then trained on."""
+  path = str(make_volume(str(tmp_path / "v.zarr"), shape=(6, 48, 48)))
+  config = tiny_config(path)
+  config.data.eval_slices = "4"
+  config.distill.teacher = "forest"
+  student = str(tmp_path / "student")
+  with pytest.raises(config_lib.ConfigError, match="not computed yet"):
+    loop.train_and_evaluate(config, student, progress=False)
+  array = infer_distill.prepare_teacher(config, student, progress=False)
+  assert array == os.path.join(student, "teacher", "probabilities.zarr")
+  probs = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": array}}).result()
+  p = probs.read().result()
+  assert p.shape == (6, 48, 48, 3) and p.dtype == np.uint8
+  assert np.abs(p.astype(int).sum(-1) - 255).max() <= 2  # rounded probabilities
+  # The forest learned the bands: its argmax matches the truth on most of a training slice.
+  truth = volume_lib.open_volume(path).read_labels(1)
+  assert (p[1].argmax(-1) == truth).mean() > 0.8
+  stamp = os.stat(array).st_mtime_ns
+  assert infer_distill.prepare_teacher(config, student, progress=False) == array
+  assert os.stat(array).st_mtime_ns == stamp  # complete: not redone
+  loop.train_and_evaluate(config, student, progress=False)
+  rows = metrics_writer.read_metrics(os.path.join(student, "metrics.jsonl"))
+  assert all(np.isfinite(r["distill"]) for r in rows if "loss" in r)
+  # Other labels on the evaluation slice: the same teacher (they are never read).
+  labels = volume_lib.open_volume(path).labels
+  labels[4].write(np.full(labels.shape[1:], 2, np.uint8)).result()
+  other = infer_distill.prepare_teacher(config, str(tmp_path / "other"), progress=False)
+  again = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": other}}).result()
+  np.testing.assert_array_equal(again.read().result(), p)
+  # Another seed is another forest: not in the same workdir.
+  config.train.seed = 1
+  with pytest.raises(config_lib.ConfigError, match="use a new --workdir"):
+    infer_distill.prepare_teacher(config, student, progress=False)
+  config.distill.teacher = f"forest,{student}"
+  with pytest.raises(config_lib.ConfigError, match="a teacher on its own"):
+    distill.settings(config, str(tmp_path / "third"))

@@ -11,6 +11,7 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import effort, ranking
 from fibseg_jax.study.comparison import synthetic_volume
+from fibseg_jax.train import metrics_writer
 
 
 def _truth(seed=0, shape=(1, 128, 128)):
@@ -84,7 +85,8 @@ def test_drift_grows_the_artifacts_along_z_only():
 
 
 def test_effort_curve_trains_from_strokes_and_resumes(tmp_path):
-  """A stroke-only annotation trains the network and the forest; a rerun redoes nothing."""
+  """A stroke-only annotation trains the network, the forest and the network taught by
+  the forest; a rerun redoes nothing."""
   budget = budget_lib.SMOKE
   path = str(tmp_path / "vol.zarr")
   synthetic_volume(path, budget, annotate=range(budget.shape[0]))
@@ -104,8 +106,14 @@ def test_effort_curve_trains_from_strokes_and_resumes(tmp_path):
     strokes_row["slices"]
   )
   for row in document["rows"]:
-    for method in ("network", "forest"):
+    for method in ("network", "forest", "taught"):
       assert 0 < row[method]["mean_iou"]["mean"] <= 1
+    assert row["taught_minus_forest"]["mean"] == pytest.approx(
+      row["taught"]["mean_iou"]["mean"] - row["forest"]["mean_iou"]["mean"]
+    )
+  taught = os.path.join(out, "strokes_0.05", "taught_s0", "run")
+  assert metrics_writer.saved_config(taught)["distill"]["teacher"] == "forest"
+  assert os.path.isdir(os.path.join(taught, "teacher", "probabilities.zarr"))
   # The annotated volume holds only the strokes (255 elsewhere), on the training slices.
   stroke_set = volume_lib.open_volume(os.path.join(out, "sets", "strokes_0.05_s0", "volume.zarr"))
   assert list(stroke_set.metadata.annotated_slices) == sorted(budget.train_slices)
@@ -166,7 +174,10 @@ def test_ranking_study_compares_three_fourth_slices_and_counts_coverage(tmp_path
   assert pick not in rows["random"]["slices"]  # the random slice is another one
   iv = document["intervals"]
   assert iv["members"] == 2 and 0 <= iv["covered_share"] <= 1
-  assert "| + a random slice |" in open(os.path.join(out, "ranking.md")).read()
+  cal = iv["calibrated"]  # the fractions corrected on each seed's validation blocks
+  assert set(cal["covered_per_seed"]) == {0, 1} and set(cal["phases"]) == set(iv["phases"])
+  text = open(os.path.join(out, "ranking.md")).read()
+  assert "| + a random slice |" in text and "Calibrated volume fractions" in text
   with pytest.raises(ValueError, match="needs >= 2 seeds"):
     ranking.run_ranking(out, budget, **{**_ranking_args(path, budget), "seeds": [0]})
 

@@ -165,3 +165,22 @@ def test_ingest_folder_reads_one_subfolder_per_channel(tmp_path):
   (tmp_path / "empty" / "ICE").mkdir(parents=True)
   with pytest.raises(session_lib.SessionError, match="no subfolder of slice images"):
     session_lib.ingest_folder(tmp_path / "empty", classes=classes, voxel_size_nm=(50, 25, 25))
+
+
+def test_strokes_train_with_a_forest_teacher(tmp_path):
+  """Painted strokes only, "also learn from a random forest": the forest is fitted on the
+  strokes, its probabilities over the stack are the run's teacher, and the run trains."""
+  session = session_lib.Session(make_volume(str(tmp_path / "vol.zarr")))
+  truth = {z: session.volume.read_labels(z) for z in (1, 3, 4)}
+  painted = np.zeros(session.volume.shape, np.uint8)
+  for z, labels in truth.items():
+    rows = slice(20, 23)  # a 3-pixel stroke across the slice, classes from 1
+    painted[z, rows] = labels[rows] + 1
+  session.save_painted(painted)
+  choice = session_lib.TrainChoice(steps=4, overrides=TINY, forest_teacher=True)
+  assert session.config(choice).distill.teacher == "forest"
+  workdir, summary = session.train(choice)
+  assert summary["step"] == 4
+  assert os.path.isdir(os.path.join(workdir, "teacher", "probabilities.zarr"))
+  rows = metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))
+  assert all(np.isfinite(r["distill"]) for r in rows if "loss" in r)

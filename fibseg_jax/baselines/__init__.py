@@ -20,7 +20,13 @@ from fibseg_jax.baselines.cleaning import (
   flat_field,
 )
 from fibseg_jax.baselines.forest import ForestConfig, RandomForest, features, tiled_features
-from fibseg_jax.baselines.routes import ROUTES, Route, make_route, training_slices
+from fibseg_jax.baselines.routes import (
+  ROUTES,
+  Route,
+  make_route,
+  training_slices,
+  write_probabilities,
+)
 from fibseg_jax.baselines.threshold import MultiOtsu, channel_thresholds
 
 __all__ = [
@@ -41,4 +47,5 @@ __all__ = [
   "make_route",
   "tiled_features",
   "training_slices",
+  "write_probabilities",
 ]

@@ -184,13 +184,22 @@ class RandomForest:
     self.classifier.fit(np.concatenate(x_parts), np.concatenate(y_parts))
     return self
 
+  def probabilities(self, image: np.ndarray) -> np.ndarray:
+    """Class probabilities of a slice [y, x, C] normalised as in `fit`: float32 [y, x, k].
+
+    A class without a training pixel gets probability 0.
+    """
+    if self.classifier is None:
+      raise ValueError("RandomForest.probabilities called before fit")
+    out = np.zeros((*image.shape[:2], self.num_classes), np.float32)
+    classes = self.classifier.classes_.astype(np.intp)
+    for ys, xs, f in tiled_features(image, self.config):
+      proba = self.classifier.predict_proba(f.reshape(-1, f.shape[-1]))
+      out[ys, xs][..., classes] = proba.reshape(*f.shape[:2], -1)
+    return out
+
   def predict(self, image: np.ndarray) -> np.ndarray:
     """Labels of a slice [y, x, C] normalised as in `fit`: uint8 [y, x]."""
     if self.classifier is None:
       raise ValueError("RandomForest.predict called before fit")
-    out = np.empty(image.shape[:2], np.uint8)
-    classes = self.classifier.classes_.astype(np.uint8)
-    for ys, xs, f in tiled_features(image, self.config):
-      proba = self.classifier.predict_proba(f.reshape(-1, f.shape[-1]))
-      out[ys, xs] = classes[np.argmax(proba, axis=1)].reshape(f.shape[:2])
-    return out
+    return np.argmax(self.probabilities(image), axis=-1).astype(np.uint8)

@@ -23,11 +23,15 @@ volume's statistics.
 from __future__ import annotations
 
 import dataclasses
+import os
+import shutil
 import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+import tensorstore as ts
+from tqdm import tqdm
 
 from fibseg_jax.baselines import cleaning as cleaning_lib
 from fibseg_jax.baselines import forest as forest_lib
@@ -127,6 +131,75 @@ class Route:
     out = self.segmenter.predict(self._normalise(cleaned))
     self.seconds["predict"] = self.seconds.get("predict", 0.0) + time.perf_counter() - start
     return out
+
+  def probabilities(self, image: np.ndarray) -> np.ndarray:
+    """Class probabilities of a raw slice [y, x, C]: float32 [y, x, classes].
+
+    Raises:
+      ValueError: before `fit`, or for a route without probabilities (the Otsu routes).
+    """
+    if self.offset is None:
+      raise ValueError(f"route {self.name}: probabilities called before fit")
+    if not hasattr(self.segmenter, "probabilities"):
+      raise ValueError(f"route {self.name} gives labels only, no class probabilities")
+    cleaned = self._clean(image, "clean_predict")
+    start = time.perf_counter()
+    out = self.segmenter.probabilities(self._normalise(cleaned))
+    self.seconds["predict"] = self.seconds.get("predict", 0.0) + time.perf_counter() - start
+    return out
+
+
+def write_probabilities(
+  route: Route,
+  volume: volume_lib.Volume,
+  channels: Sequence[str],
+  path: str,
+  *,
+  progress: bool = False,
+) -> str:
+  """Writes a fitted route's class probabilities of every slice as a teacher array.
+
+  The array is [z, y, x, classes] uint8 round(255 p), the format of `fibseg segment
+  --probabilities`, so `--config.distill.teacher=PATH` teaches a network the route's
+  predictions (e.g. a forest trained on brush strokes). It is written next to `path`
+  and moved there when complete; an existing array at `path` is replaced.
+
+  Returns:
+    `path`.
+  """
+  depth, height, width = volume.shape
+  k = len(volume.classes)
+  index = volume.channel_indices(channels)
+  partial = f"{path}.partial"
+  shutil.rmtree(partial, ignore_errors=True)
+  array = ts.open(
+    {
+      "driver": "zarr3",
+      "kvstore": volume_lib.kvstore_spec(partial),
+      "metadata": {
+        "shape": [depth, height, width, k],
+        "data_type": "uint8",
+        "fill_value": 0,
+        "chunk_grid": {
+          "name": "regular",
+          "configuration": {"chunk_shape": [1, min(height, 512), min(width, 512), k]},
+        },
+        "codecs": [{"name": "bytes"}, {"name": "zstd", "configuration": {"level": 1}}],
+        "attributes": {"fibseg": {"kind": "probabilities", "route": route.name}},
+        "dimension_names": ["z", "y", "x", "class"],
+      },
+      "create": True,
+    },
+    context=volume_lib.CONTEXT,
+  ).result()
+  for z in tqdm(
+    range(depth), desc=f"{route.name} probabilities", unit="slice", disable=not progress
+  ):
+    p = route.probabilities(volume.read_image(z)[..., index])
+    array[z].write(np.rint(255 * np.clip(p, 0, 1)).astype(np.uint8)).result()
+  shutil.rmtree(path, ignore_errors=True)
+  os.replace(partial, path)
+  return path
 
 
 def make_route(

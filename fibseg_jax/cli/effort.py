@@ -28,7 +28,12 @@ from fibseg_jax.study import effort
 _LEVELS = flags.DEFINE_list(
   "levels", list(effort.DEFAULT_LEVELS), "Annotation levels: strokes:F, slices:N, every:N."
 )
-_METHODS = flags.DEFINE_list("methods", ["network", "forest"], "Of: network, forest.")
+_METHODS = flags.DEFINE_list(
+  "methods",
+  list(effort.METHODS),
+  "Of: network (the U-Net), forest (the random forest), taught (the U-Net taught by the "
+  "forest: --config.distill.teacher=forest).",
+)
 
 
 def main(argv):

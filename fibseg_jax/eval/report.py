@@ -25,7 +25,7 @@ import tensorstore as ts
 
 from fibseg_jax.data import lists
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.eval import metrics, quantify
+from fibseg_jax.eval import calibration, metrics, quantify
 from fibseg_jax.eval.inputs import (
   NOT_SEGMENTED,
   EvaluationError,
@@ -291,6 +291,7 @@ def evaluate(
     intervals = quantify.intervals(
       quantified, f"{len(quantified)} segmentations: " + ", ".join(paths)
     )
+    intervals = _calibrate(intervals, tru, [*opened, pred], quantified, paths)
   return Report(
     prediction=pred,
     truth=tru,
@@ -304,6 +305,39 @@ def evaluate(
     structure=structure_result,
     intervals=intervals,
   )
+
+
+def _calibrate(
+  intervals: dict[str, Any],
+  truth: Truth,
+  opened: Sequence[Prediction],
+  quantified: Sequence[quantify.Quantification],
+  paths: Sequence[str],
+) -> dict[str, Any]:
+  """The members' ranges, with the volume fractions' calibrated on the held-out blocks
+  of each member's training split where the truth volume and every split are known
+  (`calibration`); else the ranges, with the reason in "calibration"."""
+  if truth.volume is None:
+    return {**intervals, "calibration": "not done: --truth is not a volume"}
+  by_path = {os.path.abspath(str(m.path)): m for m in opened}
+  members = [by_path[p] for p in paths]
+  splits = [calibration.training_split(m.run) for m in members]
+  lacking = [p for p, s in zip(paths, splits, strict=True) if s is None]
+  if lacking:
+    return {
+      **intervals,
+      "calibration": "not done: no single training checkpoint with its split for "
+      + ", ".join(lacking),
+    }
+  try:
+    blocks = [
+      calibration.held_out_blocks(truth.volume, m.array, **split)
+      for m, split in zip(members, splits, strict=True)
+    ]
+  except (ValueError, volume_lib.VolumeError) as e:  # LoaderError is a ValueError
+    return {**intervals, "calibration": f"not done: {e}"}
+  calibrated = calibration.calibrated_intervals(quantified, blocks, intervals["source"])
+  return {**calibration.combine(intervals, calibrated), "calibration": calibrated["kind"]}
 
 
 def _max_label(stack: ts.TensorStore | Sequence[np.ndarray]) -> int:

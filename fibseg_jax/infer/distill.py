@@ -24,10 +24,13 @@ from typing import Any
 import jax
 import tensorstore as ts
 
+from fibseg_jax import baselines
 from fibseg_jax import checkpoint as checkpoint_lib
+from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import segment, store, tiling
 from fibseg_jax.infer.settings import SegmentSettings
+from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import distill as distill_lib
 from fibseg_jax.train.config import ConfigError
 
@@ -83,16 +86,17 @@ def prepare_teacher(
   folder = os.path.join(workdir, distill_lib.TEACHER_DIR)
   labels = os.path.join(folder, distill_lib.LABELS)
   record_path = os.path.join(folder, distill_lib.RECORD)
-  record = _record(distilled, path)
+  record = _record(distilled, path) if not distilled.route else _route_record(config, path)
   if os.path.isfile(record_path):
     with open(record_path) as f:
       theirs = json.load(f)
     if theirs != record:
       raise ConfigError(
-        f"--workdir={workdir} holds a teacher computed from {theirs.get('members')} (tta "
-        f"{theirs.get('tta')}) on {theirs.get('volume')}; --config.distill.teacher now names "
-        f"{record['members']} (tta {record['tta']}) on {record['volume']}: use a new --workdir"
+        f"--workdir={workdir} holds a teacher computed from {_describe(theirs)}; "
+        f"--config.distill.teacher now asks for {_describe(record)}: use a new --workdir"
       )
+  if distilled.route:
+    return _route_teacher(config, volume, distilled, record_path, progress)
   settings = SegmentSettings() if settings is None else settings
   settings = _with_tta(settings, distilled.tta)
   if _complete(labels, volume.shape, settings.block):
@@ -132,6 +136,81 @@ def prepare_teacher(
     from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host runs only
 
     multihost_utils.sync_global_devices("fibseg_jax.infer.distill.teacher")
+  return distilled.array
+
+
+def _describe(record: dict[str, Any]) -> str:
+  """A teacher record in words: what it was computed from, and on which volume."""
+  how = f"tta {record.get('tta')}" if "tta" in record else f"seed {record.get('seed')}"
+  return f"{record.get('members')} ({how}) on {record.get('volume')}"
+
+
+def _route_record(config: Any, volume: str) -> dict[str, Any]:
+  """What a forest teacher depends on: the pixels it is fitted on and its seed."""
+  d = config.data
+  return {
+    "members": [distill_lib.FOREST],
+    "forest": baselines.ForestConfig().to_json(),
+    "seed": int(config.train.seed),
+    "channels": list(config_lib.parse_names(d.channels, "--config.data.channels")),
+    "split": {
+      "eval_slices": sorted(config_lib.parse_ints(d.eval_slices, "--config.data.eval_slices")),
+      "val_fraction": float(d.val_fraction),
+      "val_block": int(d.val_block),
+      "split_seed": int(d.split_seed),
+    },
+    "volume": os.path.realpath(volume_lib.local_path(volume) or volume),
+  }
+
+
+def _route_teacher(
+  config: Any,
+  volume: volume_lib.Volume,
+  distilled: distill_lib.Distill,
+  record_path: str,
+  progress: bool,
+) -> str:
+  """Fits the forest on the run's training pixels and writes its probabilities."""
+  if distill_lib.is_probabilities_array(distilled.array):
+    return distilled.array  # written whole (moved into place when complete)
+  record = _route_record(config, config.data.path)
+  if jax.process_index() == 0:
+    os.makedirs(os.path.dirname(record_path), exist_ok=True)
+    with open(record_path, "w") as f:
+      json.dump(record, f, indent=1)
+    split = record["split"]
+    try:
+      images, labels = baselines.training_slices(
+        volume,
+        record["channels"],
+        eval_slices=split["eval_slices"],
+        val_fraction=split["val_fraction"],
+        val_block=split["val_block"],
+        split_seed=split["split_seed"],
+      )
+    except (loader_lib.LoaderError, volume_lib.VolumeError) as e:
+      raise ConfigError(f"--config.distill.teacher={distill_lib.FOREST}: {e}") from None
+    route = baselines.make_route(
+      "forest", len(volume.classes), seed=record["seed"], forest=baselines.ForestConfig()
+    )
+    if progress:
+      print(
+        f"distill: fitting a random forest on the training pixels of {len(images)} slice(s); "
+        f"its probabilities over {volume.shape[0]} slices -> {distilled.array}",
+        file=sys.stderr,
+        flush=True,
+      )
+    try:
+      route.fit(list(images.values()), list(labels.values()))
+    except ValueError as e:
+      raise ConfigError(f"--config.distill.teacher={distill_lib.FOREST}: {e}") from None
+    baselines.write_probabilities(
+      route, volume, record["channels"], distilled.array, progress=progress
+    )
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # noqa: PLC0415 - multi-host runs only
+
+    multihost_utils.sync_global_devices("fibseg_jax.infer.distill.forest")
   return distilled.array
 
 

@@ -40,10 +40,12 @@ from fibseg_jax.data import ingest as ingest_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import quantify as quantify_lib
 from fibseg_jax.eval import uncertainty as uncertainty_lib
+from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.infer import segment as segment_lib
 from fibseg_jax.infer import slice as slice_lib
 from fibseg_jax.infer import store, tiling
 from fibseg_jax.infer.settings import SegmentationResult, SegmentSettings
+from fibseg_jax.train import distill as distill_lib
 from fibseg_jax.train import loop, metrics_writer
 from fibseg_jax.train.config import ConfigError
 
@@ -66,6 +68,8 @@ class TrainChoice:
     slices: slab depth (odd).
     steps: training steps.
     overrides: further `--config.` fields, e.g. "train.batch_size=4 model.features=(8,16,32)".
+    forest_teacher: also learn a random forest's probabilities over the stack, the forest
+      fitted on the painted pixels (`--config.distill.teacher=forest`): for brush strokes.
   """
 
   model: str = "unet"
@@ -73,6 +77,7 @@ class TrainChoice:
   slices: int = 3
   steps: int = 400
   overrides: str = ""
+  forest_teacher: bool = False
 
 
 def parse_overrides(text: str) -> dict[str, Any]:
@@ -165,6 +170,8 @@ class Session:
     config.train.eval_every = max(1, min(int(config.train.eval_every), choice.steps // 4 or 1))
     config.train.log_every = max(1, min(int(config.train.log_every), choice.steps // 20 or 1))
     config.train.warmup_steps = min(int(config.train.warmup_steps), choice.steps // 4)
+    if choice.forest_teacher:
+      config.distill.teacher = distill_lib.FOREST
     for name, value in parse_overrides(choice.overrides).items():
       section, field = name.split(".")
       if section not in config or field not in config[section]:
@@ -235,6 +242,8 @@ class Session:
     config, workdir = plan or self.plan(choice)
     os.makedirs(workdir, exist_ok=True)
     try:
+      # A distillation teacher (e.g. distill.teacher=forest for brush strokes) first.
+      infer_distill.prepare_teacher(config, workdir, progress=False)
       return workdir, loop.train_and_evaluate(config, workdir, progress=False, stop=stop)
     except KeyboardInterrupt:
       if stop is not None and stop.is_set():

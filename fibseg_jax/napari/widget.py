@@ -33,6 +33,7 @@ from napari.qt.threading import create_worker
 from napari.utils.notifications import show_error, show_info
 from qtpy.QtCore import QTimer
 from qtpy.QtWidgets import (
+  QCheckBox,
   QComboBox,
   QFormLayout,
   QGroupBox,
@@ -180,6 +181,11 @@ class FibsegWidget(QWidget):
     self.steps_spin = QSpinBox()
     self.steps_spin.setRange(1, 1_000_000)
     self.steps_spin.setValue(400)
+    self.forest_check = QCheckBox("also learn from a random forest (for brush strokes)")
+    self.forest_check.setToolTip(
+      "A forest fitted on the painted pixels labels every slice and the network learns its "
+      "probabilities too (--config.distill.teacher=forest); from strokes it beats both"
+    )
     self.more_edit = QLineEdit()
     self.more_edit.setPlaceholderText("e.g. train.batch_size=4 model.features=(16,16,32,64,128,16)")
     for label, w in (
@@ -187,6 +193,7 @@ class FibsegWidget(QWidget):
       ("Channels", self.channels_edit),
       ("Slices", self.slices_spin),
       ("Steps", self.steps_spin),
+      ("Strokes", self.forest_check),
       ("More settings", self.more_edit),
     ):
       form.addRow(label, w)
@@ -385,6 +392,7 @@ class FibsegWidget(QWidget):
       slices=self.slices_spin.value(),
       steps=self.steps_spin.value(),
       overrides=self.more_edit.text(),
+      forest_teacher=self.forest_check.isChecked(),
     )
 
   def train(self) -> None:

@@ -4,10 +4,11 @@ For every annotation level (`fibseg_jax.data.annotations.Level`: brush strokes o
 share of the training slices, whole slices, every Nth slice) and every seed, the stack's
 truth is cut down to that level's labels and written as its own volume
 (`sets/<level>[_s<seed>]/volume.zarr`, strokes drawn anew for every seed, as another
-user would paint them), then a U-Net of the budget and the random forest on multiscale
-features (the ilastik route) are trained on it, and both are scored on the evaluation
-slices of the full truth. Every run resumes (a directory with `result.json` is never
-redone).
+user would paint them), then a U-Net of the budget, the random forest on multiscale
+features (the ilastik route) and the U-Net taught by that forest (`--config.distill
+.teacher=forest`: the annotation plus the forest's probabilities over every slice) are
+trained on it, and all are scored on the evaluation slices of the full truth. Every run
+resumes (a directory with `result.json` is never redone).
 
 x = labelled pixels, and the hours a person needs to paint them at a stated rate
 (`HOURS_PER_MPIXEL`), y = mean IoU, mean +- std over seeds. Writes effort.json,
@@ -28,6 +29,7 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import figures, runs
 from fibseg_jax.study.comparison import seed_stats
+from fibseg_jax.train import distill
 
 KIND = "effort study"
 DEFAULT_LEVELS = (
@@ -42,6 +44,12 @@ DEFAULT_LEVELS = (
 # Mpixel) in the brief, say 24 working hours, is half an hour per Mpixel; brush strokes
 # are taken at the same rate per pixel painted.
 HOURS_PER_MPIXEL = 0.5
+# The methods of the curve and their names in tables and figures.
+METHODS = {
+  "network": "U-Net",
+  "forest": "random forest",
+  "taught": "U-Net taught by the forest",
+}
 
 
 def claim_directory(out: str, volume: str | None = None) -> None:
@@ -135,7 +143,7 @@ def run_effort(
   train_slices: Sequence[int],
   eval_slices: Sequence[int],
   levels: Sequence[str] = DEFAULT_LEVELS,
-  methods: Sequence[str] = ("network", "forest"),
+  methods: Sequence[str] = tuple(METHODS),
   log=print,
 ) -> dict[str, Any]:
   """The effort curve over `levels` and `seeds`; writes out/effort.{json,md,png}.
@@ -151,13 +159,14 @@ def run_effort(
     train_slices: where strokes are painted; `slices:N` takes N of them while N fits.
     eval_slices: scored on, never annotated.
     levels: annotation levels (`annotations.Level.parse`).
-    methods: "network" and/or "forest".
+    methods: of `METHODS`: "network", "forest", "taught" (the U-Net with the forest's
+      probabilities as distillation teacher, weight 1).
   """
   claim_directory(out, volume)
   parsed = [annotations.Level.parse(text) for text in levels]
-  unknown = sorted(set(methods) - {"network", "forest"})
-  if unknown:
-    raise ValueError(f"--methods: unknown {unknown}; expected network, forest")
+  unknown = sorted(set(methods) - set(METHODS))
+  if unknown or not methods:
+    raise ValueError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
   truth = volume_lib.open_volume(volume)
   lacking = sorted(set(eval_slices) - set(truth.metadata.annotated_slices))
   if lacking:
@@ -182,8 +191,10 @@ def run_effort(
       for method in methods:
         start = time.perf_counter()
         directory = os.path.join(out, _dirname(level), f"{method}_s{seed}")
-        if method == "network":
-          settings = runs.settings(budget, slices=int(slices), **common)
+        if method in ("network", "taught"):
+          taught = method == "taught"
+          extra = {"teacher": distill.FOREST} if taught else {}
+          settings = runs.settings(budget, slices=int(slices), **common, **extra)
           r = runs.train_and_score(
             directory,
             budget,
@@ -195,6 +206,7 @@ def run_effort(
             seed=seed,
             train_slices=chosen,
             eval_slices=eval_slices,
+            configure=_forest_teacher if taught else None,
           )
         else:
           settings = runs.settings(budget, **common)
@@ -223,9 +235,10 @@ def run_effort(
     for method, rs in results.items():
       values = [r["mean_iou"] for r in rs]
       row[method] = {"mean_iou": seed_stats(values), "values": values}
-    if len(results) == 2:
-      diff = [a - b for a, b in zip(row["network"]["values"], row["forest"]["values"], strict=True)]
-      row["network_minus_forest"] = seed_stats(diff)
+    for method in ("network", "taught"):
+      if method in results and "forest" in results:
+        diff = [a - b for a, b in zip(row[method]["values"], row["forest"]["values"], strict=True)]
+        row[f"{method}_minus_forest"] = seed_stats(diff)
     rows.append(row)
   document = {
     "volume": volume,
@@ -247,6 +260,12 @@ def run_effort(
   return document
 
 
+def _forest_teacher(config) -> None:
+  """The "taught" method: the forest fitted on the run's training pixels as teacher."""
+  config.distill.teacher = distill.FOREST
+  config.distill.weight = 1.0
+
+
 def _stat(s: dict[str, Any] | None) -> str:
   if not s or s["mean"] is None:
     return "-"
@@ -256,11 +275,10 @@ def _stat(s: dict[str, Any] | None) -> str:
 def markdown(document: dict[str, Any]) -> str:
   """The curve as a table: one row per level."""
   methods = document["methods"]
-  names = {"network": "U-Net", "forest": "random forest"}
+  paired = [m for m in ("network", "taught") if m in methods and "forest" in methods]
   head = ["level", "slices", "labelled pixels", "share of those slices", "hours (est.)"]
-  head += [f"{names[m]} mean IoU" for m in methods]
-  if len(methods) == 2:
-    head.append("U-Net - forest (paired)")
+  head += [f"{METHODS[m]} mean IoU" for m in methods]
+  head += [f"{METHODS[m]} - forest (paired)" for m in paired]
   lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
   for row in document["rows"]:
     cells = [
@@ -271,8 +289,7 @@ def markdown(document: dict[str, Any]) -> str:
       f"{row['hours']:.3f}",
     ]
     cells += [_stat(row[m]["mean_iou"]) for m in methods]
-    if len(methods) == 2:
-      cells.append(_stat(row["network_minus_forest"]))
+    cells += [_stat(row.get(f"{m}_minus_forest")) for m in paired]
     lines.append("| " + " | ".join(cells) + " |")
   note = (
     f"\nScored on slices {document['eval_slices']} of {document['volume']}; seeds "

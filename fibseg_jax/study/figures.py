@@ -25,6 +25,7 @@ _METHOD_STYLE = {
   "network": ("#3182bd", "o"),
   "clean_otsu": ("#fd8d3c", "s"),
   "forest": ("#636363", "^"),
+  "taught": ("#31a354", "D"),
 }
 
 
@@ -113,7 +114,11 @@ def effort_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
   """
   fig = _figure(7.5, 4.6)
   ax = fig.subplots()
-  names = {"network": "U-Net", "forest": "random forest (ilastik-style)"}
+  names = {
+    "network": "U-Net",
+    "forest": "random forest (ilastik-style)",
+    "taught": "U-Net taught by the forest",
+  }
   rows = document["rows"]
   x = np.asarray([r["labelled_pixels"] for r in rows])
   for method in document["methods"]:

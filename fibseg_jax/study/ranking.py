@@ -27,7 +27,8 @@ import numpy as np
 
 from fibseg_jax import infer
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.eval import quantify, uncertainty
+from fibseg_jax.eval import calibration, quantify, uncertainty
+from fibseg_jax.infer import store
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
 from fibseg_jax.study.comparison import seed_stats
@@ -179,7 +180,7 @@ def _intervals(out: str, vol: volume_lib.Volume, seeds: Sequence[int]) -> dict[s
   sized = quantify.size_classes(vol.classes)
   members = [
     quantify.quantify_stack(
-      infer.open_array(os.path.join(out, f"base_s{s}", "seg.zarr")),
+      infer.open_array(seg_path(out, s)),
       vol.classes,
       voxel,
       sizes_for=sized,
@@ -194,12 +195,37 @@ def _intervals(out: str, vol: volume_lib.Volume, seeds: Sequence[int]) -> dict[s
     p.name: {key: float(quantify.INTERVAL_QUANTITIES[key](p)) for key in interval["phases"][p.name]}
     for p in truth.phases
   }
+  # The volume fractions corrected on each member's held-out validation blocks
+  # (`calibration`): for the ensemble, and for each seed alone.
+  blocks = []
+  for s in seeds:
+    seg = store.open_segmentation(seg_path(out, s))
+    split = calibration.training_split(seg.run)
+    blocks.append(calibration.held_out_blocks(vol, seg.array, **split))
+  calibrated = calibration.calibrated_intervals(members, blocks, interval["source"])
+  per_seed = {
+    int(s): quantify.coverage(
+      calibration.calibrated_intervals([m], [b], f"seed {s}", seed=int(s)), truth
+    )
+    for s, m, b in zip(seeds, members, blocks, strict=True)
+  }
   return {
     **interval,
     "truth": truth_values,
     "covered": covered,
     "covered_share": float(np.mean(flat)) if flat else None,
+    "calibrated": {
+      "kind": calibrated["kind"],
+      "phases": calibrated["phases"],
+      "covered": quantify.coverage(calibrated, truth),
+      "covered_per_seed": per_seed,
+    },
   }
+
+
+def seg_path(out: str, seed: int) -> str:
+  """The segmentation of seed `seed`'s three-slice U-Net."""
+  return os.path.join(out, f"base_s{seed}", "seg.zarr")
 
 
 def _stat(s: dict[str, Any]) -> str:
@@ -241,5 +267,24 @@ def markdown(document: dict[str, Any]) -> str:
       lines.append(
         f"| {phase} | {key} | {r['min']:.4g} .. {r['max']:.4g} | "
         f"{iv['truth'][phase][key]:.4g} | {inside} |"
+      )
+  cal = iv.get("calibrated")
+  if cal:
+    seeds = cal["covered_per_seed"]
+    lines += [
+      "",
+      f"Calibrated volume fractions ({cal['kind']}):",
+      "",
+      "| phase | calibrated interval (all members) | truth | inside | seeds whose own "
+      "calibrated interval holds it |",
+      "|---|---|---|---|---|",
+    ]
+    for phase, entry in cal["phases"].items():
+      r = entry["volume_fraction"]
+      inside = "yes" if cal["covered"][phase]["volume_fraction"] else "no"
+      held = sum(bool(c[phase]["volume_fraction"]) for c in seeds.values())
+      lines.append(
+        f"| {phase} | {r['min']:.4g} .. {r['max']:.4g} | "
+        f"{iv['truth'][phase]['volume_fraction']:.4g} | {inside} | {held} of {len(seeds)} |"
       )
   return "\n".join(lines) + "\n"

@@ -23,6 +23,7 @@ import numpy as np
 from fibseg_jax import baselines, checkpoint, configs, infer, models, outputs
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import metrics
+from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.train import loop
 
@@ -207,6 +208,7 @@ def train_logged(config: ml_collections.ConfigDict, directory: str) -> tuple[str
   start = time.perf_counter()
   try:
     with contextlib.redirect_stdout(log):
+      infer_distill.prepare_teacher(config, workdir, progress=False)  # a forest teacher
       loop.train_and_evaluate(config, workdir, progress=False)
   finally:
     with open(os.path.join(directory, "train.log"), "a") as f:
@@ -310,12 +312,14 @@ def train_and_score(
   train_slices: Sequence[int],
   eval_slices: Sequence[int],
   whole_stack: bool = False,
+  configure: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> dict[str, Any]:
   """Trains the budget's U-Net on `train_slices` and scores `eval_slices`, once.
 
   A directory whose result.json holds `settings` is returned as it is. The segmentation
   (`directory/seg.zarr`) covers only the evaluation slices, or with `whole_stack` every
-  slice, with the class probabilities in `directory/probs.zarr`.
+  slice, with the class probabilities in `directory/probs.zarr`. `configure` may change
+  the config first (`train_unet`).
 
   Returns:
     {"settings", "train_seconds", **`score`}, also written to `directory/result.json`.
@@ -331,6 +335,7 @@ def train_and_score(
     slices=slices,
     seed=seed,
     train_slices=train_slices,
+    configure=configure,
   )
   scored, _ = segment_and_score(
     workdir,

@@ -128,8 +128,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   (
     "distill.teacher",
     "",
-    "distil a teacher: comma-separated training workdirs (an ensemble) or a probabilities "
-    "array of `fibseg segment --probabilities`; empty = off",
+    "distil a teacher: comma-separated training workdirs (an ensemble), a probabilities "
+    "array of `fibseg segment --probabilities`, or `forest` (a random forest fitted on "
+    "the training pixels: for brush strokes); empty = off",
   ),
   ("distill.weight", 1.0, "weight of the soft cross-entropy to the teacher's probabilities"),
   ("distill.tta", "all", "test-time augmentation of the teacher's predictions (as segment --tta)"),

@@ -14,6 +14,13 @@ test-time augmentation, into `WORKDIR/teacher/` before the first step
 (`fibseg_jax.infer.distill.prepare_teacher`, which `fibseg train` calls); the training
 loop then only reads that array. No label of any slice is read to make it, so the
 evaluation slices' labels stay unseen.
+
+`config.distill.teacher=forest` is the teacher for sparse labels (brush strokes): a
+random forest on multiscale features (`fibseg_jax.baselines`, the ilastik route) is
+fitted on the run's own training pixels (the validation blocks and evaluation slices
+left out, as for the network) and its probabilities over every slice are the teacher.
+From strokes the forest generalises better than a network that sees only the stroke
+interiors; the network taught by it beats both (BUILD_NOTES, "Annotating less").
 """
 
 from __future__ import annotations
@@ -27,6 +34,8 @@ from fibseg_jax.data import lists
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train.config import ConfigError
 
+# `--config.distill.teacher=FOREST`: a random forest fitted on the training pixels.
+FOREST = "forest"
 # Where `prepare_teacher` writes a workdir teacher's outputs, inside the student's workdir.
 TEACHER_DIR = "teacher"
 PROBABILITIES = "probabilities.zarr"
@@ -40,12 +49,14 @@ class Distill:
 
   Attributes:
     members: the teacher's training workdirs (or checkpoint directories), () when the
-      teacher is a probabilities array.
+      teacher is a probabilities array or a route.
     array: the probabilities array the loader reads: `array_path(workdir)` of the
       members, or the array given.
     weight: weight of `losses.soft_cross_entropy`; 0 trains as without a teacher.
     tta: the teacher's test-time augmentation (segment's --tta values).
     batch_size: global patches from the whole stack per step.
+    route: `FOREST` when a random forest fitted on the training pixels is the teacher,
+      else "".
   """
 
   members: tuple[str, ...]
@@ -53,11 +64,12 @@ class Distill:
   weight: float
   tta: str
   batch_size: int
+  route: str = ""
 
   @property
   def computed(self) -> bool:
-    """Whether the array is computed from workdirs (else it was given)."""
-    return bool(self.members)
+    """Whether the array is computed (from workdirs or the route; else it was given)."""
+    return bool(self.members) or bool(self.route)
 
 
 def is_probabilities_array(path: str) -> bool:
@@ -105,6 +117,15 @@ def settings(config: Any, workdir: str | None) -> Distill | None:
   if batch_size == -1:
     batch_size = int(config["train"]["batch_size"])
   tta = str(d.get("tta", "all"))
+  if FOREST in names:
+    if len(names) > 1:
+      raise ConfigError(
+        f"--config.distill.teacher={teacher}: `{FOREST}` is a teacher on its own, not "
+        "part of an ensemble"
+      )
+    if workdir is None:
+      raise ConfigError("a forest teacher needs the student's workdir (it is written there)")
+    return Distill((), array_path(workdir), weight, tta, batch_size, route=FOREST)
   arrays = [n for n in names if is_probabilities_array(n)]
   if arrays:
     if len(names) > 1:
