@@ -13,7 +13,8 @@ import tifffile
 
 from fibseg_jax.data import ingest, split, volume
 from fibseg_jax.data.loader import LoaderConfig, SlabLoader
-from fibseg_jax.train import data_config
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import data_config, loop
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(REPO, "experiments", "ingest.py")
@@ -133,6 +134,13 @@ def test_stroke_only_slices_ingest_and_load(tmp_path):
     trained = batch["labels"] != IGNORE
     assert trained.any() and trained.mean() < 0.2  # strokes, not whole patches
     assert set(np.unique(batch["labels"][trained])) <= {0, 1, 2, 3}
+    # `fibseg train` points a user with strokes to the forest teacher, once.
+    train_config = config_lib.base_config()
+    hint = loop.sparse_labels_hint(loader, volume.open_volume(root), train_config)
+    assert hint.startswith("note: 2.1% of the training slices' pixels are labelled")
+    assert "--config.distill.teacher=forest" in hint
+    train_config.distill.teacher = "forest"
+    assert loop.sparse_labels_hint(loader, volume.open_volume(root), train_config) is None
 
 
 def _stroke_volume(strokes_by_slice, shape, classes=4):

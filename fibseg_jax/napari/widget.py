@@ -184,7 +184,7 @@ class FibsegWidget(QWidget):
     self.forest_check = QCheckBox("also learn from a random forest (for brush strokes)")
     self.forest_check.setToolTip(
       "A forest fitted on the painted pixels labels every slice and the network learns its "
-      "probabilities too (--config.distill.teacher=forest); from strokes it beats both"
+      "probabilities too (--config.distill.teacher=forest); see README, Annotating less"
     )
     self.more_edit = QLineEdit()
     self.more_edit.setPlaceholderText("e.g. train.batch_size=4 model.features=(16,16,32,64,128,16)")

@@ -122,6 +122,28 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Ex
   return Experiment(config=config, volume=volume, loader_config=loader_config)
 
 
+# Below this share of labelled pixels on the training slices, labels are brush strokes.
+SPARSE_SHARE = 0.1
+
+
+def sparse_labels_hint(
+  loader: loader_lib.SlabLoader, volume: volume_lib.Volume, config: ml_collections.ConfigDict
+) -> str | None:
+  """A one-line hint when the labels are strokes and no teacher is set, else None."""
+  if (config.get("distill") or {}).get("teacher") or float(config.semi.weight) > 0:
+    return None
+  _, height, width = volume.shape
+  area = len(loader.train_slices) * height * width
+  share = (loader.train_area + loader.val_area) / area if area else 1.0
+  if share >= SPARSE_SHARE:
+    return None
+  return (
+    f"note: {share:.1%} of the training slices' pixels are labelled (brush strokes?); "
+    "--config.distill.teacher=forest (a random forest fitted on them teaches the network "
+    "every slice) trained better from strokes where measured (README, Annotating less)"
+  )
+
+
 def _semi(config: ml_collections.ConfigDict) -> state_lib.Semi:
   """config.semi, checked, as a `Semi` (rampup becomes steps)."""
   s = config.semi
@@ -422,6 +444,9 @@ def _train_and_evaluate(
       f"{jax.process_count()} process(es); "
       + (f"resuming from step {start}" if start else "starting from scratch")
     )
+    hint = sparse_labels_hint(loader, exp.volume, config)
+    if hint:
+      print(hint)
 
   train_step, eval_step = state_lib.jit_steps(
     state_lib.make_train_step(
