@@ -4,15 +4,18 @@ range does not."""
 
 import json
 import os
+import sys
 
 import numpy as np
 import pytest
-import tensorstore as ts
 from scipy import ndimage
 
 from fibseg_jax import eval as evaluation
 from fibseg_jax.data import volume
 from fibseg_jax.eval import calibration, quantify
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from test_eval import write_prediction  # noqa: E402 - a segmentation as segment writes it
 
 CLASSES = ("pore", "solid", "grain")
 SHAPE = (8, 96, 96)
@@ -86,25 +89,7 @@ def test_corrected_fractions_invert_a_known_confusion():
 
 
 def _write_segmentation(path, labels, checkpoint):
-  ts.open(
-    {
-      "driver": "zarr3",
-      "kvstore": volume.kvstore_spec(path),
-      "metadata": {
-        "shape": list(labels.shape),
-        "data_type": "uint8",
-        "fill_value": 255,
-        "chunk_grid": {"name": "regular", "configuration": {"chunk_shape": [1, *SHAPE[1:]]}},
-        "attributes": {
-          "classes": list(CLASSES),
-          "fibseg_segmentation": {"kind": "labels", "run": {"checkpoint": checkpoint}},
-        },
-      },
-      "create": True,
-      "delete_existing": True,
-    },
-    context=volume.CONTEXT,
-  ).result().write(labels).result()
+  write_prediction(path, labels, CLASSES, run={"checkpoint": checkpoint})
 
 
 def test_evaluate_calibrates_members_whose_training_split_it_can_read(tmp_path):

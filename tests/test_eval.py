@@ -145,10 +145,12 @@ def dataset(tmp_path):
   return {"root": root, "truth": truth, "pred": pred, "pred_path": pred_path, "tmp": tmp_path}
 
 
-def write_prediction(path, labels, classes, source=None):
+def write_prediction(path, labels, classes, source=None, run=None):
+  """A label array as `fibseg segment` writes it; `run` (or {"source": source}) is its run
+  record."""
   attrs = {"classes": list(classes)}
-  if source:
-    attrs["fibseg_segmentation"] = {"kind": "labels", "run": {"source": source}}
+  if source or run:
+    attrs["fibseg_segmentation"] = {"kind": "labels", "run": run or {"source": source}}
   arr = ts.open(
     {
       "driver": "zarr3",

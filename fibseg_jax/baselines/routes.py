@@ -261,22 +261,13 @@ def training_slices(
   """
   vol = volume if isinstance(volume, volume_lib.Volume) else volume_lib.open_volume(volume)
   index = vol.channel_indices(channels)
-  _, height, width = vol.shape
-  config = loader_lib.LoaderConfig(
-    channels=tuple(channels),
-    slices=1,
-    patch=min(val_block, height, width),
-    batch_size=1,
+  train, masks = loader_lib.split_regions(
+    vol,
+    eval_slices=eval_slices,
     val_fraction=val_fraction,
     val_block=val_block,
-    eval_slices=tuple(eval_slices),
     split_seed=split_seed,
-    prefetch=0,
-    workers=1,
   )
-  with loader_lib.SlabLoader(vol, config, process_index=0, process_count=1) as loader:
-    masks = loader.split_masks()
-    train = loader.train_slices
   images, labels = {}, {}
   for z in train:
     label = vol.read_labels(z)

@@ -39,7 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable, Iterable, Iterator, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 import jax
@@ -569,3 +569,42 @@ class SlabLoader:
 
   def __exit__(self, *exc) -> None:
     self.close()
+
+
+def split_regions(
+  volume: volume_lib.Volume,
+  *,
+  eval_slices: Sequence[int] = (),
+  val_fraction: float = 0.25,
+  val_block: int = 128,
+  split_seed: int = 0,
+) -> tuple[tuple[int, ...], dict[int, np.ndarray]]:
+  """The training loader's split of a volume, without a loader's patches.
+
+  Args:
+    volume: an opened volume with labels.
+    eval_slices, val_fraction, val_block, split_seed: the run's split
+      (`--config.data.*`).
+
+  Returns:
+    (training slices, {z: region [y, x] uint8 of `split.REGION_*`}), as a `SlabLoader`
+    with these settings splits them.
+
+  Raises:
+    LoaderError / VolumeError: the split does not fit the volume.
+  """
+  _, height, width = volume.shape
+  config = LoaderConfig(
+    channels=(volume.channels[0],),
+    slices=1,
+    patch=min(val_block, height, width),
+    batch_size=1,
+    val_fraction=val_fraction,
+    val_block=val_block,
+    eval_slices=tuple(eval_slices),
+    split_seed=split_seed,
+    prefetch=0,
+    workers=1,
+  )
+  with SlabLoader(volume, config, process_index=0, process_count=1) as loader:
+    return loader.train_slices, loader.split_masks()

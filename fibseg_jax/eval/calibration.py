@@ -102,22 +102,13 @@ def held_out_blocks(
   Raises:
     ValueError: the split holds no validation pixel.
   """
-  _, height, width = volume.shape
-  config = loader_lib.LoaderConfig(
-    channels=(volume.channels[0],),
-    slices=1,
-    patch=min(val_block, height, width),
-    batch_size=1,
+  slices, masks = loader_lib.split_regions(
+    volume,
+    eval_slices=eval_slices,
     val_fraction=val_fraction,
     val_block=val_block,
-    eval_slices=tuple(eval_slices),
     split_seed=split_seed,
-    prefetch=0,
-    workers=1,
   )
-  with loader_lib.SlabLoader(volume, config, process_index=0, process_count=1) as loader:
-    masks = loader.split_masks()
-    slices = loader.train_slices
   pairs = []
   for z in slices:
     region = masks[z] == split.REGION_VALIDATION
