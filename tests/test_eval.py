@@ -393,6 +393,7 @@ def test_intervals_over_members_bracket_the_truth_when_they_err_both_ways(datase
   )
   assert proc.returncode == 0, proc.stderr[-2000:]
   assert "intervals over 2 segmentations (min .. max):" in proc.stdout
+  assert "calibration: not done: no single training checkpoint" in proc.stdout
   wrong = str(d["tmp"] / "small.zarr")
   write_prediction(wrong, truth[:2], CLASSES)
   with pytest.raises(evaluation.EvaluationError, match=r"--members: .*small.zarr is \[2,"):
