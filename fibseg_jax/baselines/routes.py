@@ -122,15 +122,19 @@ class Route:
     self.seconds.setdefault("predict", 0.0)
     return self
 
-  def predict(self, image: np.ndarray) -> np.ndarray:
-    """Labels of a raw slice [y, x, C]: uint8 [y, x]."""
+  def _apply(self, image: np.ndarray, method: str) -> np.ndarray:
+    """The segmenter's `method` on a raw slice, cleaned and normalised as in `fit`."""
     if self.offset is None:
-      raise ValueError(f"route {self.name}: predict called before fit")
+      raise ValueError(f"route {self.name}: {method} called before fit")
     cleaned = self._clean(image, "clean_predict")
     start = time.perf_counter()
-    out = self.segmenter.predict(self._normalise(cleaned))
+    out = getattr(self.segmenter, method)(self._normalise(cleaned))
     self.seconds["predict"] = self.seconds.get("predict", 0.0) + time.perf_counter() - start
     return out
+
+  def predict(self, image: np.ndarray) -> np.ndarray:
+    """Labels of a raw slice [y, x, C]: uint8 [y, x]."""
+    return self._apply(image, "predict")
 
   def probabilities(self, image: np.ndarray) -> np.ndarray:
     """Class probabilities of a raw slice [y, x, C]: float32 [y, x, classes].
@@ -138,15 +142,9 @@ class Route:
     Raises:
       ValueError: before `fit`, or for a route without probabilities (the Otsu routes).
     """
-    if self.offset is None:
-      raise ValueError(f"route {self.name}: probabilities called before fit")
     if not hasattr(self.segmenter, "probabilities"):
       raise ValueError(f"route {self.name} gives labels only, no class probabilities")
-    cleaned = self._clean(image, "clean_predict")
-    start = time.perf_counter()
-    out = self.segmenter.probabilities(self._normalise(cleaned))
-    self.seconds["predict"] = self.seconds.get("predict", 0.0) + time.perf_counter() - start
-    return out
+    return self._apply(image, "probabilities")
 
 
 def write_probabilities(

@@ -26,8 +26,6 @@ from the truth where tried), and connectivity and pore sizes have no such correc
 
 from __future__ import annotations
 
-import json
-import os
 from collections.abc import Sequence
 from typing import Any
 
@@ -38,6 +36,8 @@ from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import split
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import quantify
+from fibseg_jax.train import config as config_lib
+from fibseg_jax.train import metrics_writer
 
 IGNORE_LABEL = volume_lib.IGNORE_LABEL
 CORRECTED = ("volume_fraction",)
@@ -59,21 +59,18 @@ def training_split(run: dict[str, Any]) -> dict[str, Any] | None:
     (an ensemble's average, or a checkpoint moved away).
   """
   path = run.get("checkpoint")
-  if not isinstance(path, str):
+  config = metrics_writer.checkpoint_config(path) if isinstance(path, str) else None
+  if config is None:
     return None
   try:
-    with open(os.path.join(path, "config", "metadata")) as f:
-      data = json.load(f)["data"]
-    eval_slices = data.get("eval_slices") or ()
-    if isinstance(eval_slices, str):
-      eval_slices = [int(v) for v in eval_slices.split(",") if v.strip()]
+    data = config["data"]
     return {
-      "eval_slices": tuple(int(z) for z in eval_slices),
+      "eval_slices": config_lib.parse_ints(data.get("eval_slices") or (), "eval_slices"),
       "val_fraction": float(data["val_fraction"]),
       "val_block": int(data["val_block"]),
       "split_seed": int(data["split_seed"]),
     }
-  except (OSError, ValueError, KeyError, TypeError):
+  except (ValueError, KeyError, TypeError):  # ConfigError is a ValueError
     return None
 
 

@@ -96,7 +96,7 @@ def prepare_teacher(
         f"--config.distill.teacher now asks for {_describe(record)}: use a new --workdir"
       )
   if distilled.route:
-    return _route_teacher(config, volume, distilled, record_path, progress)
+    return _route_teacher(volume, distilled, record, record_path, progress)
   settings = SegmentSettings() if settings is None else settings
   settings = _with_tta(settings, distilled.tta)
   if _complete(labels, volume.shape, settings.block):
@@ -164,16 +164,16 @@ def _route_record(config: Any, volume: str) -> dict[str, Any]:
 
 
 def _route_teacher(
-  config: Any,
   volume: volume_lib.Volume,
   distilled: distill_lib.Distill,
+  record: dict[str, Any],
   record_path: str,
   progress: bool,
 ) -> str:
-  """Fits the forest on the run's training pixels and writes its probabilities."""
+  """Fits the forest on the run's training pixels (`_route_record`) and writes its
+  probabilities."""
   if distill_lib.is_probabilities_array(distilled.array):
     return distilled.array  # written whole (moved into place when complete)
-  record = _route_record(config, config.data.path)
   if jax.process_index() == 0:
     os.makedirs(os.path.dirname(record_path), exist_ok=True)
     with open(record_path, "w") as f:

@@ -82,21 +82,28 @@ def read_metrics(path: str) -> list[dict]:
   return rows
 
 
+def checkpoint_config(step_dir: str) -> dict | None:
+  """The experiment config saved in one checkpoint step directory (the JSON orbax writes
+  as <step>/config/metadata), or None when it is missing or unreadable."""
+  try:
+    with open(os.path.join(step_dir, "config", "metadata")) as f:
+      config = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return config if isinstance(config, dict) else None
+
+
 def saved_config(workdir: str) -> dict | None:
-  """The experiment config saved with the workdir's latest checkpoint (the JSON orbax
-  writes as checkpoints/<step>/config/metadata), or None when there is none."""
+  """The experiment config saved with the workdir's latest checkpoint
+  (`checkpoint_config` of checkpoints/<step>), or None when there is none."""
   root = os.path.join(workdir, "checkpoints")
   try:
     steps = sorted((int(s) for s in os.listdir(root) if s.isdigit()), reverse=True)
   except OSError:
     return None
   for step in steps:
-    try:
-      with open(os.path.join(root, str(step), "config", "metadata")) as f:
-        config = json.load(f)
-    except (OSError, ValueError):
-      continue
-    if isinstance(config, dict):
+    config = checkpoint_config(os.path.join(root, str(step)))
+    if config is not None:
       return config
   return None
 
