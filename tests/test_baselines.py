@@ -1,5 +1,7 @@
 """Classical baselines: cleaning steps, multi-Otsu matching, forest features, the three routes."""
 
+import os
+
 import numpy as np
 import pytest
 from scipy import ndimage
@@ -193,3 +195,20 @@ def test_forest_probabilities_sum_to_one_match_predict_and_skip_unseen_classes()
   np.testing.assert_allclose(p.sum(-1), 1, atol=1e-5)
   assert (p[..., 2] == 0).all()  # class 2 has no training pixel
   np.testing.assert_array_equal(forest.predict(image), p.argmax(-1))
+
+
+def test_write_probabilities_refuses_to_replace_what_is_not_an_array(stack_volume, tmp_path):
+  vol = stack_volume
+  images, labels = baselines.training_slices(vol, ("ICE",), eval_slices=(EVAL,), val_block=32)
+  route = baselines.make_route("forest", len(vol.classes), seed=0, forest=SMALL_FOREST)
+  route.fit(list(images.values()), list(labels.values()))
+  folder = tmp_path / "mine"
+  folder.mkdir()
+  (folder / "notes.txt").write_text("keep")
+  with pytest.raises(ValueError, match="is not a zarr array; refusing"):
+    baselines.write_probabilities(route, vol, ("ICE",), str(folder))
+  assert (folder / "notes.txt").read_text() == "keep"
+  out = str(tmp_path / "p.zarr")
+  for _ in range(2):  # a second write replaces its own array
+    assert baselines.write_probabilities(route, vol, ("ICE",), out) == out
+  assert not os.path.exists(out + ".partial")

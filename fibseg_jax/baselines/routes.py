@@ -23,6 +23,7 @@ volume's statistics.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import time
@@ -160,11 +161,16 @@ def write_probabilities(
   The array is [z, y, x, classes] uint8 round(255 p), the format of `fibseg segment
   --probabilities`, so `--config.distill.teacher=PATH` teaches a network the route's
   predictions (e.g. a forest trained on brush strokes). It is written next to `path`
-  and moved there when complete; an existing array at `path` is replaced.
+  and moved there when complete; an existing zarr array at `path` is replaced.
 
   Returns:
     `path`.
+
+  Raises:
+    ValueError: something other than a zarr array is at `path` (never deleted).
   """
+  if os.path.exists(path) and not _is_zarr_array(path):
+    raise ValueError(f"{path} exists and is not a zarr array; refusing to replace it")
   depth, height, width = volume.shape
   k = len(volume.classes)
   index = volume.channel_indices(channels)
@@ -198,6 +204,14 @@ def write_probabilities(
   shutil.rmtree(path, ignore_errors=True)
   os.replace(partial, path)
   return path
+
+
+def _is_zarr_array(path: str) -> bool:
+  try:
+    with open(os.path.join(path, "zarr.json")) as f:
+      return json.load(f).get("node_type") == "array"
+  except (OSError, ValueError, AttributeError):
+    return False
 
 
 def make_route(
