@@ -1,9 +1,16 @@
-"""Tests of the recipe ablation's rows (fibseg_jax.study.ablation), without training."""
+"""The recipe ablation (fibseg_jax.study.ablation): its rows, its table, the script end to end."""
+
+import json
+import os
+import subprocess
+import sys
 
 import pytest
 
 from fibseg_jax.study import ablation, budget, runs
-from fibseg_jax.train import data_config
+from fibseg_jax.train import data_config, metrics_writer
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _config(overrides):
@@ -79,3 +86,47 @@ def test_markdown_reports_spread_and_paired_difference():
     }
   )
   assert "| +x | 0.650 +- 0.087 | 0.050 +- 0.050 (baseline) |" in text
+
+
+def _ablation(*flags):
+  return subprocess.run(
+    [sys.executable, os.path.join(REPO, "experiments", "ablation.py"), *flags],
+    capture_output=True,
+    text=True,
+    env=dict(os.environ, JAX_PLATFORMS="cpu"),
+  )
+
+
+def test_ablation_script_trains_scores_pairs_and_resumes(tmp_path):
+  """Two rows, two seeds on the smoke budget: the table, the paired difference of the
+  same seeds, a rerun that trains nothing, and another step budget refused."""
+  out = str(tmp_path / "ablation")
+  flags = ["--out=" + out, "--budget=smoke", "--rows=baseline,+lr_3x", "--seeds=0,1"]
+  first = _ablation(*flags)
+  assert first.returncode == 0, first.stderr[-3000:]
+  document = json.load(open(os.path.join(out, "ablation.json")))
+  baseline, lr = document["rows"]
+  assert (baseline["name"], lr["name"]) == ("baseline", "+lr_3x")
+  assert baseline["seeds"] == lr["seeds"] == [0, 1]
+  assert all(0 <= v <= 1 for v in baseline["values"] + lr["values"])
+  paired = [b - a for a, b in zip(baseline["values"], lr["values"], strict=True)]
+  assert lr["paired_values"] == pytest.approx(paired)
+  assert lr["reference"] == "baseline" and baseline["paired_difference"]["mean"] == 0
+  # Each run trained what its row says: the learning rate reached the saved config.
+  for name, rate in (("baseline", 1e-3), ("lr_3x", 3e-3)):
+    saved = metrics_writer.saved_config(os.path.join(out, f"{name}_s1", "run"))
+    assert saved["train"]["learning_rate"] == pytest.approx(rate)
+  table = open(os.path.join(out, "ablation.md")).read()
+  assert "| +lr_3x | " in table and " (baseline) |" in table
+  # A rerun reuses every finished run.
+  result = os.path.join(out, "lr_3x_s0", "result.json")
+  before = os.path.getmtime(result)
+  again = _ablation(*flags)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert os.path.getmtime(result) == before
+  assert json.load(open(os.path.join(out, "ablation.json")))["rows"] == document["rows"]
+  # Another step budget in the same --out is refused in one line, naming the flag.
+  other = _ablation(*flags, "--steps=7")
+  assert other.returncode != 0
+  assert "Traceback" not in other.stderr
+  assert "--out" in other.stderr.strip().splitlines()[-1]

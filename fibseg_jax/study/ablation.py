@@ -164,38 +164,19 @@ def run_one(
     eval_slices=list(eval_slices),
     overrides=dict(overrides),
   )
-  done = runs.cached(directory, settings)
-  if done is not None:
-    return done
-  workdir, seconds = runs.train_unet(
+  return runs.train_and_score(
     directory,
     budget,
+    settings,
     volume=volume,
+    truth_volume=volume_lib.open_volume(volume),
     channels=channels,
     slices=slices,
     seed=seed,
     train_slices=train_slices,
+    eval_slices=eval_slices,
     configure=lambda config: _override(config, overrides),
   )
-  vol = volume_lib.open_volume(volume)
-  scored, segmented = runs.segment_and_score(
-    workdir,
-    vol,
-    os.path.join(directory, "seg.zarr"),
-    budget,
-    vol,
-    eval_slices,
-    only_slices=eval_slices,
-  )
-  result = {
-    "settings": settings,
-    "seed": int(seed),
-    "train_seconds": seconds,
-    "segment_seconds": segmented.seconds,
-    **scored,
-  }
-  runs.write_json(os.path.join(directory, runs.RESULT), result)
-  return result
 
 
 def summarise(

@@ -322,7 +322,8 @@ def train_and_score(
   the config first (`train_unet`).
 
   Returns:
-    {"settings", "train_seconds", **`score`}, also written to `directory/result.json`.
+    {"settings", "seed", "train_seconds", "segment_seconds", **`score`}, also written to
+    `directory/result.json`.
   """
   done = cached(directory, settings)
   if done is not None:
@@ -337,7 +338,7 @@ def train_and_score(
     train_slices=train_slices,
     configure=configure,
   )
-  scored, _ = segment_and_score(
+  scored, segmented = segment_and_score(
     workdir,
     volume,
     os.path.join(directory, "seg.zarr"),
@@ -347,7 +348,13 @@ def train_and_score(
     only_slices=None if whole_stack else eval_slices,
     probabilities=os.path.join(directory, "probs.zarr") if whole_stack else None,
   )
-  result = {"settings": settings, "train_seconds": seconds, **scored}
+  result = {
+    "settings": settings,
+    "seed": int(seed),
+    "train_seconds": seconds,
+    "segment_seconds": segmented.seconds,
+    **scored,
+  }
   write_json(os.path.join(directory, RESULT), result)
   return result
 
