@@ -130,3 +130,32 @@ def test_ablation_script_trains_scores_pairs_and_resumes(tmp_path):
   assert other.returncode != 0
   assert "Traceback" not in other.stderr
   assert "--out" in other.stderr.strip().splitlines()[-1]
+  # Another budget in its own --out, then both side by side against the step budget.
+  longer = str(tmp_path / "longer")
+  steps = document["budget"]["steps"] * 2
+  run = _ablation(
+    f"--out={longer}",
+    f"--volume={document['volume']}",  # the first one's stack
+    "--train_slices=" + ",".join(map(str, document["train_slices"])),
+    "--eval_slices=" + ",".join(map(str, document["eval_slices"])),
+    "--budget=smoke",
+    "--rows=+lr_3x",
+    "--seeds=0",
+    f"--steps={steps}",
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  both = str(tmp_path / "budgets")
+  compared = _ablation(f"--out={both}", f"--compare={out},{longer}/ablation.json")
+  assert compared.returncode == 0, compared.stderr[-3000:]
+  budgets = json.load(open(os.path.join(both, "budgets.json")))
+  assert budgets["steps"] == [document["budget"]["steps"], steps]
+  assert [p["steps"] for p in budgets["rows"]["+lr_3x"]] == budgets["steps"]
+  assert [p["steps"] for p in budgets["rows"]["baseline"]] == budgets["steps"][:1]
+  assert budgets["rows"]["+lr_3x"][0]["mean_iou"] == lr["mean_iou"]
+  assert os.path.getsize(os.path.join(both, "budgets.png")) > 0
+  assert f"| +lr_3x | {steps} | 1 |" in open(os.path.join(both, "budgets.md")).read()
+  # Ablations of one budget, or of another stack, are refused in one line.
+  same = _ablation(f"--out={both}", f"--compare={out},{out}")
+  assert same.returncode != 0 and "two ablations of the same step budget" in same.stderr
+  missing = _ablation(f"--out={both}", f"--compare={tmp_path / 'nothing'}")
+  assert missing.returncode != 0 and "nothing/ablation.json is not a finished" in missing.stderr

@@ -3,6 +3,11 @@ r"""The training recipe, part by part, with seeds (`fibseg_jax.study.ablation`).
   fibseg ablation --out=ablation/ [--budget=quick] [--seeds=0,1,2]
   fibseg ablation --out=ablation_real/ --volume=vol.zarr --train_slices=4,8,12 \
     --eval_slices=16 [--rows=baseline,full] [--steps=1000]
+  fibseg ablation --out=budgets/ --compare=ablation_real/,ablation_real_1000/
+
+--compare trains nothing: finished ablations of one stack at other --steps, side by side
+(budgets.json, budgets.md and budgets.png in --out: mean IoU and each class against the
+step budget), to see where accuracy stops rising.
 
 Rows: the baseline (the first recipe), full (every augmentation and sampling part on)
 and + each part alone (spatial, intensity, artifacts, deep_supervision, rare_class,
@@ -14,6 +19,7 @@ rerunning resumes (finished runs are kept), and an --out holds one setting (othe
 synthetic stack of the budget, generated in OUT/volume.zarr.
 """
 
+import os
 import sys
 
 from absl import flags
@@ -21,16 +27,41 @@ from absl import flags
 from fibseg_jax import study
 from fibseg_jax.cli import runner, stack_flags
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.study import ablation
+from fibseg_jax.study import ablation, figures, runs
 
 _FINISHED = flags.DEFINE_bool(
   "finished_only", False, "Train nothing: rewrite the table from the finished runs."
 )
 _ROWS = flags.DEFINE_list("rows", None, f"Only these rows, of: {', '.join(ablation.rows())}.")
+_COMPARE = flags.DEFINE_list(
+  "compare",
+  None,
+  "Train nothing: these finished ablations (--out folders or ablation.json) of one stack "
+  "at other --steps, against the step budget, into --out.",
+)
+
+
+def compare(out: str, paths: list[str]) -> None:
+  """--compare: the budgets table and figure of finished ablations, written to `out`."""
+  document = ablation.compare_budgets([ablation.read_document(p) for p in paths])
+  os.makedirs(out, exist_ok=True)
+  runs.write_json(os.path.join(out, "budgets.json"), document)
+  table = ablation.budgets_markdown(document)
+  with open(os.path.join(out, "budgets.md"), "w") as f:
+    f.write(table)
+  figures.budget_plot(document, os.path.join(out, "budgets.png"))
+  print(table)
+  print(f"wrote {out}/budgets.json, budgets.md and budgets.png")
 
 
 def main(argv):
   runner.begin(argv, required={"out": "ablation/"})
+  if _COMPARE.value:
+    try:
+      compare(stack_flags.OUT.value, _COMPARE.value)
+    except ValueError as e:
+      sys.exit(f"error: {e}")
+    return
   try:
     ablation.claim_directory(stack_flags.OUT.value, stack_flags.VOLUME.value)
     study.cache_compilations(stack_flags.OUT.value)

@@ -21,6 +21,7 @@ draw of batches) is reported per seed and as mean +- std.
 
 from __future__ import annotations
 
+import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -303,4 +304,90 @@ def markdown(document: Mapping[str, Any]) -> str:
       f"{row['train_seconds']:.0f}",
     ]
     lines.append("| " + " | ".join(cells) + " |")
+  return "\n".join(lines) + "\n"
+
+
+def read_document(path: str) -> dict[str, Any]:
+  """An ablation's table: `path` is its --out folder or its ablation.json.
+
+  Raises:
+    ValueError: no finished ablation there, naming the path.
+  """
+  json_file = path.endswith(".json") and not os.path.isdir(path)
+  file = path if json_file else os.path.join(path, "ablation.json")
+  try:
+    with open(file) as f:
+      return json.load(f)
+  except (OSError, json.JSONDecodeError) as e:
+    raise ValueError(f"--compare: {file} is not a finished ablation's table ({e})") from None
+
+
+def compare_budgets(documents: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+  """The same rows at several step budgets: mean IoU and per class against steps.
+
+  Args:
+    documents: ablation tables (`run_ablation`) of one stack, slices and classes that
+      differ in their step budget.
+
+  Returns:
+    {"volume", "classes", "eval_slices", "steps": [sorted budgets],
+     "rows": {row name: [{"steps", "seeds", "mean_iou", "per_class"}, ...]}} with a point
+    for each budget a row ran at.
+
+  Raises:
+    ValueError: documents of other stacks, slices or classes, or two of one budget.
+  """
+  if not documents:
+    raise ValueError("--compare: give the --out folders of at least one finished ablation")
+  first = documents[0]
+  same = ("volume", "classes", "channels", "slices", "train_slices", "eval_slices")
+  for doc in documents[1:]:
+    for key in same:
+      if doc[key] != first[key]:
+        raise ValueError(
+          f"--compare: the ablations differ in {key} ({first[key]} vs {doc[key]}); only "
+          "the step budget may differ"
+        )
+  steps = [int(doc["budget"]["steps"]) for doc in documents]
+  if len(set(steps)) != len(steps):
+    raise ValueError(f"--compare: two ablations of the same step budget ({sorted(steps)})")
+  rows: dict[str, list[dict[str, Any]]] = {}
+  for doc in sorted(documents, key=lambda d: int(d["budget"]["steps"])):
+    for row in doc["rows"]:
+      rows.setdefault(row["name"], []).append(
+        {
+          "steps": int(doc["budget"]["steps"]),
+          "seeds": row["seeds"],
+          "mean_iou": row["mean_iou"],
+          "per_class": row["per_class"],
+        }
+      )
+  return {
+    "volume": first["volume"],
+    "classes": list(first["classes"]),
+    "eval_slices": first["eval_slices"],
+    "batch_size": first["budget"]["batch_size"],
+    "patch": first["budget"]["patch"],
+    "steps": sorted(steps),
+    "rows": rows,
+  }
+
+
+def budgets_markdown(document: Mapping[str, Any]) -> str:
+  """`compare_budgets` as a table: a line per (row, budget), mean +- std over seeds."""
+  classes = document["classes"]
+  head = ["row", "steps", "seeds", "mean IoU", *classes]
+  lines = [
+    f"Recipe rows against the step budget on {document['volume']} (batch "
+    f"{document['batch_size']} x {document['patch']}^2), scored on "
+    f"{document['eval_slices']} without TTA; mean +- std over seeds.",
+    "",
+    "| " + " | ".join(head) + " |",
+    "| " + " | ".join("---" for _ in head) + " |",
+  ]
+  for name, points in document["rows"].items():
+    for p in points:
+      cells = [name, str(p["steps"]), str(len(p["seeds"])), _stat(p["mean_iou"])]
+      cells += [_stat(p["per_class"][c]).split(" +- ")[0] for c in classes]
+      lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"

@@ -153,3 +153,41 @@ def effort_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
   ax.grid(alpha=0.3)
   ax.legend(fontsize=7, loc="lower right")
   fig.savefig(os.fspath(path), format="png")
+
+
+def budget_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
+  """Mean IoU (left) and each class's IoU (right) against training steps, per recipe row.
+
+  Args:
+    document: `ablation.compare_budgets`'s document.
+    path: PNG to write.
+  """
+  fig = _figure(11.0, 4.4)
+  left, right = fig.subplots(1, 2, sharey=True)
+  colors = [f"C{i}" for i in range(10)]
+  styles = ["-", "--", ":", "-."]
+  for i, (name, points) in enumerate(document["rows"].items()):
+    x = [p["steps"] for p in points]
+    m = [p["mean_iou"]["mean"] for p in points]
+    s = [p["mean_iou"]["std"] or 0.0 for p in points]
+    seeds = max(len(p["seeds"]) for p in points)
+    color, style = colors[i % 10], styles[i % len(styles)]
+    left.errorbar(
+      x, m, yerr=s, color=color, ls=style, marker="o", capsize=3, label=f"{name} ({seeds} seeds)"
+    )
+    for j, c in enumerate(document["classes"]):
+      y = [p["per_class"][c]["mean"] for p in points]
+      right.plot(x, y, color=colors[j % 10], ls=style, marker=".", label=c if i == 0 else None)
+  for ax in (left, right):
+    ax.set_xscale("log")
+    ax.set_xticks(document["steps"], [str(s) for s in document["steps"]])
+    ax.minorticks_off()
+    ax.set_xlabel(f"training steps (batch {document['batch_size']} x {document['patch']}^2)")
+    ax.grid(alpha=0.3)
+  left.set_ylabel(f"IoU on slice(s) {document['eval_slices']}")
+  left.set_title("mean IoU (error bars: std over seeds)")
+  right.set_title("per class (line style: row as on the left)")
+  left.legend(fontsize=8, loc="lower right")
+  right.legend(fontsize=7, loc="lower right")
+  left.set_ylim(0, 1)
+  fig.savefig(os.fspath(path), format="png")
