@@ -23,7 +23,7 @@ def _config(overrides):
     volume="vol.zarr",
     held_out=(9,),
   )
-  ablation._override(config, overrides)
+  ablation.override(config, overrides)
   return config
 
 
@@ -44,6 +44,15 @@ def test_rows_add_one_part_to_their_reference():
   assert ablation.reference("+sgd_poly") == "baseline"
   with pytest.raises(ValueError, match="unknown row.*known: baseline, full"):
     ablation.rows(["baseline", "+nothing"])
+
+
+def test_parts_name_the_flag_and_the_known_parts():
+  assert ablation.parts(["artifacts", "lr_3x"]) == {
+    **ablation.PARTS["artifacts"],
+    **ablation.PARTS["lr_3x"],
+  }
+  with pytest.raises(ValueError, match="--recipe: unknown part.*known: .*artifacts"):
+    ablation.parts(["artefacts"])
 
 
 def test_every_override_is_a_config_field_the_loader_reads():

@@ -10,7 +10,8 @@ import pytest
 
 from fibseg_jax import models, study
 from fibseg_jax.data import synth, volume
-from fibseg_jax.study import comparison, runs
+from fibseg_jax.study import ablation, comparison, runs
+from fibseg_jax.train import metrics_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CLASSES = list(synth.CLASSES)
@@ -117,10 +118,19 @@ def test_sweep_writes_every_curve(tmp_path, smoke_study, compile_cache):
     f"--out={out}",
     "--budget=smoke",
     f"--best_from={study_out / 'study.json'}",
+    "--recipe=artifacts",
     cache=compile_cache,
   )
   assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
   doc = json.loads((out / "sweep.json").read_text())
+  # The network trained with the recipe part asked for; the routes are as ever.
+  assert doc["network"]["recipe"] == ["artifacts"]
+  saved = metrics_writer.saved_config(
+    str(out / "points" / "default" / "network" / "seed_0" / "run")
+  )
+  for dotted, value in ablation.PARTS["artifacts"].items():
+    section, field = dotted.split(".")
+    assert saved[section][field] == value
   rows = json.loads((study_out / "study.json").read_text())["rows"]
   raw = [r for r in rows if r["kind"] == "network" and r["inputs"] == "raw"]
   best = max(raw, key=lambda r: r["mean_iou"]["mean"])

@@ -134,7 +134,8 @@ def reference(name: str) -> str:
   return f"+{first}" if name.startswith((f"{first}+", f"full+{first}")) else "baseline"
 
 
-def _override(config, overrides: Mapping[str, Any]) -> None:
+def override(config, overrides: Mapping[str, Any]) -> None:
+  """Sets each "section.field" of `overrides` in `config`; KeyError on a field it lacks."""
   for dotted, value in overrides.items():
     section, field = dotted.split(".")
     if field not in config[section]:
@@ -176,7 +177,7 @@ def run_one(
     seed=seed,
     train_slices=train_slices,
     eval_slices=eval_slices,
-    configure=lambda config: _override(config, overrides),
+    configure=lambda config: override(config, overrides),
   )
 
 
@@ -391,3 +392,15 @@ def budgets_markdown(document: Mapping[str, Any]) -> str:
       cells += [_stat(p["per_class"][c]).split(" +- ")[0] for c in classes]
       lines.append("| " + " | ".join(cells) + " |")
   return "\n".join(lines) + "\n"
+
+
+def parts(names: Sequence[str]) -> dict[str, Any]:
+  """The config overrides that switch on the recipe parts `names` (keys of `PARTS`).
+
+  Raises:
+    ValueError: an unknown part, listing the known ones.
+  """
+  unknown = [n for n in names if n not in PARTS]
+  if unknown:
+    raise ValueError(f"--recipe: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
+  return {k: v for n in names for k, v in PARTS[n].items()}

@@ -371,6 +371,7 @@ def run_network(
   truth_volume: volume_lib.Volume,
   eval_slices: Sequence[int],
   held_out: Sequence[int],
+  configure: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> dict[str, Any]:
   """Trains a network, segments the whole stack with it and scores the evaluation slices.
 
@@ -385,6 +386,7 @@ def run_network(
     truth_volume: volume whose labels are the truth (the raw one).
     eval_slices: slices scored.
     held_out: annotated slices kept out of training.
+    configure: changes the config before training (e.g. parts of the recipe).
 
   Returns:
     The result dict (also written to `directory/result.json`).
@@ -398,6 +400,8 @@ def run_network(
     volume=volume,
     held_out=held_out,
   )
+  if configure is not None:
+    configure(config)
   workdir, train_seconds = train_logged(config, directory)
   restored = checkpoint.load(workdir)
   seg = os.path.join(directory, "seg.zarr")

@@ -21,11 +21,11 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
+from fibseg_jax.study import ablation, comparison, figures, runs
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import comparison, figures, runs
 
 ARTIFACTS = ("curtaining", "shading", "noise")
 METHODS = {
@@ -68,6 +68,7 @@ def run_sweep(
   budget: budget_lib.Budget,
   *,
   best_from: str | None = None,
+  recipe: Sequence[str] = (),
   log: Callable[[str], None] = print,
 ) -> dict[str, Any]:
   """Runs (or resumes) the sweep and writes sweep.json and sweep.png.
@@ -76,6 +77,8 @@ def run_sweep(
     out: output directory.
     budget: levels, seeds, stack shape and the networks' budget.
     best_from: a study.json whose best network to sweep; default the budget's.
+    recipe: parts of the training recipe (`ablation.PARTS`, e.g. "artifacts") the
+      network is trained with besides its shipped config; the routes are unchanged.
     log: receives one progress line per stack.
 
   Returns:
@@ -95,6 +98,9 @@ def run_sweep(
       "channels": list(channels),
       "source": f"budget {budget.name}",
     }
+  overrides = ablation.parts(recipe)
+  if recipe:
+    network["recipe"] = list(recipe)
   comparison.check_output(
     out,
     "sweep_config.json",
@@ -138,6 +144,7 @@ def run_sweep(
             truth_volume=vol,
             eval_slices=setup.eval_slices,
             held_out=setup.held_out,
+            configure=lambda config: ablation.override(config, overrides),
           )
         elif result is None:
           result = runs.run_route(
