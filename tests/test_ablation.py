@@ -163,6 +163,9 @@ def test_ablation_script_trains_scores_pairs_and_resumes(tmp_path):
   assert budgets["rows"]["+lr_3x"][0]["mean_iou"] == lr["mean_iou"]
   assert os.path.getsize(os.path.join(both, "budgets.png")) > 0
   assert f"| +lr_3x | {steps} | 1 |" in open(os.path.join(both, "budgets.md")).read()
+  only = _ablation(f"--out={both}", f"--compare={out},{longer}", "--rows=+lr_3x")
+  assert only.returncode == 0, only.stderr[-3000:]
+  assert list(json.load(open(os.path.join(both, "budgets.json")))["rows"]) == ["+lr_3x"]
   # Ablations of one budget, or of another stack, are refused in one line.
   same = _ablation(f"--out={both}", f"--compare={out},{out}")
   assert same.returncode != 0 and "two ablations of the same step budget" in same.stderr

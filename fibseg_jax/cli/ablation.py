@@ -37,13 +37,13 @@ _COMPARE = flags.DEFINE_list(
   "compare",
   None,
   "Train nothing: these finished ablations (--out folders or ablation.json) of one stack "
-  "at other --steps, against the step budget, into --out.",
+  "at other --steps, against the step budget, into --out (with --rows: only those rows).",
 )
 
 
 def compare(out: str, paths: list[str]) -> None:
   """--compare: the budgets table and figure of finished ablations, written to `out`."""
-  document = ablation.compare_budgets([ablation.read_document(p) for p in paths])
+  document = ablation.compare_budgets([ablation.read_document(p) for p in paths], _ROWS.value)
   os.makedirs(out, exist_ok=True)
   runs.write_json(os.path.join(out, "budgets.json"), document)
   table = ablation.budgets_markdown(document)

@@ -323,12 +323,15 @@ def read_document(path: str) -> dict[str, Any]:
     raise ValueError(f"--compare: {file} is not a finished ablation's table ({e})") from None
 
 
-def compare_budgets(documents: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
+def compare_budgets(
+  documents: Sequence[Mapping[str, Any]], row_names: Sequence[str] | None = None
+) -> dict[str, Any]:
   """The same rows at several step budgets: mean IoU and per class against steps.
 
   Args:
     documents: ablation tables (`run_ablation`) of one stack, slices and classes that
       differ in their step budget.
+    row_names: only these rows; None: every row of any document.
 
   Returns:
     {"volume", "classes", "eval_slices", "steps": [sorted budgets],
@@ -355,6 +358,8 @@ def compare_budgets(documents: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
   rows: dict[str, list[dict[str, Any]]] = {}
   for doc in sorted(documents, key=lambda d: int(d["budget"]["steps"])):
     for row in doc["rows"]:
+      if row_names is not None and row["name"] not in row_names:
+        continue
       rows.setdefault(row["name"], []).append(
         {
           "steps": int(doc["budget"]["steps"]),
