@@ -170,7 +170,7 @@ def budget_plot(document: Mapping[str, Any], path: str | os.PathLike) -> None:
     x = [p["steps"] for p in points]
     m = [p["mean_iou"]["mean"] for p in points]
     s = [p["mean_iou"]["std"] or 0.0 for p in points]
-    seeds = max(len(p["seeds"]) for p in points)
+    seeds = "/".join(str(len(p["seeds"])) for p in points)  # at each budget
     color, style = colors[i % 10], styles[i % len(styles)]
     left.errorbar(
       x, m, yerr=s, color=color, ls=style, marker="o", capsize=3, label=f"{name} ({seeds} seeds)"
