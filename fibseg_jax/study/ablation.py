@@ -33,7 +33,7 @@ from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import seed_stats
+from fibseg_jax.study.comparison import markdown_table, seed_stats
 
 # The parts of the recipe, as config overrides of the baseline (`train.config.FIELDS`
 # documents each field): the loader's `RECIPE_PARTS` and the training parts.
@@ -291,21 +291,21 @@ def markdown(document: Mapping[str, Any]) -> str:
     f"({document['budget']['steps']} steps of {document['budget']['batch_size']} x "
     f"{document['budget']['patch']}^2); seeds {document['seeds']}.",
     "",
-    "| " + " | ".join(head) + " |",
-    "| " + " | ".join("---" for _ in head) + " |",
   ]
+  cells = []
   for row in document["rows"]:
     diff = row["paired_difference"] if row["name"] != "baseline" else None
     to = row.get("reference", "baseline")
-    cells = [
-      row["name"],
-      _stat(row["mean_iou"]),
-      "-" if diff is None else f"{_stat(diff)} ({to})",
-      *(_stat(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
-      f"{row['train_seconds']:.0f}",
-    ]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+    cells.append(
+      [
+        row["name"],
+        _stat(row["mean_iou"]),
+        "-" if diff is None else f"{_stat(diff)} ({to})",
+        *(_stat(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
+        f"{row['train_seconds']:.0f}",
+      ]
+    )
+  return "\n".join(lines + markdown_table(head, cells)) + "\n"
 
 
 def read_document(path: str) -> dict[str, Any]:
@@ -388,15 +388,14 @@ def budgets_markdown(document: Mapping[str, Any]) -> str:
     f"{document['batch_size']} x {document['patch']}^2), scored on "
     f"{document['eval_slices']} without TTA; mean +- std over seeds.",
     "",
-    "| " + " | ".join(head) + " |",
-    "| " + " | ".join("---" for _ in head) + " |",
   ]
-  for name, points in document["rows"].items():
-    for p in points:
-      cells = [name, str(p["steps"]), str(len(p["seeds"])), _stat(p["mean_iou"])]
-      cells += [_stat(p["per_class"][c]).split(" +- ")[0] for c in classes]
-      lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+  cells = [
+    [name, str(p["steps"]), str(len(p["seeds"])), _stat(p["mean_iou"])]
+    + [_stat(p["per_class"][c]).split(" +- ")[0] for c in classes]
+    for name, points in document["rows"].items()
+    for p in points
+  ]
+  return "\n".join(lines + markdown_table(head, cells)) + "\n"
 
 
 def parts(names: Sequence[str]) -> dict[str, Any]:

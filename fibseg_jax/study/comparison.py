@@ -101,6 +101,15 @@ def cleaned_row(best: Row, budget: budget_lib.Budget) -> Row:
   )
 
 
+def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+  """The lines of a markdown table: `head`, its rule, then one line per row of cells."""
+  return [
+    "| " + " | ".join(head) + " |",
+    "| " + " | ".join("---" for _ in head) + " |",
+    *("| " + " | ".join(cells) + " |" for cells in rows),
+  ]
+
+
 def seed_stats(values: Sequence[float | None]) -> dict[str, float | None]:
   v = np.asarray([x for x in values if x is not None], np.float64)
   if not v.size:

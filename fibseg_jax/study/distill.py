@@ -31,7 +31,7 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import seed_stats
+from fibseg_jax.study.comparison import markdown_table, seed_stats
 
 KIND = "distillation study"
 ROWS = ("supervised", "teacher", "distilled", "distilled_narrow")
@@ -245,17 +245,15 @@ def markdown(document) -> str:
     f"{document['teacher_tta']}; students without TTA. Speed: the whole stack segmented, "
     "budget tiling, this machine.",
     "",
-    "| " + " | ".join(head) + " |",
-    "| " + " | ".join("---" for _ in head) + " |",
   ]
-  for row in document["rows"]:
-    diff = row["paired_difference"]
-    cells = [
+  cells = [
+    [
       row["name"],
       _stat(row["mean_iou"]),
-      "-" if diff is None else _stat(diff),
+      "-" if row["paired_difference"] is None else _stat(row["paired_difference"]),
       *(_stat(row["per_class"][c]).split(" +- ")[0] for c in classes),
       _stat(row["segment_mpx_per_s"], 2),
     ]
-    lines.append("| " + " | ".join(cells) + " |")
-  return "\n".join(lines) + "\n"
+    for row in document["rows"]
+  ]
+  return "\n".join(lines + markdown_table(head, cells)) + "\n"
