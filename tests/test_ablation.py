@@ -166,6 +166,11 @@ def test_ablation_script_trains_scores_pairs_and_resumes(tmp_path):
   only = _ablation(f"--out={both}", f"--compare={out},{longer}", "--rows=+lr_3x")
   assert only.returncode == 0, only.stderr[-3000:]
   assert list(json.load(open(os.path.join(both, "budgets.json")))["rows"]) == ["+lr_3x"]
+  # --out is this command's own folder: not a compared ablation, nor someone else's.
+  inside = _ablation(f"--out={out}", f"--compare={out},{longer}")
+  assert inside.returncode != 0 and "Traceback" not in inside.stderr
+  assert "--out=" in inside.stderr and os.path.exists(os.path.join(out, "ablation.md"))
+  assert not os.path.exists(os.path.join(out, "budgets.md"))
   # Ablations of one budget, or of another stack, are refused in one line.
   same = _ablation(f"--out={both}", f"--compare={out},{out}")
   assert same.returncode != 0 and "two ablations of the same step budget" in same.stderr

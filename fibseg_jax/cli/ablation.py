@@ -24,7 +24,7 @@ import sys
 
 from absl import flags
 
-from fibseg_jax import study
+from fibseg_jax import outputs, study
 from fibseg_jax.cli import runner, stack_flags
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import ablation, figures, runs
@@ -33,6 +33,7 @@ _FINISHED = flags.DEFINE_bool(
   "finished_only", False, "Train nothing: rewrite the table from the finished runs."
 )
 _ROWS = flags.DEFINE_list("rows", None, f"Only these rows, of: {', '.join(ablation.rows())}.")
+BUDGETS_KIND = "ablation budgets"
 _COMPARE = flags.DEFINE_list(
   "compare",
   None,
@@ -44,7 +45,10 @@ _COMPARE = flags.DEFINE_list(
 def compare(out: str, paths: list[str]) -> None:
   """--compare: the budgets table and figure of finished ablations, written to `out`."""
   document = ablation.compare_budgets([ablation.read_document(p) for p in paths], _ROWS.value)
-  os.makedirs(out, exist_ok=True)
+  try:  # a new folder, or this command's earlier one; never inside a compared ablation
+    outputs.claim(out, kind=BUDGETS_KIND, flag="--out", inputs={"--compare": paths}, directory=True)
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
   runs.write_json(os.path.join(out, "budgets.json"), document)
   table = ablation.budgets_markdown(document)
   with open(os.path.join(out, "budgets.md"), "w") as f:
