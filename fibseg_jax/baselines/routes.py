@@ -123,6 +123,12 @@ class Route:
     self.seconds.setdefault("predict", 0.0)
     return self
 
+  def normalised(self, image: np.ndarray) -> np.ndarray:
+    """A raw slice [y, x, C] (or [y, x]) cleaned and normalised as the classifier sees it."""
+    if self.offset is None:
+      raise ValueError(f"route {self.name}: normalised called before fit")
+    return self._normalise(self._clean(image, "clean_predict"))
+
   def _apply(self, image: np.ndarray, method: str) -> np.ndarray:
     """The segmenter's `method` on a raw slice, cleaned and normalised as in `fit`."""
     if self.offset is None:

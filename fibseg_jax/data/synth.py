@@ -224,7 +224,7 @@ def _lattice_weights(n: int, sigma: float) -> np.ndarray:
   return w.astype(np.float32)
 
 
-class _SmoothField:
+class SmoothField:
   """A unit-variance Gaussian random field with Gaussian correlation, sigma in nm.
 
   Lattice noise is drawn once; any z-block is evaluated exactly by separable matrix
@@ -283,7 +283,7 @@ def phantom_labels(
     [z, y, x] uint8 labels indexing `CLASSES`.
   """
   rng = np.random.default_rng([seed, _STREAM_PHANTOM])
-  field = lambda sigma: _SmoothField(rng, shape, voxel_size_nm, sigma)
+  field = lambda sigma: SmoothField(rng, shape, voxel_size_nm, sigma)
   clinker, roughness = field(CLINKER_SIGMA_NM), field(CLINKER_ROUGHNESS_SIGMA_NM)
   portlandite = field(PORTLANDITE_SIGMA_NM)
   large_pore, small_pore = field(LARGE_PORE_SIGMA_NM), field(SMALL_PORE_SIGMA_NM)
@@ -359,7 +359,7 @@ class _CurtainLayer(NamedTuple):
   shift_rate: float  # sideways drift, nm per nm of milling depth
   offset_nm: float
   profiles: tuple[np.ndarray, np.ndarray]  # [n] groove profiles it evolves between
-  region: _SmoothField  # where on the face this layer shows
+  region: SmoothField  # where on the face this layer shows
 
 
 class _Curtains:
@@ -385,7 +385,7 @@ class _Curtains:
         shift_rate=rng.uniform(-1, 1) * CURTAIN_SHIFT_DRIFT,
         offset_nm=rng.uniform(0, self._period),
         profiles=(_periodic_profile(rng, n, self._step), _periodic_profile(rng, n, self._step)),
-        region=_SmoothField(rng, config.shape, config.voxel_size_nm, CURTAIN_REGION_SIGMA_NM),
+        region=SmoothField(rng, config.shape, config.voxel_size_nm, CURTAIN_REGION_SIGMA_NM),
       )
       for _ in range(CURTAIN_LAYERS)
     ]
@@ -498,7 +498,7 @@ def generate(config: SynthConfig, progress: bool = False) -> SynthStack:
   lookahead = shine_lookahead(config.voxel_size_nm)
   # Slices past the end are rendered only as the material that pores near the end show.
   labels = phantom_labels((nz + lookahead, ny, nx), config.voxel_size_nm, config.seed, progress)
-  texture = _SmoothField(
+  texture = SmoothField(
     np.random.default_rng([config.seed, _STREAM_TEXTURE]),
     config.shape,
     config.voxel_size_nm,
