@@ -22,7 +22,9 @@ _STACKS = flags.DEFINE_multi_string(
 )
 _LEVELS = flags.DEFINE_list("levels", list(prior.DEFAULT_LEVELS), "Annotation levels.")
 _SEEDS = flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds of strokes and forest.")
-_PRIOR = flags.DEFINE_string("prior", enhance.PRIOR_DIR, "Folder of prior.msgpack/json.")
+_PRIOR = flags.DEFINE_string(
+  "prior", enhance.PRIOR_DIR, "Folder of prior.msgpack/json; none: fit the forests only."
+)
 
 
 def _parse(text: str):
@@ -52,12 +54,13 @@ def main(argv):
       stacks,
       levels=_LEVELS.value,
       seeds=[int(s) for s in _SEEDS.value],
-      prior=enhance.load_prior(_PRIOR.value),
+      prior=None if _PRIOR.value == "none" else enhance.load_prior(_PRIOR.value),
     )
   except ValueError as e:
     sys.exit(f"error: {e}")
-  with open(f"{_OUT.value}/prior.md") as f:
-    print(f.read())
+  if _PRIOR.value != "none":
+    with open(f"{_OUT.value}/prior.md") as f:
+      print(f.read())
 
 
 if __name__ == "__main__":

@@ -1,7 +1,7 @@
 r"""Trains the prior: an enhancer on domain-randomised FIB-SEM draws (no user data).
 
-  fibseg pretrain --workdir=runs/prior --draws=500 --steps=3000 --workers=2
-  fibseg pretrain --workdir=runs/prior --draws=500 --steps=3000 --export=fibseg_jax/prior
+  fibseg pretrain --workdir=runs/prior --draws=220 --steps=2500 --workers=2
+  fibseg pretrain --workdir=runs/prior --export=fibseg_jax/prior
 
 First the pool: random stacks with their truth, brush strokes painted from it and the
 random forest fitted on them (`WORKDIR/pool/`, one file a draw); then the enhancer learns

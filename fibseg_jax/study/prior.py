@@ -21,11 +21,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import time
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
+from fibseg_jax import baselines
 from fibseg_jax.data import annotations, synth
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import metrics
@@ -95,33 +97,79 @@ def mean_iou(truth: dict[int, np.ndarray], predicted: dict[int, np.ndarray], k: 
   return float(metrics.metrics_from_confusion(confusion).mean_iou)
 
 
-def run_cell(
-  stack: Stack, level: annotations.Level, seed: int, prior: enhance.Prior
-) -> dict[str, Any]:
-  """One stack, level and seed: the forest's and the prior's held-out mean IoU."""
+def forest_cell(stack: Stack, level: annotations.Level, seed: int, path: str) -> dict[str, Any]:
+  """The forest of one cell, fitted once and kept in `path` (npz): its probabilities and
+  the normalised images of the evaluation slices, which is all the prior needs."""
+  if os.path.isfile(path):
+    with np.load(path) as f:
+      zs = [int(z) for z in f["slices"]]
+      return {
+        "image": {z: f[f"image_{z}"].astype(np.float32) for z in zs},
+        "probabilities": {z: f[f"probs_{z}"].astype(np.float32) / 255 for z in zs},
+        "painted_pixels": int(f["painted_pixels"]),
+        "chosen": [int(z) for z in f["chosen"]],
+        "seconds": json.loads(str(f["seconds"])),
+      }
   chosen = level.slices(stack.train_slices, stack.train_slices)
   painted = [level.labels(stack.truth[z], z, seed) for z in chosen]
-  result = enhance.from_painted(
-    [stack.images[z] for z in chosen],
-    painted,
-    {z: stack.images[z] for z in stack.eval_slices},
-    len(stack.classes),
-    prior=prior,
-    seed=seed,
+  route = baselines.make_route("forest", len(stack.classes), seed=seed)
+  start = time.perf_counter()
+  route.fit([stack.images[z] for z in chosen], painted)
+  seconds = {"fit": time.perf_counter() - start}
+  start = time.perf_counter()
+  probs = {z: route.probabilities(stack.images[z]) for z in stack.eval_slices}
+  seconds["forest"] = time.perf_counter() - start
+  image = {z: route.normalised(stack.images[z]) for z in stack.eval_slices}
+  out = {
+    "image": image,
+    "probabilities": probs,
+    "painted_pixels": int(sum(int((p != annotations.IGNORE_LABEL).sum()) for p in painted)),
+    "chosen": list(chosen),
+    "seconds": seconds,
+  }
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  arrays = {f"image_{z}": v.astype(np.float16) for z, v in image.items()}
+  arrays.update({f"probs_{z}": np.rint(v * 255).astype(np.uint8) for z, v in probs.items()})
+  np.savez(
+    f"{path}.partial.npz",
+    slices=np.array(stack.eval_slices),
+    chosen=np.array(chosen),
+    painted_pixels=out["painted_pixels"],
+    seconds=np.array(json.dumps(seconds)),
+    **arrays,
   )
+  os.replace(f"{path}.partial.npz", path)
+  return out
+
+
+def run_cell(
+  stack: Stack, level: annotations.Level, seed: int, prior: enhance.Prior | None, directory: str
+) -> dict[str, Any]:
+  """One stack, level and seed: the forest's and the prior's held-out mean IoU (the
+  forest alone when `prior` is None)."""
+  fitted = forest_cell(stack, level, seed, os.path.join(directory, "forest.npz"))
   truth = {z: stack.truth[z] for z in stack.eval_slices}
   k = len(stack.classes)
-  painted_pixels = int(sum(int((p != annotations.IGNORE_LABEL).sum()) for p in painted))
-  return {
+  forest_labels = {z: p.argmax(-1) for z, p in fitted["probabilities"].items()}
+  result = {
     "stack": stack.name,
     "level": level.name,
     "seed": int(seed),
-    "slices": list(chosen),
-    "painted_pixels": painted_pixels,
-    "forest": mean_iou(truth, result.forest_labels, k),
-    "prior": mean_iou(truth, result.labels, k),
-    "seconds": result.seconds,
+    "slices": fitted["chosen"],
+    "painted_pixels": fitted["painted_pixels"],
+    "forest": mean_iou(truth, forest_labels, k),
+    "seconds": {k_: round(v, 2) for k_, v in fitted["seconds"].items()},
   }
+  if prior is None:
+    return result
+  start = time.perf_counter()
+  labels = {
+    z: enhance.enhance(prior, fitted["image"][z], p).argmax(-1)
+    for z, p in fitted["probabilities"].items()
+  }
+  result["seconds"]["enhance"] = round(time.perf_counter() - start, 2)
+  result["prior"] = mean_iou(truth, labels, k)
+  return result
 
 
 def _stat(values: Sequence[float]) -> dict[str, float]:
@@ -145,10 +193,9 @@ def run(
     stacks: `Stack`s, or callables returning one (loaded only when a cell needs it).
     levels: annotation levels.
     seeds: seeds of the strokes and of the forest.
-    prior: default the shipped one.
+    prior: the prior; None fits and keeps the forests only (to run ahead of a prior).
     log: where progress lines go.
   """
-  prior = enhance.load_prior() if prior is None else prior
   os.makedirs(out, exist_ok=True)
   rows = []
   for source in stacks:
@@ -158,7 +205,8 @@ def run(
     for text in levels:
       level = annotations.Level.parse(text)
       for seed in seeds:
-        path = os.path.join(out, name, f"{level.kind}_{level.value:g}_s{seed}", "result.json")
+        directory = os.path.join(out, name, f"{level.kind}_{level.value:g}_s{seed}")
+        path = os.path.join(directory, "result.json")
         if os.path.isfile(path):
           with open(path) as f:
             cells.append(json.load(f))
@@ -166,17 +214,15 @@ def run(
         if stack is None:
           stack = source if isinstance(source, Stack) else source()
           name = stack.name
-        cell = run_cell(stack, level, seed, prior)
-        os.makedirs(os.path.dirname(path), exist_ok=True)
+        cell = run_cell(stack, level, seed, prior, directory)
+        log(f"prior study: {name} {level.name} seed {seed}: {cell}")
+        if prior is None:
+          continue
         with open(f"{path}.partial", "w") as f:
           json.dump(cell, f, indent=1)
         os.replace(f"{path}.partial", path)
-        log(
-          f"prior study: {name} {level.name} seed {seed}: forest {cell['forest']:.3f}, "
-          f"prior {cell['prior']:.3f} ({cell['seconds']})"
-        )
         cells.append(cell)
-    for text in levels:
+    for text in levels if prior is not None else ():
       mine = [c for c in cells if c["level"] == annotations.Level.parse(text).name]
       forest, enhanced = [c["forest"] for c in mine], [c["prior"] for c in mine]
       rows.append(
@@ -193,6 +239,8 @@ def run(
           "seeds": [c["seed"] for c in mine],
         }
       )
+  if prior is None:
+    return {"rows": []}
   document = {"prior": prior.provenance.get("sha256"), "rows": rows}
   with open(os.path.join(out, "prior.json"), "w") as f:
     json.dump(document, f, indent=1)

@@ -1,6 +1,6 @@
 """The shipped prior: an enhancer trained once on domain-randomised FIB-SEM draws.
 
-  fibseg pretrain --workdir=runs/prior --draws=800 --steps=3000
+  fibseg pretrain --workdir=runs/prior --draws=220 --steps=2500
 
 Two resumable phases, each with a progress bar and an ETA:
 
@@ -264,18 +264,18 @@ class PretrainConfig:
     features: enhancer widths, one per level.
   """
 
-  draws: int = 500
+  draws: int = 220
   held_out: int = 40
   shape: tuple[int, int, int] = (4, 256, 256)
-  steps: int = 3000
+  steps: int = 2500
   batch_size: int = 8
-  patch: int = 128
+  patch: int = 96
   learning_rate: float = 1e-3
   warmup_steps: int = 100
   seed: int = 0
   save_every: int = 250
   workers: int = 2
-  features: tuple[int, ...] = (16, 32, 64, 128)
+  features: tuple[int, ...] = (8, 16, 32, 64)
 
   def __post_init__(self):
     for name in ("draws", "steps", "batch_size", "patch", "save_every", "workers"):
