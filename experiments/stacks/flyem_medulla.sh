@@ -11,9 +11,11 @@
 # Citation: FlyEM project, HHMI Janelia, sample data for NeuroProof; cite T. Parag, A. Chakraborty,
 #   S. Plaza, L. Scheffer, "A context-aware delayed agglomeration framework for electron microscopy
 #   segmentation", PLoS ONE 10(5): e0125825 (2015), and the repository.
-# Licence: LICENSE.txt is Creative Commons Attribution 3.0 (CC BY 3.0): use, modification and
-#   redistribution (commercial too) with attribution and a note of changes. So research use yes,
-#   and weights derived from it may be redistributed with attribution. Do not commit the data.
+# Licence: LICENSE.txt is the Creative Commons Attribution licence (its wording, with "Derivative
+#   Work", the label-your-changes clause and the 17 USC royalty waivers, is CC BY 3.0 United
+#   States; no NonCommercial or ShareAlike term): use, modification and redistribution (commercial
+#   too) with attribution and a note of the changes. So research use yes, and weights derived from
+#   it may be redistributed with attribution. Do not commit the data.
 # Modality: FIB-SEM (focused ion beam SEM), one signal, 8-bit: a 250 x 250 x 250 cube of the distal
 #   Drosophila medulla (neuropil), grayscale_maps/iso.2600.png .. iso.2849.png.
 # Voxel size: 10 nm isotropic (training_sample2/README.txt) -> --voxel_size_nm=10,10,10.
