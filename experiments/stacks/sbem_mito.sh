@@ -13,8 +13,9 @@
 #   granted with the copyright notice kept; commercial use needs UCSD's Technology Transfer Office.
 #   So: research use yes; weights derived from it may be shared only for research / non-profit
 #   use, with the notice. Do not commit the data to this repo.
-# Modality: serial block-face SEM (SBEM), NOT FIB-SEM: brain neuropil from NCMIR, one signal
-#   (backscattered electrons), 8-bit, 1024 x 1024 px per slice.
+# Modality: serial block-face SEM (SBEM), NOT FIB-SEM (the repo names it "sbem"), one signal
+#   (backscattered electrons), 8-bit, 1024 x 1024 px per slice. The repo does not name the
+#   tissue; by eye it is brain neuropil (axons, dendrites, myelin).
 # Voxel size: 5.9 nm in-plane, 40 nm slices (CDeep3M's model for it is named
 #   sbem/mitochrondria/xy5.9nm40nmz) -> --voxel_size_nm=40,5.9,5.9 (about 7:1 anisotropic).
 # Classes (mitos_3D.NNN.png, indexed PNG): 0 -> 0 background, 1 -> 1 mitochondria
