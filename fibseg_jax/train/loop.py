@@ -114,6 +114,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Ex
     size_multiple=multiple,
     unlabelled=unlabelled,
     teacher=distilled.array if distilled else "",
+    numbering=volume.metadata.numbering,
   )
   try:
     loader_lib.validate_config(loader_config, volume, jax.process_count())
