@@ -246,7 +246,10 @@ def test_truth_from_label_images_gives_the_same_scores(dataset):
 
 def test_evaluation_mistakes_are_named(dataset):
   d = dataset
-  with pytest.raises(evaluation.EvaluationError, match=r"--slices: \[9\] out of range.*0..5"):
+  with pytest.raises(
+    evaluation.EvaluationError,
+    match=r"--slices: no slice number 9 in this stack; its slices are numbered 0..5",
+  ):
     evaluation.evaluate(d["pred_path"], d["root"], slices=[9])
   with pytest.raises(evaluation.EvaluationError, match=r"--slices: \[2\] have no labels"):
     evaluation.evaluate(d["pred_path"], d["root"], slices="2")
@@ -296,7 +299,8 @@ def test_evaluate_script(dataset):
   proc = subprocess.run([*cmd, "--slices=60", f"--out={out}"], capture_output=True, text=True)
   assert proc.returncode == 1
   assert proc.stderr.strip().splitlines() == [
-    "error: --slices: [60] out of range; the stack has slices 0..5"
+    "error: --slices: no slice number 60 in this stack; its slices are numbered 0..5 (the "
+    "numbers of its files, as ingest read them)"
   ]
 
 

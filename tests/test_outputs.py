@@ -245,7 +245,7 @@ def test_segment_refuses_what_it_did_not_write(segmented, tmp_path):
   assert snapshot(raw) == before
   foreign = str(tmp_path / "foreign.zarr")
   segment_child_array(foreign)
-  with pytest.raises(store.OutputError, match="not a labels array written by segment.py"):
+  with pytest.raises(store.OutputError, match="not a labels array written by `fibseg segment`"):
     infer.segment_volume(
       segmented["vol"],
       model,

@@ -235,7 +235,7 @@ def test_painted_label_errors_speak_the_users_values(tmp_path):
   _write_labels(folder, {1: lab})
   _expect(
     r"slice_0001.png holds label values \[1, 2\] but --classes names 1 classes \['a'\] "
-    r"\(valid: 0..0, 255 = not annotated\); pass",
+    r"\(valid: 0..0, 255 = not annotated\); fix the stray values",
     channels,
     glob,
     classes=("a",),

@@ -153,7 +153,9 @@ def test_suggest_from_uncertainty_ranks_like_from_probabilities(segmented, tmp_p
 
 def test_suggest_refuses_labels(segmented):
   labels = segmented[0].removesuffix(".probs")
-  with pytest.raises(ValueError, match=r"segment.py's labels array, not its uncertainty array"):
+  with pytest.raises(
+    ValueError, match=r"`fibseg segment`'s labels array, not its uncertainty array"
+  ):
     uncertainty.slice_uncertainty(labels)
 
 

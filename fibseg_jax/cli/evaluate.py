@@ -5,7 +5,10 @@ r"""Scores a segmented stack against hand labels and writes a report with figure
   fibseg evaluate --prediction=seg.zarr --truth='labels/*.tif' --out=report/
 
 --truth is a volume (its labels) or a glob of label images (slice number = last integer
-in the file name, 255 = not annotated). --slices defaults to every labelled slice.
+in the file name; 255 = not annotated, or with --labels_unlabelled=0 0 = not painted and
+classes from 1, as `fibseg ingest` reads them). Slices are numbered as the stack's files
+(as ingest read them), in --slices, the printed lines and the report's file names.
+--slices defaults to every labelled slice.
 Writes report.json, report.md, slice_NNNN.png (channels | truth | prediction | error
 map), fractions_z.png (predicted phase fractions along z), structure.png (per phase:
 largest connected cluster, percolation, surface density) and pore_sizes.png (local
@@ -27,9 +30,18 @@ from fibseg_jax import eval as evaluation
 from fibseg_jax.cli import runner
 from fibseg_jax.eval import quantify
 
-_PREDICTION = flags.DEFINE_string("prediction", None, "Label array from segment.py --output.")
+_PREDICTION = flags.DEFINE_string("prediction", None, "Label array from `fibseg segment --output`.")
 _TRUTH = flags.DEFINE_string("truth", None, "Volume with labels, or a glob of label images.")
-_SLICES = flags.DEFINE_string("slices", None, "Slices to score, e.g. 9 or 9,40 or 0-10.")
+_SLICES = flags.DEFINE_string(
+  "slices", None, "Slice numbers (those of the files) to score, e.g. 9 or 9,40 or 1-10."
+)
+_UNLABELLED = flags.DEFINE_enum(
+  "labels_unlabelled",
+  None,
+  ["255", "0"],
+  "For a glob --truth: the label value meaning 'not annotated', 255 (classes 0..K-1) or 0 "
+  "(classes 1..K, as napari and ilastik paint them), as for `fibseg ingest`.",
+)
 _OUT = flags.DEFINE_string("out", None, "Report directory, e.g. report/.")
 _IMAGE = flags.DEFINE_string(
   "image", None, "Volume whose channels the figures show (default: --truth or the source)."
@@ -80,6 +92,7 @@ def main(argv):
       max_voxels=_MAX_VOXELS.value,
       size_classes=_SIZE_CLASSES.value,
       members=_MEMBERS.value,
+      labels_unlabelled=None if _UNLABELLED.value is None else int(_UNLABELLED.value),
     )
     paths = evaluation.write_report(report, _OUT.value)
   except (evaluation.EvaluationError, evaluation.MetricsError) as e:
@@ -88,17 +101,18 @@ def main(argv):
     sys.exit(f"error: --out={_OUT.value}: {e}")
   o = report.overall
   print(
-    f"slices {', '.join(map(str, report.slices))}: accuracy {o.accuracy:.4f}, "
+    f"slices {report.numbers.text(report.slices)}: accuracy {o.accuracy:.4f}, "
     f"mean IoU {o.mean_iou:.4f}, mean Dice {o.mean_dice:.4f}"
   )
   for quantity, q in report.phase_quantities().items():
     print(
       f"{quantity} ({q['class']}): truth {_percent(q['truth'])}, predicted "
-      f"{_percent(q['predicted'])}, whole stack {_percent(q['predicted_whole_stack'])}"
+      f"{_percent(q['predicted'])}, {report.stack_scope()} "
+      f"{_percent(q['predicted_whole_stack'])}"
     )
   if report.structure is not None:
     q = report.structure
-    print(f"structure on {q.subvolume.describe(q.voxel_size_nm)}:")
+    print(f"structure on {q.subvolume.describe(q.voxel_size_nm, report.numbers)}:")
     for p in q.phases:
       along = ", ".join(p.connectivity.percolating_axes)
       sizes = f", d50 {p.sizes.d50_nm:.0f} nm" if p.sizes else ""

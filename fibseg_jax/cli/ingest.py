@@ -42,6 +42,7 @@ _CLASSES = flags.DEFINE_list(
 _VOXEL = flags.DEFINE_list("voxel_size_nm", None, "Voxel size z,y,x in nm, e.g. 50,25,25.")
 _OUT = flags.DEFINE_string("out", None, "Output volume (a directory, or memory://, gs://, s3://).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none).")
 _ALLOW_MISSING = flags.DEFINE_bool(
   "allow_missing_slices", False, "Stack the slices as numbered even where numbers are missing."
 )
@@ -87,14 +88,19 @@ def main(argv):
       _OUT.value,
       voxel_size_nm=voxel_size,
       overwrite=_OVERWRITE.value,
-      unlabelled=int(_UNLABELLED.value),
+      progress=_PROGRESS.value,
+      # Not stated: 255, unless the labels look painted with 0 = not painted.
+      unlabelled=int(_UNLABELLED.value) if flags.FLAGS["labels_unlabelled"].present else None,
+      warn=lambda message: print(f"warning: {message}", file=sys.stderr),
     )
   except (ingest.IngestError, volume.VolumeError) as e:
     sys.exit(f"error: {e}")
   z, y, x = meta.shape
+  numbering = meta.numbering
   print(
-    f"wrote {_OUT.value}: {z} slices of {y} x {x}, channels {list(meta.channels)}, "
-    f"classes {list(meta.classes)}, annotated slices {list(meta.annotated_slices)}"
+    f"wrote {_OUT.value}: {z} slices of {y} x {x} (numbered {numbering.describe()}, as "
+    f"their files), channels {list(meta.channels)}, classes {list(meta.classes)}, "
+    f"annotated slices {numbering.labels(meta.annotated_slices)}"
   )
 
 

@@ -50,6 +50,9 @@ _DRIFT = flags.DEFINE_float(
   "one's (0 = alike slices). A stack whose slices differ, e.g. for `fibseg suggest`.",
 )
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace an existing --out.")
+_PROGRESS = flags.DEFINE_bool(
+  "progress", True, "Show progress bars on stacks large enough to take a while (--noprogress)."
+)
 
 # Show progress bars only where generating takes noticeable time.
 _PROGRESS_VOXELS = 1 << 22
@@ -121,7 +124,7 @@ def main(argv):
       synth.check_destination(out, tiff=_FORMAT.value == "tiff", overwrite=_OVERWRITE.value)
     except ValueError as e:
       sys.exit(f"error: {e}")
-  progress = shape[0] * shape[1] * shape[2] >= _PROGRESS_VOXELS
+  progress = _PROGRESS.value and shape[0] * shape[1] * shape[2] >= _PROGRESS_VOXELS
   stack = synth.generate(config, progress=progress)
   try:
     if _FORMAT.value == "tiff":

@@ -92,8 +92,12 @@ _TTA = flags.DEFINE_string(
 )
 _NOTTA = flags.DEFINE_bool("notta", False, "Same as --tta=off.")
 _SLICES = flags.DEFINE_string(
-  "slices", None, "Segment only these slices, e.g. 20 or 10-20 or 3,9 (default: all)."
+  "slices",
+  None,
+  "Segment only these slices, by the numbers of their files, e.g. 20 or 10-20 or 3,9 "
+  "(default: all).",
 )
+_PROGRESS = flags.DEFINE_bool("progress", True, "Show a progress bar (--noprogress: none).")
 _WINDOW = flags.DEFINE_enum("window", "cosine", ["cosine", "gaussian"], "Blending window.")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False, "Replace existing output arrays.")
 _FORMAT = flags.DEFINE_enum(
@@ -127,8 +131,20 @@ def main(argv):
   for model_path in model_paths:
     if not os.path.exists(model_path):
       sys.exit(f"error: {which}={model_path}: no such directory")
+  for flag in (_OUTPUT, _PROBABILITIES, _UNCERTAINTY, _EXPORT):
+    local = volume.local_path(flag.value) if flag.value else None
+    if local and not os.path.isdir(os.path.dirname(local)):
+      sys.exit(
+        f"error: --{flag.name}={flag.value}: parent directory {os.path.dirname(local)} does "
+        "not exist; create it first"
+      )
   try:
     only_slices = evaluation.parse_slices(_SLICES.value) or None
+    if only_slices:  # the user's slice numbers (those of the files) -> z
+      numbering = volume.open_volume(_INPUT.value, check_labels=False).metadata.numbering
+      only_slices = numbering.to_zs(only_slices, "--slices")
+  except volume.VolumeError as e:
+    sys.exit(f"error: {e}" if str(e).startswith("--") else f"error: --input: {e}")
   except ValueError as e:
     sys.exit(f"error: {e}")
   tta = _TTA.value
@@ -147,6 +163,7 @@ def main(argv):
       _FORMAT.value,
       overwrite=_OVERWRITE.value,
       labels=infer.store.source_id(_OUTPUT.value),
+      flag="--export" if _EXPORT.value else f"--output's {_FORMAT.value} export",
       source=_INPUT.value,
     )
   except infer.OutputError as e:
@@ -175,6 +192,7 @@ def main(argv):
         only_slices=only_slices,
         dtype=_DTYPE.value,
         overwrite=_OVERWRITE.value,
+        progress=_PROGRESS.value,
       ),
     )
   except checkpoint.CheckpointError as e:

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import glob
+import logging
 import os
 import re
 from collections.abc import Callable, Mapping, Sequence
@@ -385,12 +386,16 @@ def _first_class(unlabelled: int) -> int:
   return 1 if unlabelled == 0 else 0
 
 
-def check_unlabelled(unlabelled: int) -> int:
+def check_unlabelled(unlabelled: int | None) -> int:
   """The label value meaning "not annotated": 255 (the volume's own) or 0 (napari, ilastik).
+
+  None (not stated) is 255.
 
   Raises:
     IngestError: any other value, naming --labels_unlabelled.
   """
+  if unlabelled is None:
+    return volume_lib.IGNORE_LABEL
   if isinstance(unlabelled, bool) or unlabelled not in (0, volume_lib.IGNORE_LABEL):
     raise IngestError(
       f"--labels_unlabelled={unlabelled!r}: must be {volume_lib.IGNORE_LABEL} (255 = not "
@@ -398,6 +403,69 @@ def check_unlabelled(unlabelled: int) -> int:
       "ilastik write them)"
     )
   return int(unlabelled)
+
+
+def to_volume_labels(
+  data: np.ndarray,
+  where: str,
+  unlabelled: int = volume_lib.IGNORE_LABEL,
+  classes: Sequence[str] | None = None,
+  flag: str = "--labels",
+) -> np.ndarray:
+  """One label slice in the user's convention, as the volume holds it.
+
+  The one reading of label values shared by `fibseg ingest --labels` and `fibseg evaluate
+  --truth`: with `unlabelled` 255, class i is i; with 0 (napari, ilastik), 0 is not
+  painted and class i is i + 1.
+
+  Args:
+    data: [y, x] label values as read from the file.
+    where: the file, for messages.
+    unlabelled: 255 or 0 (`check_unlabelled`).
+    classes: the class names, to check the values against; None checks only the range.
+    flag: the flag named in errors.
+
+  Returns:
+    [y, x] uint8 class indices 0..K-1, 255 = not annotated.
+
+  Raises:
+    IngestError: values that are not integers or not classes, naming `where` and `flag`.
+  """
+  if not np.issubdtype(data.dtype, np.integer):
+    if not np.all(np.equal(np.mod(data, 1), 0)):
+      raise IngestError(f"{flag}: {where} holds non-integer values")
+  values = np.unique(data)
+  first = _first_class(unlabelled)
+  top = first + (len(classes) if classes is not None else volume_lib.IGNORE_LABEL - 1) - 1
+  wrong = [int(v) for v in values if v != unlabelled and not first <= v <= top]
+  if wrong:
+    if classes is None:
+      raise IngestError(
+        f"{flag}: {where} holds label values {wrong[:10]}; class values must be "
+        f"{first}..{top} ({unlabelled} = not annotated{_convention(unlabelled)})"
+      )
+    painted = (
+      unlabelled == volume_lib.IGNORE_LABEL
+      and 0 in values
+      and max(int(v) for v in values) == len(classes)
+    )
+    hint = (
+      f"; values 0..{len(classes)} with {len(classes)} classes are napari-style labels (0 "
+      "= not painted, classes from 1): pass --labels_unlabelled=0"
+      if painted
+      else "; fix the stray values, or name every class in --classes"
+    )
+    raise IngestError(
+      f"{flag}: {where} holds label values {wrong[:10]} but --classes names "
+      f"{len(classes)} classes {list(classes)} (valid: {first}..{top}, "
+      f"{unlabelled} = not annotated{_convention(unlabelled)}){hint}"
+    )
+  if unlabelled == volume_lib.IGNORE_LABEL:
+    return data.astype(np.uint8)
+  # 0 = not painted -> 255; class value v -> v - 1 (values checked to be 1..K above).
+  return np.where(data == unlabelled, volume_lib.IGNORE_LABEL, data.astype(np.int64) - 1).astype(
+    np.uint8
+  )
 
 
 def _check_labels(
@@ -410,21 +478,69 @@ def _check_labels(
   """
   if data.shape != shape:
     raise IngestError(f"--labels: {f.describe()} has shape {data.shape}, image slices {shape}")
-  values = _label_values(data, f)
-  first = _first_class(unlabelled)
-  wrong = [int(v) for v in values if v != unlabelled and not first <= v < first + len(classes)]
-  if wrong:
-    raise IngestError(
-      f"--labels: {f.describe()} holds label values {wrong[:10]} but --classes names "
-      f"{len(classes)} classes {list(classes)} (valid: {first}..{first + len(classes) - 1}, "
-      f"{unlabelled} = not annotated{_convention(unlabelled)}); pass one name per label value"
-    )
-  if unlabelled == volume_lib.IGNORE_LABEL:
-    return data.astype(np.uint8)
-  # 0 = not painted -> 255; class value v -> v - 1 (values checked to be 1..K above).
-  return np.where(data == unlabelled, volume_lib.IGNORE_LABEL, data.astype(np.int64) - 1).astype(
-    np.uint8
+  return to_volume_labels(data, f.describe(), unlabelled, classes)
+
+
+# 0 covering at least this share of every label slice (and no 255 anywhere) looks like
+# napari-style painting (0 = not painted): warned about, and refused from _SURE_SHARE on.
+PAINTED_SHARE = 0.5
+_SURE_SHARE = 0.9
+
+
+def painted_labels_check(
+  plan: IngestPlan, classes: Sequence[str] | None
+) -> tuple[str | None, str | None]:
+  """Whether the label files look painted with 0 = not painted, read as 255 = not annotated.
+
+  Looked at only when --labels_unlabelled was not stated and no label file holds 255.
+  Sure (an error): values 0..K with K classes named, or 0 covering at least 90% of every
+  label file. Not sure (a warning): 0 covering at least half of every label file.
+
+  Returns:
+    (error, warning), each a message or None.
+  """
+  if not plan.labels:
+    return None, None
+  shares, values, least = [], set(), None
+  for f in plan.labels.values():
+    data = f.read(labels=True)
+    found = np.unique(data)
+    if volume_lib.IGNORE_LABEL in found:
+      return None, None  # 255 is used: the volume's own convention
+    values.update(int(v) for v in found)
+    share = float(np.count_nonzero(data == 0)) / data.size
+    shares.append(share)
+    if least is None or share < least[0]:
+      least = (share, f)
+  if 0 not in values:
+    return None, None
+  advice = (
+    "if 0 means not painted (napari and ilastik label layers), pass --labels_unlabelled=0 "
+    "(classes are then the values 1, 2, ...)"
   )
+  top = max(values)
+  if classes is not None and top == len(classes):
+    return (
+      f"--labels: the label files hold values 0..{top} and --classes names {len(classes)} "
+      f"classes {list(classes)}: napari-style labels (0 = not painted, classes 1..{top}); "
+      "pass --labels_unlabelled=0",
+      None,
+    )
+  share, f = least
+  what = f"class {classes[0]!r}" if classes else "a class of its own (class0)"
+  found = (
+    f"value 0 covers {100 * share:.1f}% or more of every label file ({f.describe()} the "
+    f"least), and no file holds 255 (not annotated), so every 0 pixel would train as {what}"
+  )
+  if share >= _SURE_SHARE:
+    return (
+      f"--labels: {found}; {advice}; if 0 really is a class, pass --labels_unlabelled=255 "
+      "to say so",
+      None,
+    )
+  if share >= PAINTED_SHARE:
+    return None, f"--labels: {found}; {advice}"
+  return None, None
 
 
 def _infer_classes(plan: IngestPlan, unlabelled: int = 255) -> tuple[str, ...]:
@@ -480,7 +596,8 @@ def ingest(
   overwrite: bool = False,
   progress: bool = True,
   on_slice: Callable[[int], None] | None = None,
-  unlabelled: int = 255,
+  unlabelled: int | None = None,
+  warn: Callable[[str], None] | None = None,
 ) -> volume_lib.VolumeMetadata:
   """Streams the planned slices into a new volume at `out`.
 
@@ -497,15 +614,25 @@ def ingest(
     on_slice: called with each z after it is queued (tests use it to interrupt).
     unlabelled: the label value meaning "not annotated" in the label files: 255 (classes
       0..K-1) or 0 (classes 1..K, napari's and ilastik's convention). The volume written
-      is the same either way (255 = not annotated, classes 0..K-1).
+      is the same either way (255 = not annotated, classes 0..K-1). None (not stated)
+      is 255, after `painted_labels_check`: labels that look painted with 0 = not painted
+      are refused (sure) or warned about (not sure).
+    warn: called with a warning (default: `logging.warning`).
 
   Returns:
-    The metadata of the written volume.
+    The metadata of the written volume (with the slice numbers of its files).
 
   Raises:
     IngestError: naming the file and the flag, with values in the user's convention.
   """
+  stated = unlabelled is not None
   unlabelled = check_unlabelled(unlabelled)
+  if not stated:
+    error, warning = painted_labels_check(plan, plan.classes or None)
+    if error:
+      raise IngestError(error)
+    if warning:
+      (warn or logging.warning)(warning)
   classes = plan.classes or _infer_classes(plan, unlabelled)
   names = list(plan.channels)
   inputs = {f"--channel={n}": [f.path for f in plan.channels[n]] for n in names}
@@ -553,9 +680,11 @@ def ingest(
       writer.write_slice(z, image, labels)
       if on_slice is not None:
         on_slice(z)
-    return writer.commit(
+    meta = writer.commit(
       extra_attrs={
         "slice_numbers": plan.numbers,
         "sources": {n: plan.channels[n][0].path for n in names},
       }
     )
+  numbers = volume_lib.SliceNumbers.of(plan.numbers, plan.shape[0]).numbers
+  return dataclasses.replace(meta, slice_numbers=numbers)

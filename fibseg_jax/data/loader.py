@@ -336,23 +336,27 @@ def validate_config(
       high = "1]" if name in PROBABILITIES else "1)"
       raise LoaderError(f"{config.flag(name)}={value!r}: must be in [0, {high}")
 
+  # config.eval_slices are z; messages give the user's slice numbers (the files').
+  numbering = volume.metadata.numbering
   bad = [z for z in config.eval_slices if not _is_int(z) or not 0 <= z < depth]
   if bad:
     raise LoaderError(
-      f"{config.flag('eval_slices')}: slice(s) {bad} outside the volume's slices 0..{depth - 1}"
+      f"{config.flag('eval_slices')}: slice(s) {bad} outside the volume's slices "
+      f"{numbering.describe()}"
     )
   annotated = set(volume.metadata.annotated_slices)
+  given = numbering.text(config.eval_slices).replace(" ", "")
   unlabelled = [z for z in config.eval_slices if z not in annotated]
   if unlabelled:  # evaluating there would score against nothing
     which = (
-      f"slice {unlabelled[0]} has"
+      f"slice {numbering.label(unlabelled[0])} has"
       if len(unlabelled) == 1
-      else f"slices {', '.join(map(str, unlabelled))} have"
+      else f"slices {numbering.text(unlabelled)} have"
     )
     raise LoaderError(
-      f"{config.flag('eval_slices')}={','.join(map(str, config.eval_slices))}: {which} no labels; "
+      f"{config.flag('eval_slices')}={given}: {which} no labels; "
       + (
-        f"annotated slices are {', '.join(map(str, sorted(annotated)))}"
+        f"annotated slices are {numbering.text(sorted(annotated))}"
         if annotated
         else f"volume {where} has no annotated slices"
       )
@@ -362,7 +366,7 @@ def validate_config(
       raise LoaderError(f"volume {where} has no annotated slices")
     raise LoaderError(
       f"volume {where} has no annotated slices outside {config.flag('eval_slices')}="
-      f"{list(config.eval_slices)} (annotated: {sorted(annotated)})"
+      f"{numbering.labels(config.eval_slices)} (annotated: {numbering.labels(sorted(annotated))})"
     )
   return channel_index
 
@@ -451,10 +455,11 @@ class SlabLoader:
   def summary(self) -> str:
     """One line for the log: slices, areas, split and batch shape."""
     c = self.config
+    numbering = self.volume.metadata.numbering
     return (
-      f"{self._where}: training slices {list(self.train_slices)}, eval slices "
-      f"{list(c.eval_slices)}; {self.train_area} training and {self.val_area} validation "
-      f"pixels ({self.val_area / (self.train_area + self.val_area):.1%} in "
+      f"{self._where}: training slices {numbering.labels(self.train_slices)}, eval slices "
+      f"{numbering.labels(c.eval_slices)}; {self.train_area} training and {self.val_area} "
+      f"validation pixels ({self.val_area / (self.train_area + self.val_area):.1%} in "
       f"{int(self.split.val_blocks.sum())} blocks of {c.val_block} px); batch "
       f"{self.local_batch_size}/{c.batch_size} x {c.slices} slices x {c.patch}^2 x "
       f"{list(c.channels)}"

@@ -63,6 +63,9 @@ class VolumeMetadata:
     annotated_slices: z indices that carry hand labels.
     channel_stats: per channel name, {"p0.5", "p1", "p50", "p99", "p99.5", "mean", "std"}.
     dtype: image dtype name.
+    slice_numbers: the user's number of each z (the number in its file name, as ingest
+      read it), or () when they are z itself (synthetic stacks, volumes written before
+      ingest stored them). See `SliceNumbers`.
   """
 
   shape: tuple[int, int, int]
@@ -72,10 +75,16 @@ class VolumeMetadata:
   annotated_slices: tuple[int, ...] = ()
   channel_stats: Mapping[str, Mapping[str, float]] = dataclasses.field(default_factory=dict)
   dtype: str = "uint16"
+  slice_numbers: tuple[int, ...] = ()
 
   @property
   def num_classes(self) -> int:
     return len(self.classes)
+
+  @property
+  def numbering(self) -> SliceNumbers:
+    """z <-> the user's slice numbers (`SliceNumbers`)."""
+    return SliceNumbers.of(self.slice_numbers, self.shape[0])
 
   def to_json(self) -> dict[str, Any]:
     return {
@@ -87,6 +96,7 @@ class VolumeMetadata:
       "annotated_slices": list(self.annotated_slices),
       "channel_stats": {k: dict(v) for k, v in self.channel_stats.items()},
       "dtype": self.dtype,
+      **({"slice_numbers": list(self.slice_numbers)} if self.slice_numbers else {}),
     }
 
   @classmethod
@@ -99,8 +109,8 @@ class VolumeMetadata:
     if "fibseg_format" not in attrs or missing:
       raise VolumeError(
         f"{where}: group attributes are not a fibseg_jax volume "
-        f"(missing {missing or ['fibseg_format']}); create one with experiments/ingest.py "
-        "or experiments/make_synthetic.py"
+        f"(missing {missing or ['fibseg_format']}); create one with `fibseg ingest` "
+        "or `fibseg make-synthetic`"
       )
     return cls(
       shape=tuple(int(s) for s in attrs["shape"]),
@@ -110,7 +120,94 @@ class VolumeMetadata:
       annotated_slices=tuple(int(z) for z in attrs["annotated_slices"]),
       channel_stats={k: dict(v) for k, v in attrs.get("channel_stats", {}).items()},
       dtype=str(attrs.get("dtype", "uint16")),
+      slice_numbers=_slice_numbers(attrs.get("slice_numbers"), int(attrs["shape"][0])),
     )
+
+
+def _slice_numbers(value: Any, depth: int) -> tuple[int, ...]:
+  """The stored slice numbers when they fit the stack (one a z, increasing), else ()."""
+  try:
+    numbers = tuple(int(n) for n in value or ())
+  except (TypeError, ValueError):
+    return ()
+  if len(numbers) != depth or any(b <= a for a, b in zip(numbers, numbers[1:], strict=False)):
+    return ()
+  return () if numbers == tuple(range(depth)) else numbers
+
+
+@dataclasses.dataclass(frozen=True)
+class SliceNumbers:
+  """One slice numbering for the user: the numbers of their own files.
+
+  Ingest stores the number in each image file's name (``slice_0001.tif`` -> 1) for
+  every z; every flag, message, report and file name of the product speaks in those
+  numbers, and only code inside the package counts z from 0. A stack whose files are
+  numbered from 0 (synthetic ones), or a volume written before ingest stored the numbers,
+  has number = z.
+
+  Attributes:
+    numbers: the number of each z, increasing; () for number = z.
+    depth: slices in the stack.
+  """
+
+  numbers: tuple[int, ...]
+  depth: int
+
+  @classmethod
+  def of(cls, numbers: Sequence[int] | None, depth: int) -> SliceNumbers:
+    return cls(_slice_numbers(numbers, int(depth)), int(depth))
+
+  @property
+  def is_identity(self) -> bool:
+    return not self.numbers
+
+  def label(self, z: int) -> int:
+    """The user's number of slice z (z itself for a z outside the stack)."""
+    z = int(z)
+    return self.numbers[z] if self.numbers and 0 <= z < self.depth else z
+
+  def labels(self, zs: Sequence[int]) -> list[int]:
+    return [self.label(z) for z in zs]
+
+  def text(self, zs: Sequence[int]) -> str:
+    """'3, 6, 9' for z = 2, 5, 8 of a stack numbered from 1."""
+    return ", ".join(str(n) for n in self.labels(zs))
+
+  def describe(self) -> str:
+    """The valid numbers, e.g. '1..12' (or '1..4, 6..12' where numbers are missing)."""
+    numbers = self.numbers or tuple(range(self.depth))
+    if not numbers:
+      return "none"
+    runs, start = [], numbers[0]
+    for a, b in zip(numbers, (*numbers[1:], None), strict=True):
+      if b is None or b != a + 1:
+        runs.append(str(start) if start == a else f"{start}..{a}")
+        start = b
+    return ", ".join(runs[:6]) + (", ..." if len(runs) > 6 else "")
+
+  def to_z(self, number: int, flag: str) -> int:
+    """The z of the user's slice `number`.
+
+    Raises:
+      VolumeError: no slice carries that number, naming `flag` and the valid numbers.
+    """
+    return self.to_zs([number], flag)[0]
+
+  def to_zs(self, numbers: Sequence[int], flag: str) -> tuple[int, ...]:
+    """The z of each of the user's slice numbers, in the order given.
+
+    Raises:
+      VolumeError: numbers no slice carries, naming `flag` and the valid numbers.
+    """
+    index = {n: z for z, n in enumerate(self.numbers or range(self.depth))}
+    bad = [int(n) for n in numbers if int(n) not in index]
+    if bad:
+      what = "slice number" if len(bad) == 1 else "slice numbers"
+      raise VolumeError(
+        f"{flag}: no {what} {', '.join(map(str, bad[:10]))} in this stack; its slices are "
+        f"numbered {self.describe()} (the numbers of its files, as ingest read them)"
+      )
+    return tuple(index[int(n)] for n in numbers)
 
 
 def kvstore_spec(root: str | os.PathLike | Mapping[str, Any]) -> dict[str, Any]:
@@ -183,7 +280,7 @@ def _read_group_attrs(kvstore: Mapping[str, Any], where: str) -> dict[str, Any]:
   if result.state != "value":
     raise VolumeError(
       f"{where}: not a volume (no zarr.json group metadata). Expected a zarr v3 group "
-      "written by experiments/ingest.py or experiments/make_synthetic.py"
+      "written by `fibseg ingest` or `fibseg make-synthetic`"
     )
   try:
     meta = json.loads(result.value)
@@ -204,6 +301,18 @@ def group_attributes(root: str | os.PathLike | Mapping[str, Any]) -> dict[str, A
   """All attributes of a volume's group, including ones beyond `VolumeMetadata` (e.g. the
   instrument's `slice_numbers` written by ingest)."""
   return _read_group_attrs(kvstore_spec(root), describe(root))
+
+
+def slice_numbering(root: Any, depth: int) -> SliceNumbers:
+  """The `SliceNumbers` of the volume at `root` (a segmentation's source), or number = z
+  when there is none there (moved, deleted, or not a volume)."""
+  if not root:
+    return SliceNumbers.of((), depth)
+  try:
+    numbers = group_attributes(root).get("slice_numbers")
+  except (VolumeError, ValueError, OSError):
+    return SliceNumbers.of((), depth)
+  return SliceNumbers.of(numbers, depth)
 
 
 @dataclasses.dataclass(frozen=True)

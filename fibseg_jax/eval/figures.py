@@ -148,7 +148,7 @@ def fractions_figure(
 
   Args:
     path: the PNG to write.
-    z: [n] slice indices.
+    z: [n] slice numbers (the user's, `volume.SliceNumbers`).
     fractions: [n, C] predicted fraction of each class on each slice.
     classes: class names.
     truth: optional z -> [C] truth fractions (on the annotated voxels), drawn as markers.
@@ -174,7 +174,7 @@ def fractions_figure(
   if truth:
     top = max(top, 100 * max(float(np.nanmax(v)) for v in truth.values()))
   ax.set_ylim(0, min(100.0, 1.15 * top + 2))
-  ax.set_xlabel("slice z")
+  ax.set_xlabel("slice number")
   ax.set_ylabel("volume fraction (%)")
   ax.xaxis.get_major_locator().set_params(integer=True)
   ax.grid(alpha=0.3)

@@ -1,15 +1,17 @@
 """The inputs of an evaluation: the prediction, the truth and the image shown.
 
-  prediction = open_prediction("seg.zarr")          # segment.py's labels output
+  prediction = open_prediction("seg.zarr")          # `fibseg segment`'s labels output
   truth = open_truth("vol.zarr")                    # or a glob of label images
   image = open_image(truth, prediction, None)        # what the figures show, or None
 
-The prediction is a zarr v3 label array [z, y, x] uint8 as segment.py writes it (its
+The prediction is a zarr v3 label array [z, y, x] uint8 as `fibseg segment` writes it (its
 attributes name the classes and the source volume; opened by `infer.store`); any zarr
 v3 uint8 array works, with class names taken from the truth. The truth is a volume (its
 labels on the chosen slices, by default its annotated slices) or a glob of label images
-(TIFF/PNG, one per slice, slice number = last integer in the file name, 255 = not
-annotated).
+(TIFF/PNG, one per slice, slice number = last integer in the file name), read in the
+same conventions as `fibseg ingest --labels` (`ingest.to_volume_labels`): 255 = not
+annotated and classes from 0, or with `unlabelled=0` (--labels_unlabelled=0) 0 = not
+painted and classes from 1, as napari and ilastik write them.
 """
 
 from __future__ import annotations
@@ -34,12 +36,12 @@ class EvaluationError(ValueError):
 
 # An opened label array: path, array (tensorstore [z, y, x] uint8), classes (from the
 # attributes, or ()), source (the volume it was segmented from, or None), run (the run
-# record segment.py stored, or {}) and shape.
+# record `fibseg segment` stored, or {}) and shape.
 Prediction = store.Segmentation
 
 
 def open_prediction(path: Any) -> Prediction:
-  """Opens a label array written by segment.py (or any zarr v3 [z, y, x] uint8 array).
+  """Opens a label array written by `fibseg segment` (or any zarr v3 [z, y, x] uint8 array).
 
   Raises:
     EvaluationError: no array there, or not [z, y, x] uint8.
@@ -49,10 +51,10 @@ def open_prediction(path: Any) -> Prediction:
     pred = store.open_segmentation(path)
   except store.NotAnArray as e:
     messages = {
-      "missing": f"--prediction={where}: no such array (run segment.py first)",
+      "missing": f"--prediction={where}: no such array (run `fibseg segment` first)",
       "no_metadata": f"--prediction={where}: not a zarr v3 array (no zarr.json)",
       "not_array": f"--prediction={where} is a zarr {e.node_type}, not a label array; pass "
-      "the --output of segment.py",
+      "the --output of `fibseg segment`",
     }
     raise EvaluationError(messages.get(e.reason, f"--prediction={e}")) from e
   except store.OutputError as e:
@@ -91,7 +93,11 @@ def _is_glob(spec: str) -> bool:
   return any(ch in spec for ch in "*?[") or spec.lower().endswith(ingest.IMAGE_EXTENSIONS)
 
 
-def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = None) -> Truth:
+def open_truth(
+  spec: str | os.PathLike,
+  slice_numbers: Sequence[int] | None = None,
+  unlabelled: int | None = None,
+) -> Truth:
   """Opens the truth: a volume root, or a glob of label images.
 
   Args:
@@ -99,11 +105,18 @@ def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = No
     slice_numbers: for a glob, the instrument slice number of each z (ingest stores them
       in the volume as `slice_numbers`), so `labels_0001.tif` lands on the z that ingest
       gave image slice 1; default: the number in the file name is z.
+    unlabelled: for a glob, the label value meaning "not annotated": 255 (default) or 0
+      (napari, ilastik: classes from 1), as `fibseg ingest --labels_unlabelled`. A volume
+      has its own convention; giving one with it is refused.
 
   Raises:
     EvaluationError: naming --truth and what is wrong.
   """
   spec = os.fspath(spec)
+  try:
+    convention = ingest.check_unlabelled(unlabelled)
+  except ingest.IngestError as e:
+    raise EvaluationError(str(e)) from None
   if _is_glob(spec):
     try:
       files = {f.number: f for f in ingest.find_slices(spec, "--truth")}
@@ -133,7 +146,10 @@ def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = No
         )
       if data.min() < 0 or data.max() > 255:
         raise EvaluationError(f"--truth: {f.describe()} holds values outside 0..255")
-      return data.astype(np.uint8)
+      try:
+        return ingest.to_volume_labels(data, f.describe(), convention, flag="--truth")
+      except ingest.IngestError as e:
+        raise EvaluationError(str(e)) from None
 
     return Truth(
       description=spec,
@@ -141,6 +157,11 @@ def open_truth(spec: str | os.PathLike, slice_numbers: Sequence[int] | None = No
       slices=tuple(sorted(files)),
       classes=(),
       read=read,
+    )
+  if unlabelled is not None and convention != volume_lib.IGNORE_LABEL:
+    raise EvaluationError(
+      f"--labels_unlabelled={unlabelled}: --truth {spec} is a volume, whose labels are "
+      "already in its own convention; give it only with a glob of label images"
     )
   try:
     vol = volume_lib.open_volume(spec, check_labels=False)

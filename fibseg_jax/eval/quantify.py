@@ -84,11 +84,18 @@ class Subvolume:
   def slices(self) -> tuple[slice, slice, slice]:
     return tuple(slice(s, s + n) for s, n in zip(self.start, self.shape, strict=True))
 
-  def describe(self, voxel_size_nm: Sequence[float]) -> str:
+  def describe(self, voxel_size_nm: Sequence[float], numbering: Any = None) -> str:
+    """E.g. 'the whole stack (z 0:12, y 0:64, x 0:64; ...)'; with `numbering` (the
+    volume's `SliceNumbers`, numbered otherwise than z) z gives the user's slice numbers:
+    'slices 1..12, y 0:64, ...'."""
     size = " x ".join(f"{n * v / 1000:.3g}" for n, v in zip(self.shape, voxel_size_nm, strict=True))
     box = ", ".join(
       f"{a} {s}:{s + n}" for a, s, n in zip(AXES, self.start, self.shape, strict=True)
     )
+    if numbering is not None and not numbering.is_identity:
+      z0, depth = self.start[0], self.shape[0]
+      first, last = numbering.label(z0), numbering.label(z0 + depth - 1)
+      box = f"slices {first}..{last}, " + box.split(", ", 1)[1]
     what = "the whole stack" if self.whole else "a centred subvolume"
     return f"{what} ({box}; {self.voxels} voxels; {size} µm [z, y, x])"
 
@@ -448,7 +455,7 @@ def quantify_stack(
   """Quantifies a label array [z, y, x] on the subvolume `choose_subvolume` picks.
 
   Args:
-    array: tensorstore [z, y, x] uint8 (segment.py's output).
+    array: tensorstore [z, y, x] uint8 (`fibseg segment`'s output).
     classes: class names.
     voxel_size_nm: (z, y, x).
     max_voxels: memory budget of the subvolume, in voxels.

@@ -74,13 +74,14 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
     "structure": None,
     "pore_sizes": None,
   }
+  numbers = report.numbers  # file names and titles carry the user's slice numbers
   if figures_on:
     stack = figure_stack_name(report)
     for z, m in report.per_slice.items():
-      path = os.path.join(out_dir, f"slice_{z:04d}.png")
+      path = os.path.join(out_dir, f"slice_{numbers.label(z):04d}.png")
       figures.slice_figure(
         path,
-        z=z,
+        z=numbers.label(z),
         images=_slice_images(report, z),
         truth=report.truth.read(z),
         prediction=report.prediction.array[z].read().result(),
@@ -93,10 +94,10 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
     paths["fractions"] = os.path.join(out_dir, "fractions_z.png")
     figures.fractions_figure(
       paths["fractions"],
-      z=report.stack.z,
+      z=numbers.labels(report.stack.z),
       fractions=report.stack.slice_fractions(),
       classes=report.classes,
-      truth={z: m.truth_fractions for z, m in report.per_slice.items()},
+      truth={numbers.label(z): m.truth_fractions for z, m in report.per_slice.items()},
       voxel_size_nm=report.voxel_size_nm,
       stack=stack,
     )
@@ -108,7 +109,7 @@ def write_report(report: Report, out_dir: str | os.PathLike, *, figures_on: bool
         figures.pore_size_figure(paths["pore_sizes"], structure=report.structure, stack=stack)
   doc = report.to_json()
   doc["figures"] = {
-    "slices": {str(z): os.path.basename(p) for z, p in paths["slices"].items()},
+    "slices": {str(numbers.label(z)): os.path.basename(p) for z, p in paths["slices"].items()},
     **{
       key: os.path.basename(paths[key]) if paths[key] else None
       for key in ("fractions", "structure", "pore_sizes")
@@ -123,7 +124,9 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
   """report.md: summary, per-class scores, phase fractions, confusion matrix, figures."""
   o, classes = report.overall, report.classes
   stack_fracs = report.stack.fractions()
-  z_list = ", ".join(str(z) for z in report.slices)
+  numbers = report.numbers
+  z_list = numbers.text(report.slices)
+  scope = report.stack_scope()
   lines = [
     "# Segmentation report",
     "",
@@ -146,7 +149,7 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
     "## Per class",
     "",
     "| class | IoU | Dice | precision | recall | truth fraction | predicted fraction | "
-    "predicted fraction, whole stack |",
+    f"predicted fraction, {scope} |",
     "| --- | --- | --- | --- | --- | --- | --- | --- |",
   ]
   for i, name in enumerate(classes):
@@ -157,9 +160,14 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
     )
   lines += [
     "",
-    "Truth and predicted fractions are over the annotated voxels of the evaluated slices; "
-    f"the whole-stack fraction is over all {report.prediction.shape[0]} slices. "
-    "n/a: undefined for this class: IoU and Dice when it occurs in neither truth nor "
+    "Slices are numbered as the stack's files (as ingest read them). Truth and predicted "
+    "fractions are over the annotated voxels of the evaluated slices; "
+    + (
+      f"the whole-stack fraction is over all {report.prediction.shape[0]} slices. "
+      if report.whole_stack
+      else f"the {scope} fraction is over the voxels segmented so far. "
+    )
+    + "n/a: undefined for this class: IoU and Dice when it occurs in neither truth nor "
     "prediction (left out of the means), precision when nothing was predicted as it, "
     "recall when the truth holds none of it.",
   ]
@@ -170,13 +178,13 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
       lines.append(
         f"- {quantity} ({q['class']}): truth {_fmt(q['truth'], True)}, predicted "
         f"{_fmt(q['predicted'], True)} on the evaluated voxels; "
-        f"{_fmt(q['predicted_whole_stack'], True)} over the whole stack"
+        f"{_fmt(q['predicted_whole_stack'], True)} over the {scope}"
       )
   if report.stack.unlabelled:
     lines += [
       "",
       f"**{report.stack.unlabelled} voxels of the prediction are not segmented yet** "
-      "(value 255); rerun segment.py to finish it.",
+      "(value 255); rerun `fibseg segment` to finish it.",
     ]
   lines += _structure_lines(report, paths or {})
   lines += [
@@ -192,19 +200,22 @@ def markdown(report: Report, paths: dict[str, Any] | None = None) -> str:
     "",
     "## Per slice",
     "",
-    "| z | annotated voxels | accuracy | mean IoU | figure |",
+    "| slice | annotated voxels | accuracy | mean IoU | figure |",
     "| --- | --- | --- | --- | --- |",
   ]
   slice_paths = (paths or {}).get("slices", {})
   for z, m in report.per_slice.items():
     fig = os.path.basename(slice_paths[z]) if z in slice_paths else ""
     link = f"[{fig}]({fig})" if fig else ""
-    lines.append(f"| {z} | {m.voxels} | {_fmt(m.accuracy)} | {_fmt(m.mean_iou)} | {link} |")
+    lines.append(
+      f"| {numbers.label(z)} | {m.voxels} | {_fmt(m.accuracy)} | {_fmt(m.mean_iou)} | {link} |"
+    )
   if slice_paths or (paths or {}).get("fractions"):
     lines += ["", "## Figures", ""]
     for z, p in slice_paths.items():
       lines.append(
-        f"![slice {z}: channels | truth | prediction | error map]({os.path.basename(p)})"
+        f"![slice {numbers.label(z)}: channels | truth | prediction | error map]"
+        f"({os.path.basename(p)})"
       )
     if paths.get("fractions"):
       lines += ["", f"![phase fractions along z]({os.path.basename(paths['fractions'])})"]
@@ -225,7 +236,8 @@ def _structure_lines(report: Report, paths: dict[str, Any]) -> list[str]:
     "",
     "## Microstructure of the prediction",
     "",
-    f"Quantified on {q.subvolume.describe(q.voxel_size_nm)}, with the anisotropic voxel size "
+    f"Quantified on {q.subvolume.describe(q.voxel_size_nm, report.numbers)}, with the "
+    "anisotropic voxel size "
     f"{voxel} nm [z, y, x] for every length, area and distance.",
     "",
     "| phase | volume fraction | largest cluster (share of phase) | clusters | "

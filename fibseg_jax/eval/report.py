@@ -59,6 +59,9 @@ class Report:
       (not asked for, or the voxel size is unknown).
     intervals: the range of each structure quantity over `members` segmentations of the
       same stack (`quantify.intervals`), or None when none were given.
+    numbering: the user's slice numbers (`volume_lib.SliceNumbers`) of the truth volume,
+      else of the prediction's source volume; number = z when neither has them. Every
+      slice in report.json, report.md and a file name is one of these numbers.
   """
 
   prediction: Prediction
@@ -72,6 +75,24 @@ class Report:
   voxel_size_nm: tuple[float, float, float] | None
   structure: quantify.Quantification | None = None
   intervals: dict[str, Any] | None = None
+  numbering: volume_lib.SliceNumbers | None = None
+
+  @property
+  def numbers(self) -> volume_lib.SliceNumbers:
+    return self.numbering or volume_lib.SliceNumbers.of((), self.prediction.shape[0])
+
+  @property
+  def whole_stack(self) -> bool:
+    """Whether every voxel of the prediction is segmented."""
+    return self.stack.unlabelled == 0
+
+  def stack_scope(self) -> str:
+    """What the stack fractions cover: "whole stack", or the segmented part of it."""
+    if self.whole_stack:
+      return "whole stack"
+    total = int(np.prod(self.prediction.shape))
+    done = 1 - self.stack.unlabelled / total if total else 0.0
+    return f"segmented part ({100 * done:.0f}% of the stack)"
 
   def to_json(self) -> dict[str, Any]:
     """The contents of report.json (NaN written as null)."""
@@ -81,16 +102,20 @@ class Report:
       "truth": self.truth.description,
       "model": self.prediction.run.get("checkpoint"),
       "classes": list(self.classes),
-      "slices": list(self.slices),
+      "slice_numbering": "the numbers of the stack's files (as ingest read them)",
+      "slices": self.numbers.labels(self.slices),
       "overall": self.overall.to_json(self.classes),
-      "per_slice": {str(z): m.to_json(self.classes) for z, m in self.per_slice.items()},
+      "per_slice": {
+        str(self.numbers.label(z)): m.to_json(self.classes) for z, m in self.per_slice.items()
+      },
       "stack": {
         "shape": list(self.prediction.shape),
         "voxel_size_nm": list(self.voxel_size_nm) if self.voxel_size_nm else None,
         "predicted_fractions": {n: _num(stack_fracs[i]) for i, n in enumerate(self.classes)},
         "not_segmented_voxels": int(self.stack.unlabelled),
+        "fractions_over": self.stack_scope(),
         "per_slice_fractions": {
-          str(z): [_num(v) for v in row]
+          str(self.numbers.label(z)): [_num(v) for v in row]
           for z, row in zip(self.stack.z, self.stack.slice_fractions(), strict=True)
         },
       },
@@ -161,13 +186,15 @@ def evaluate(
   max_voxels: int = quantify.DEFAULT_MAX_VOXELS,
   size_classes: Sequence[str] | None = None,
   members: Sequence[Any] = (),
+  labels_unlabelled: int | None = None,
 ) -> Report:
   """Scores a segmented stack against hand labels and measures its phase fractions.
 
   Args:
-    prediction: the label array [z, y, x] uint8 (segment.py --output), or a `Prediction`.
+    prediction: the label array [z, y, x] uint8 (`fibseg segment` --output), or a `Prediction`.
     truth: a volume root or a glob of label images (see `open_truth`), or a `Truth`.
-    slices: slices to score; default every slice the truth labels.
+    slices: slices to score, in the user's slice numbers (`Report.numbering`); default
+      every slice the truth labels.
     image: volume whose channels the figures show; default the truth volume, else the
       prediction's source volume.
     structure: quantify the predicted microstructure (`quantify.quantify_stack`).
@@ -178,6 +205,8 @@ def evaluate(
       member's or TTA pass's, `fibseg segment` run per workdir); with >= 2 (the
       prediction counts as one if it is not among them), every structure quantity gets
       an interval over them (`Report.intervals`). Needs `structure`.
+    labels_unlabelled: for a glob of label images, the value meaning "not annotated":
+      255 (default) or 0 (napari, ilastik), as for `fibseg ingest` (`open_truth`).
 
   Returns:
     A `Report`.
@@ -187,7 +216,9 @@ def evaluate(
       classes disagree, or the prediction is unfinished on an evaluated slice.
   """
   pred = prediction if isinstance(prediction, Prediction) else open_prediction(prediction)
-  tru = truth if isinstance(truth, Truth) else open_truth(truth, truth_slice_numbers(truth, pred))
+  if not isinstance(truth, Truth):
+    truth = open_truth(truth, truth_slice_numbers(truth, pred), labels_unlabelled)
+  tru = truth
   depth, height, width = pred.shape
   if tru.shape[0] is not None and tuple(tru.shape) != pred.shape:
     raise EvaluationError(
@@ -200,18 +231,24 @@ def evaluate(
       f"--prediction {volume_lib.describe(pred.path)} are {[height, width]}"
     )
   classes = _resolve_classes(pred, tru)
+  if tru.volume is not None:
+    numbering = tru.volume.metadata.numbering
+  else:
+    numbering = volume_lib.slice_numbering(pred.source, depth)
   slices = parse_slices(slices) if isinstance(slices, str) or slices is None else slices
-  slices = tuple(sorted(set(int(z) for z in slices))) or tru.slices
+  try:
+    slices = numbering.to_zs(sorted(set(int(n) for n in slices)), "--slices")
+  except volume_lib.VolumeError as e:
+    raise EvaluationError(str(e)) from None
+  chosen = bool(slices)  # by the user; else every labelled slice, skipping empty files
+  slices = slices or tru.slices
   if not slices:
     raise EvaluationError(f"--truth {tru.description} has no annotated slices; nothing to score")
-  bad = [z for z in slices if not 0 <= z < depth]
-  if bad:
-    raise EvaluationError(f"--slices: {bad} out of range; the stack has slices 0..{depth - 1}")
   missing = [z for z in slices if z not in tru.slices]
   if missing:
     raise EvaluationError(
-      f"--slices: {missing} have no labels in --truth {tru.description} (labelled: "
-      f"{list(tru.slices)})"
+      f"--slices: {numbering.labels(missing)} have no labels in --truth {tru.description} "
+      f"(labelled: {numbering.labels(tru.slices)})"
     )
 
   if not classes:
@@ -225,18 +262,40 @@ def evaluate(
     t = tru.read(z)
     p = pred.array[z].read().result()
     annotated = t != NOT_SEGMENTED
+    if not annotated.any() and not chosen:
+      continue  # a label file with nothing painted on it
     if not annotated.any():
-      raise EvaluationError(f"--slices: slice {z} of --truth {tru.description} has no labels")
+      raise EvaluationError(
+        f"--slices: slice {numbering.label(z)} of --truth {tru.description} has no labels"
+      )
     unfinished = int(np.count_nonzero(p[annotated] == NOT_SEGMENTED))
     if unfinished:
       raise EvaluationError(
-        f"--prediction {volume_lib.describe(pred.path)}: slice {z} has {unfinished} "
-        "annotated voxels that are not segmented yet; rerun segment.py to finish it"
+        f"--prediction {volume_lib.describe(pred.path)}: slice {numbering.label(z)} has "
+        f"{unfinished} annotated voxels that are not segmented yet; rerun `fibseg segment` "
+        "to finish it"
       )
     try:
       per_slice[z] = metrics.segmentation_metrics(t, p, num_classes)
     except metrics.MetricsError as e:
-      raise EvaluationError(f"slice {z}: {e}") from e
+      hint = ""
+      if labels_unlabelled is None and tru.volume is None and np.any(t == 0):
+        # 0..K with K classes: napari-style labels read as 255 = not annotated.
+        hint = (
+          "; if 0 means not painted in the label files (napari, ilastik), pass "
+          "--labels_unlabelled=0 as for `fibseg ingest`"
+        )
+      raise EvaluationError(f"--truth: slice {numbering.label(z)}: {e}{hint}") from e
+  if not per_slice:
+    raise EvaluationError(
+      f"--truth {tru.description}: no labelled pixel on any slice"
+      + (
+        "; if 0 means not painted there, pass --labels_unlabelled=0"
+        if labels_unlabelled is None and tru.volume is None
+        else ""
+      )
+    )
+  slices = tuple(per_slice)
   overall = metrics.metrics_from_confusion(sum(m.confusion for m in per_slice.values()))
 
   stack = metrics.StackFractions(num_classes)
@@ -304,6 +363,7 @@ def evaluate(
     voxel_size_nm=voxel,
     structure=structure_result,
     intervals=intervals,
+    numbering=numbering,
   )
 
 
@@ -329,7 +389,12 @@ def _calibrate(
       "calibration": "not done: no single training checkpoint with its split for "
       + ", ".join(lacking),
     }
+  numbering = truth.volume.metadata.numbering  # the splits name the user's slice numbers
   try:
+    splits = [
+      {**s, "eval_slices": numbering.to_zs(s["eval_slices"], "--config.data.eval_slices")}
+      for s in splits
+    ]
     blocks = [
       calibration.held_out_blocks(truth.volume, m.array, **split)
       for m, split in zip(members, splits, strict=True)

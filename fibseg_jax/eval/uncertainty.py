@@ -2,7 +2,7 @@
 
 The uncertainty of a voxel is the entropy of the blended class probabilities divided by
 log(classes), so that 0 is certain and 1 is a uniform guess. It is read from either
-array segment.py writes: --uncertainty ([z, y, x] uint8 = round(255 * that), computed
+array `fibseg segment` writes: --uncertainty ([z, y, x] uint8 = round(255 * that), computed
 from the unrounded probabilities) or --probabilities ([z, y, x, classes] uint8 =
 round(255 p), whose entropy is computed here). A slice's score is the mean over its
 voxels; the slices nobody annotated are ranked by it, most uncertain first. Everything
@@ -31,6 +31,7 @@ from matplotlib.ticker import FuncFormatter
 
 from fibseg_jax import outputs
 from fibseg_jax.data import palette
+from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import figures
 from fibseg_jax.infer import store
 from fibseg_jax.infer.blend import normalised_entropy
@@ -40,13 +41,13 @@ KINDS = {"probabilities": 4, "uncertainty": 3}
 _SHAPES = {"probabilities": "[z, y, x, classes]", "uncertainty": "[z, y, x]"}
 
 
-# Normalised entropy of class probabilities [..., classes] (uint8 as segment.py writes
+# Normalised entropy of class probabilities [..., classes] (uint8 as `fibseg segment` writes
 # them, or float): the function segmentation writes --uncertainty with.
 entropy = normalised_entropy
 
 
 def open_uncertainty_source(path: Any, kind: str | None = None) -> tuple[Any, str]:
-  """Opens a probabilities or an uncertainty array written by segment.py.
+  """Opens a probabilities or an uncertainty array written by `fibseg segment`.
 
   Args:
     path: the array.
@@ -58,7 +59,7 @@ def open_uncertainty_source(path: Any, kind: str | None = None) -> tuple[Any, st
 
   Raises:
     store.OutputError: no zarr v3 array at `path`.
-    ValueError: an array of another rank, or one segment.py wrote as something else
+    ValueError: an array of another rank, or one `fibseg segment` wrote as something else
       (labels, say).
   """
   if kind is not None and kind not in KINDS:
@@ -72,7 +73,7 @@ def open_uncertainty_source(path: Any, kind: str | None = None) -> tuple[Any, st
     shapes = " or ".join(f"{k} {_SHAPES[k]}" for k in expected)
     raise ValueError(f"{where}: expected {shapes}, got rank {array.rank}")
   if seg.kind is not None and seg.kind != found:
-    raise ValueError(f"{where} is segment.py's {seg.kind} array, not its {found} array")
+    raise ValueError(f"{where} is `fibseg segment`'s {seg.kind} array, not its {found} array")
   return array, found
 
 
@@ -90,7 +91,7 @@ def slice_uncertainty(path: Any, kind: str | None = None) -> np.ndarray:
   """Mean normalised entropy of every slice.
 
   Args:
-    path: segment.py's --probabilities array [z, y, x, classes] or its --uncertainty
+    path: `fibseg segment`'s --probabilities array [z, y, x, classes] or its --uncertainty
       array [z, y, x] (uint8 / 255).
     kind: require "probabilities" or "uncertainty"; None takes either (by rank).
 
@@ -119,7 +120,7 @@ def disagreement(members: Sequence[np.ndarray]) -> np.ndarray:
   annotated slice can settle.
 
   Args:
-    members: >= 2 arrays [..., classes] of the same shape (uint8 as segment.py writes
+    members: >= 2 arrays [..., classes] of the same shape (uint8 as `fibseg segment` writes
       them, or float).
 
   Returns:
@@ -136,7 +137,7 @@ def member_scores(paths: Sequence[Any]) -> tuple[np.ndarray, np.ndarray]:
   """Per slice: the members' mean disagreement and each member's phase fractions.
 
   Args:
-    paths: >= 2 probability arrays [z, y, x, classes] from segment.py (one per ensemble
+    paths: >= 2 probability arrays [z, y, x, classes] from `fibseg segment` (one per ensemble
       member or TTA pass), of one shape.
 
   Returns:
@@ -218,6 +219,49 @@ def choose_spread(
   return chosen
 
 
+def explain_choice(
+  ranking: Sequence[tuple[int, float]],
+  annotated: Sequence[int],
+  chosen: Sequence[int],
+  min_gap: int,
+) -> dict[str, list[dict[str, int]]]:
+  """Why `choose_spread` chose what it did: each suggestion's rank by uncertainty, and
+  each more uncertain slice it passed over with the slice it was too close to.
+
+  Args:
+    ranking: [(z, score)], best first (`rank_slices`).
+    annotated: slices already labelled.
+    chosen: the suggestions (`choose_spread`).
+    min_gap: the gap asked for.
+
+  Returns:
+    {"suggested": [{"z", "rank"}], "skipped": [{"z", "rank", "near", "distance",
+    "near_annotated" (1 or 0)}]}, ranks counted from 1 among `len(ranking)` candidates;
+    a slice is skipped when it ranks above the last suggestion and is not one.
+  """
+  rank = {int(z): i + 1 for i, (z, _) in enumerate(ranking)}
+  suggested = [{"z": int(z), "rank": rank[int(z)]} for z in chosen]
+  worst = max((row["rank"] for row in suggested), default=0)
+  skipped = []
+  for z, _ in ranking[: max(worst - 1, 0)]:
+    if z in chosen:
+      continue
+    # The nearest slice it had to keep its distance from (annotated or suggested).
+    blockers = [(abs(z - t), 1, int(t)) for t in annotated]
+    blockers += [(abs(z - t), 0, int(t)) for t in chosen]
+    distance, is_annotated, near = min(blockers, key=lambda b: (b[0], -b[1]))
+    skipped.append(
+      {
+        "z": int(z),
+        "rank": rank[int(z)],
+        "near": near,
+        "distance": int(distance),
+        "near_annotated": is_annotated,
+      }
+    )
+  return {"suggested": suggested, "skipped": skipped}
+
+
 def default_gap(depth: int, annotated: int, top: int) -> int:
   """max(2, depth / (2 (annotated + top))): the suggestions share the stack with the
   annotated slices, and no suggestion is a neighbour of an annotated slice."""
@@ -248,6 +292,7 @@ def suggest(
   kind: str | None = None,
   min_gap: int | None = None,
   classes: Sequence[str] | None = None,
+  numbering: volume_lib.SliceNumbers | None = None,
 ) -> dict[str, Any]:
   """Ranks the slices to annotate next and writes suggest.json and two figures.
 
@@ -259,7 +304,7 @@ def suggest(
   (`choose_spread`).
 
   Args:
-    probabilities: segment.py's --probabilities array, or its --uncertainty array; or a
+    probabilities: `fibseg segment`'s --probabilities array, or its --uncertainty array; or a
       list of >= 2 probability arrays.
     out: directory for suggest.json, uncertainty_z.png and uncertainty_top.png.
     annotated: slices already annotated (left out of the ranking, marked in the profile).
@@ -268,10 +313,12 @@ def suggest(
     min_gap: smallest distance along z between a suggestion and an annotated or another
       suggested slice; default `default_gap`.
     classes: class names for the narrowing table (default class0, class1, ...).
+    numbering: the user's slice numbers (`volume_lib.SliceNumbers`), written beside z
+      ("slice") and shown in the figures; default number = z.
 
   Returns:
     The suggest.json document: the input (under its kind), per-slice scores, the
-    ranking and the suggested slices.
+    ranking, the suggested slices and why (`explain_choice`).
   """
   members = [probabilities] if isinstance(probabilities, str | os.PathLike) else list(probabilities)
   fractions = None
@@ -296,15 +343,22 @@ def suggest(
     outputs.claim(out, kind="suggest", flag="--out", inputs={f"--{kind}": source}, directory=True)
   except outputs.OutputError as e:
     raise ValueError(str(e)) from e
-  rows = [{"z": z, "uncertainty": s} for z, s in ranking]
+  numbers = numbering or volume_lib.SliceNumbers.of((), len(scores))
+  rows = [
+    {"z": z, "slice": numbers.label(z), "rank": i + 1, "uncertainty": s}
+    for i, (z, s) in enumerate(ranking)
+  ]
   document = {
     kind: source,
     "measure": measure,
+    "slice_numbering": "z counts from 0; slice is the number of the stack's file",
     "annotated": sorted(int(z) for z in annotated),
     "slice_uncertainty": [float(s) for s in scores],
     "min_gap": gap,
     "ranking": rows,
     "suggested": chosen,
+    "suggested_slices": numbers.labels(chosen),
+    "explanation": explain_choice(ranking, annotated, chosen, gap),
   }
   if fractions is not None:
     names = list(classes) if classes else [f"class{i}" for i in range(fractions.shape[-1])]
@@ -321,7 +375,13 @@ def suggest(
   label = "disagreement / log(classes)" if fractions is not None else "entropy / log(classes)"
   first = members[0]
   _profile_figure(
-    os.path.join(out, "uncertainty_z.png"), scores, annotated, chosen, source=first, label=label
+    os.path.join(out, "uncertainty_z.png"),
+    scores,
+    annotated,
+    chosen,
+    source=first,
+    label=label,
+    numbers=numbers,
   )
   if chosen:
     if array is None:
@@ -329,12 +389,19 @@ def suggest(
       maps = {z: disagreement([a[z].read().result() for a in opened]) for z in chosen}
     else:
       maps = {z: _slice_map(array, kind, z) for z in chosen}
-    _maps_figure(os.path.join(out, "uncertainty_top.png"), maps, scores, source=first, label=label)
+    _maps_figure(
+      os.path.join(out, "uncertainty_top.png"),
+      maps,
+      scores,
+      source=first,
+      label=label,
+      numbers=numbers,
+    )
   return document
 
 
 def _figure_context(source: Any) -> tuple[str, tuple[float, ...] | None]:
-  """(stack name, (z, y, x) voxel size in nm or None) of segment.py's array `source`,
+  """(stack name, (z, y, x) voxel size in nm or None) of `fibseg segment`'s array `source`,
   from the run record it stored; ("", None) when there is none."""
   if source is None:
     return "", None
@@ -346,22 +413,30 @@ def _figure_context(source: Any) -> tuple[str, tuple[float, ...] | None]:
 
 
 def _profile_figure(
-  path: str, scores, annotated, chosen, *, source: Any = None, label: str = "entropy / log(classes)"
+  path: str,
+  scores,
+  annotated,
+  chosen,
+  *,
+  source: Any = None,
+  label: str = "entropy / log(classes)",
+  numbers: volume_lib.SliceNumbers | None = None,
 ) -> None:
   """uncertainty_z.png: the mean uncertainty of every slice, annotated and suggested
   slices marked, titled with the stack that `source` (the uncertainty array) came from."""
   stack, voxel = _figure_context(source)
   fig = Figure(figsize=(8, 3.2), dpi=100, layout="constrained")
   ax = fig.subplots()
-  z = np.arange(len(scores))
+  numbers = numbers or volume_lib.SliceNumbers.of((), len(scores))
+  z = np.asarray(numbers.labels(range(len(scores))))  # the x axis: the files' numbers
   ax.plot(z, scores, color="0.2", marker=".", label="mean uncertainty")
   if len(annotated):
     a = np.asarray(sorted(annotated))
-    ax.scatter(a, np.asarray(scores)[a], color="tab:green", zorder=3, label="annotated")
+    ax.scatter(z[a], np.asarray(scores)[a], color="tab:green", zorder=3, label="annotated")
   if chosen:
     c = np.asarray(chosen)
-    ax.scatter(c, np.asarray(scores)[c], color="tab:red", zorder=3, label="suggested next")
-  ax.set_xlabel("slice z")
+    ax.scatter(z[c], np.asarray(scores)[c], color="tab:red", zorder=3, label="suggested next")
+  ax.set_xlabel("slice number")
   ax.set_ylabel(label)
   ax.set_ylim(0, max(float(np.max(scores)) * 1.1, 1e-3) if len(scores) else 1)
   ax.xaxis.get_major_locator().set_params(integer=True)
@@ -384,6 +459,7 @@ def _maps_figure(
   *,
   source: Any = None,
   label: str = "entropy / log(classes)",
+  numbers: volume_lib.SliceNumbers | None = None,
 ) -> None:
   """uncertainty_top.png: the uncertainty maps of the suggested slices, with a scale bar
   when `source` (the uncertainty array) records the voxel size."""
@@ -397,7 +473,8 @@ def _maps_figure(
     step = max(1, math.ceil(max(m.shape) / figures.MAX_DISPLAY_PX))
     shown = m[::step, ::step]
     image = ax.imshow(shown, cmap="magma", vmin=0, vmax=1, aspect=aspect)
-    ax.set_title(f"slice {z}: mean {scores[z]:.3f}", fontsize=9)
+    shown_z = numbers.label(z) if numbers else z
+    ax.set_title(f"slice {shown_z}: mean {scores[z]:.3f}", fontsize=9)
     ax.set_axis_off()
     if i == 0 and voxel is not None:
       palette.add_scale_bar(ax, voxel[2] * step, shown.shape[1])

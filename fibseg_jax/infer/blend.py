@@ -107,7 +107,7 @@ def normalised_entropy(probabilities: np.ndarray) -> np.ndarray:
 
   Args:
     probabilities: `[..., classes]`, float (non-negative) or integer (uint8 as
-      segment.py writes them: round(255 p), read as p = value / 255). Each pixel's are
+      `fibseg segment` writes them: round(255 p), read as p = value / 255). Each pixel's are
       divided by their sum first (uint8-rounded probabilities sum near, not at, 1).
 
   Returns:

@@ -183,7 +183,10 @@ def _route_teacher(
       images, labels = baselines.training_slices(
         volume,
         record["channels"],
-        eval_slices=split["eval_slices"],
+        # The record keeps the user's slice numbers; the split takes z.
+        eval_slices=volume.metadata.numbering.to_zs(
+          split["eval_slices"], "--config.data.eval_slices"
+        ),
         val_fraction=split["val_fraction"],
         val_block=split["val_block"],
         split_seed=split["split_seed"],

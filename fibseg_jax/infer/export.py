@@ -122,13 +122,13 @@ def _exported_from(path: Any, fmt: str) -> str | None:
 
 
 def _segmentation(labels: Any) -> store.Segmentation:
-  """The segment.py labels output at `labels`, with its classes and voxel size."""
+  """The `fibseg segment` labels output at `labels`, with its classes and voxel size."""
   where = volume_lib.describe(labels)
   seg = store.open_segmentation(labels)
   if seg.array.rank != 3 or seg.array.dtype.name != "uint8":
     raise OutputError(f"{where}: expected labels [z, y, x] uint8, got {seg.array.dtype.name}")
   if not seg.classes:
-    raise OutputError(f"{where}: its attributes name no classes; was it written by segment.py?")
+    raise OutputError(f"{where}: its attributes name no classes; was it written by `fibseg segment`?")
   if seg.voxel_size_nm is None:
     raise OutputError(f"{where}: its run record has no voxel_size_nm; segment it again")
   return seg
@@ -161,7 +161,7 @@ def write_ome_zarr(labels: Any, path: Any, *, overwrite: bool = False) -> str:
   """Writes the OME-Zarr image-label export of a segmentation (see the module doc).
 
   Args:
-    labels: the segment.py output array [z, y, x] uint8.
+    labels: the `fibseg segment` output array [z, y, x] uint8.
     path: the export group, e.g. seg.ome.zarr (local path or any kvstore root).
     overwrite: replace what is at `path`.
 
@@ -231,7 +231,7 @@ def write_tiff(labels: Any, path: str | os.PathLike, *, overwrite: bool = False)
   """Writes the TIFF stack export of a segmentation (see the module doc).
 
   Args:
-    labels: the segment.py output array [z, y, x] uint8.
+    labels: the `fibseg segment` output array [z, y, x] uint8.
     path: the TIFF file to write, e.g. seg.tif.
     overwrite: replace an existing file.
 
@@ -308,7 +308,7 @@ def export_segmentation(
   """Writes the `fmt` export ("zarr", "tiff" or "none") of a finished segmentation.
 
   Args:
-    labels: the segment.py output array [z, y, x] uint8.
+    labels: the `fibseg segment` output array [z, y, x] uint8.
     fmt: "zarr" (OME-Zarr image-label), "tiff" (TIFF stack) or "none".
     path: where; default `default_path(labels, fmt)`.
     overwrite: replace an existing export.
@@ -349,7 +349,7 @@ def export_when_complete(
 
 
 def is_complete(labels: Any) -> bool:
-  """Whether every block of a segment.py output is marked finished."""
+  """Whether every block of a `fibseg segment` output is marked finished."""
   attrs = store.read_attributes(labels)
   run = attrs.get(store.ATTRIBUTE, {}).get("run", {})
   array = store.open_array(labels)

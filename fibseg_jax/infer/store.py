@@ -174,8 +174,8 @@ class Segmentation:
     array: tensorstore; [z, y, x] uint8 for labels and uncertainty, [z, y, x, classes]
       uint8 for probabilities (rank and dtype are the caller's to check).
     classes: class names from the attributes, or () when it has none.
-    run: the run record segment.py stored (`ATTRIBUTE`), or {}.
-    kind: what segment.py wrote it as ("labels", "probabilities", "uncertainty"), or
+    run: the run record `fibseg segment` stored (`ATTRIBUTE`), or {}.
+    kind: what `fibseg segment` wrote it as ("labels", "probabilities", "uncertainty"), or
       None for an array it did not write.
     attributes: all of the array's attributes.
   """
@@ -207,7 +207,7 @@ class Segmentation:
 def open_segmentation(path: Any) -> Segmentation:
   """Opens an existing segmentation output (never creates or deletes anything).
 
-  The one place that reads a segment.py array with what its attributes say about it:
+  The one place that reads a `fibseg segment` array with what its attributes say about it:
   evaluation, export and slice suggestion open their inputs here.
 
   Raises:
@@ -358,12 +358,12 @@ def _same_root(a: Any, b: Any) -> bool:
 
 
 def _own_kind(meta: Mapping[str, Any], kind: str, flag: str, where: str) -> Mapping[str, Any]:
-  """The run record of an array segment.py wrote as `kind`; anything else is refused,
+  """The run record of an array `fibseg segment` wrote as `kind`; anything else is refused,
   with or without --overwrite (fibseg replaces only its own outputs)."""
   info = meta.get("attributes", {}).get(ATTRIBUTE)
   if not isinstance(info, Mapping) or info.get("kind") != kind:
     raise OutputError(
-      f"{flag}={where} exists and is not a {kind} array written by segment.py; fibseg "
+      f"{flag}={where} exists and is not a {kind} array written by `fibseg segment`; fibseg "
       "replaces only its own outputs, with or without --overwrite: choose another path"
     )
   return info
@@ -390,7 +390,7 @@ def _check_existing(path: Any, kind: str, run: Mapping[str, Any], flag: str) -> 
       for f in differ
       if f in _COMPANION_NAMES
     )
-    if "tta" in differ:  # the default of segment.py's --tta changed over time
+    if "tta" in differ:  # the default of `fibseg segment`'s --tta changed over time
       hints += f"; it was written with --tta={tta_flag(old.get('tta'))}"
     raise OutputError(
       f"{flag}={where} exists and belongs to a different run ({detail}){hints}; "
@@ -476,7 +476,7 @@ def plan_output(
       if meta is not None and meta.get("node_type") != "array":
         raise OutputError(
           f"{flag}={volume_lib.describe(path)} is a zarr group (a volume?), not a "
-          "segmentation array; --overwrite replaces only segment.py's arrays"
+          "segmentation array; --overwrite replaces only `fibseg segment`'s arrays"
         )
       if meta is not None:
         kind = "labels" if flag == "--output" else flag.lstrip("-")

@@ -341,7 +341,8 @@ class FibsegWidget(QWidget):
       meta = self.session.volume.metadata
       classes = ", ".join(f"{i + 1} = {c}" for i, c in enumerate(meta.classes))
       self._say(
-        f"{self.session.root}: {meta.shape[0]} slices of {meta.shape[1]} x {meta.shape[2]}, "
+        f"{self.session.root}: {meta.shape[0]} slices (numbered {meta.numbering.describe()}, "
+        f"as their files; napari's slider counts z from 0) of {meta.shape[1]} x {meta.shape[2]}, "
         f"channels {', '.join(meta.channels)}; paint {classes}"
       )
 
@@ -376,8 +377,9 @@ class FibsegWidget(QWidget):
         )
       layer = self.viewer.layers[layers_lib.ANNOTATIONS]
       changed = session.save_painted(np.asarray(layer.data))
-      done = f"saved slices {changed}" if changed else "labels unchanged"
-      self._say(f"{done}; annotated: {list(session.volume.metadata.annotated_slices)}")
+      meta = session.volume.metadata
+      done = f"saved slices {_slices_text(meta, changed)}" if changed else "labels unchanged"
+      self._say(f"{done}; annotated: {_slices_text(meta, meta.annotated_slices)}")
       return changed
 
     return self._guard(do)
@@ -472,7 +474,10 @@ class FibsegWidget(QWidget):
         "visible": False,
       }
       self._replace_layers([(unc, kwargs, "image")])
-    self._say(f"preview of slice {z}: mean uncertainty {float(uncertainty.mean()):.3f}")
+    self._say(
+      f"preview of slice {_slices_text(meta, [z])}: mean uncertainty "
+      f"{float(uncertainty.mean()):.3f}"
+    )
 
   def segment(self) -> None:
     session = self._guard(self._need_session)
@@ -516,7 +521,11 @@ class FibsegWidget(QWidget):
       self._say("no unannotated slice left to suggest")
       return
     self.viewer.dims.set_current_step(0, slices[0])
-    self._say(f"annotate next: slices {slices} (showing {slices[0]})")
+    meta = self.session.volume.metadata
+    self._say(
+      f"annotate next: slices {_slices_text(meta, slices)} (showing "
+      f"{_slices_text(meta, slices[:1])})"
+    )
 
   def quantify(self) -> None:
     self._start_with_session(lambda s: s.quantify(self.workdir), self._quantified)
@@ -529,3 +538,12 @@ class FibsegWidget(QWidget):
         self.table.setItem(i, j, QTableWidgetItem(session_lib.format_cell(row[key])))
     self.table.resizeColumnsToContents()
     self._say(f"quantified; report saved to {path}")
+
+
+def _slices_text(meta: Any, zs: Any) -> str:
+  """Slices as the user numbers them (their files' numbers), with napari's slider
+  position (z from 0) beside them where the two differ: '11 (z 10)'."""
+  numbering = meta.numbering
+  if numbering.is_identity:
+    return ", ".join(str(int(z)) for z in zs)
+  return ", ".join(f"{numbering.label(z)} (z {int(z)})" for z in zs)

@@ -40,7 +40,12 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
   ("data.val_fraction", 0.25, "share of the annotated area held out for validation"),
   ("data.val_block", 128, "side of a square validation block in pixels"),
   ("data.split_seed", 0, "seed of the validation split, independent of train.seed"),
-  ("data.eval_slices", "", "comma-separated z of annotated slices kept for evaluation only"),
+  (
+    "data.eval_slices",
+    "",
+    "comma-separated slice numbers (those of the files) of annotated slices kept for "
+    "evaluation only",
+  ),
   ("data.classes", (), "class names; filled from the volume at the start of training"),
   ("data.augment", True, "augment the training patches (the flips and jitters below)"),
   ("data.flips", True, "in-plane flips (and quarter turns unless data.rot90 says otherwise)"),

@@ -13,6 +13,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from fibseg_jax.data import loader as loader_lib
+from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train.config import ConfigError
 
@@ -76,8 +77,29 @@ def unlabelled_batch(config: Any) -> int:
   return int(config["train"]["batch_size"]) if size == -1 else size
 
 
+def eval_slices(config: Any, numbering: volume_lib.SliceNumbers | None = None) -> tuple[int, ...]:
+  """The z of `config.data.eval_slices`, which name the user's slice numbers (those of
+  the files, `volume_lib.SliceNumbers`); with no `numbering`, the values themselves.
+
+  Raises:
+    ConfigError: a value that is not a slice number of the volume, naming the flag.
+  """
+  numbers = config_lib.parse_ints(config["data"].get("eval_slices"), flag("eval_slices"))
+  if numbering is None:
+    return numbers
+  try:
+    return numbering.to_zs(numbers, f"{flag('eval_slices')}={','.join(map(str, numbers))}")
+  except volume_lib.VolumeError as e:
+    raise ConfigError(str(e)) from None
+
+
 def loader_config(
-  config: Any, *, size_multiple: int = 1, unlabelled: int | None = None, teacher: str = ""
+  config: Any,
+  *,
+  size_multiple: int = 1,
+  unlabelled: int | None = None,
+  teacher: str = "",
+  numbering: volume_lib.SliceNumbers | None = None,
 ) -> loader_lib.LoaderConfig:
   """The loader settings of an experiment config.
 
@@ -87,6 +109,8 @@ def loader_config(
     unlabelled: global unlabelled patches per step; None: `unlabelled_batch(config)`.
     teacher: the probabilities array read with the unlabelled patches (distillation,
       `distill.settings(...).array`), or "".
+    numbering: the volume's slice numbers: `data.eval_slices` name them and become z
+      (`eval_slices`); None takes them as z.
 
   Returns:
     The `LoaderConfig`; `data.rot90` unset (None) turns with `data.flips`.
@@ -110,7 +134,7 @@ def loader_config(
   values["rot90"] = values["flips"] if rot90 is None else bool(rot90)
   return loader_lib.LoaderConfig(
     channels=config_lib.parse_names(d.get("channels"), flag("channels")),
-    eval_slices=config_lib.parse_ints(d.get("eval_slices"), flag("eval_slices")),
+    eval_slices=eval_slices(config, numbering),
     batch_size=int(t["batch_size"]),
     seed=int(t["seed"]),
     size_multiple=int(size_multiple),

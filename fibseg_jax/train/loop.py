@@ -114,6 +114,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Ex
     size_multiple=multiple,
     unlabelled=unlabelled,
     teacher=distilled.array if distilled else "",
+    numbering=volume.metadata.numbering,
   )
   try:
     loader_lib.validate_config(loader_config, volume, jax.process_count())
@@ -447,6 +448,12 @@ def _train_and_evaluate(
     hint = sparse_labels_hint(loader, exp.volume, config)
     if hint:
       print(hint)
+    numbering = exp.volume.metadata.numbering
+    held_out = numbering.labels(loader.config.eval_slices) or "none"
+    print(
+      f"annotated slices (the numbers of their files): training on "
+      f"{numbering.labels(loader.train_slices)}, held out for evaluation {held_out}"
+    )
 
   train_step, eval_step = state_lib.jit_steps(
     state_lib.make_train_step(
