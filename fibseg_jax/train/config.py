@@ -111,7 +111,13 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     "train.init_from",
     "",
     "fine-tune: start from the weights of another run (its workdir or a checkpoint step "
-    "directory), with a fresh optimizer",
+    "directory), with a fresh optimizer and the peak learning rate times train.init_lr_scale",
+  ),
+  (
+    "train.init_lr_scale",
+    0.1,
+    "with train.init_from: the peak learning rate is train.learning_rate times this, so "
+    "the fine-tune keeps what it started from",
   ),
   ("train.log_every", 20, "training metrics logged every N steps"),
   # Semi-supervised training from the unannotated slices (fibseg_jax.train.state.Semi): a
