@@ -348,10 +348,16 @@ def test_checkpoint_load_predicts_and_outputs(tmp_path, capsys):
   assert re.search(
     rf"fine-tuning: starting from the weights of {re.escape(workdir)}\S* \(step [24]\) with "
     r"a fresh optimizer; learning rate warming up over 1 step to a peak of 0 "
-    r"\(--config.train.learning_rate=0 x --config.train.init_lr_scale=0.1\)",
+    r"\(--config.train.learning_rate=0 x --config.train.init_lr_scale=1\)",
     said,
   ), said
   assert f"parameters; 1 device(s) on 1 process(es); fine-tuning the weights of {workdir}" in said
+  # Where it starts is scored and kept as checkpoint 0: the best is never worse than that.
+  start = metrics_writer.read_metrics(os.path.join(tuned, "metrics.jsonl"))[0]
+  source_best = max(r["val_miou"] for r in val)
+  assert start["step"] == 0 and start["val_miou"] == pytest.approx(source_best, abs=1e-6)
+  assert "step 0 (the weights it starts from): validation mean IoU" in said
+  assert 0 in checkpoint.manager(os.path.join(tuned, "checkpoints"), read_only=True).all_steps()
   jax.tree.map(
     np.testing.assert_array_equal,
     checkpoint.load(tuned, best=False).variables["params"],

@@ -150,7 +150,7 @@ def sparse_labels_hint(
   return (
     f"note: {share:.1%} of the training slices' pixels are labelled (brush strokes?); "
     "--config.distill.teacher=forest (a random forest fitted on them teaches the network "
-    "every slice) trained better from strokes where measured (README, Annotating less)"
+    "every slice) trained better from strokes where measured (docs/results.md, Annotating less)"
   )
 
 
@@ -563,6 +563,18 @@ def _train_and_evaluate(
   writer = metrics_writer.MetricWriter(workdir, enabled=is_main, resume_step=start)
   steps = int(t.steps)
   best = {"step": mngr.best_step(), "val_miou": None}
+  if t.init_from and not start and mngr.latest_step() is None:
+    # The weights it starts from, scored and kept as checkpoint 0: the best checkpoint
+    # (what segment loads) is never worse on validation than where the fine-tune began.
+    val = _validate(eval_step, state, loader, batch_sharding, classes)
+    writer.write(0, val)
+    checkpoint.save(mngr, 0, state, config, {"step": 0, "seed": int(t.seed)}, val)
+    best = {"step": 0, **val}
+    if is_main:
+      print(
+        f"step 0 (the weights it starts from): validation mean IoU {val['val_miou']:.3f}, "
+        "kept as checkpoint 0, so the best checkpoint is never worse"
+      )
   last_loss = None
   batches = loader.batches(start_step=start)
   bar = Bar(
