@@ -384,3 +384,14 @@ def test_training_curves_smooth_the_loss_mark_each_validation_and_name_the_loss(
   assert metrics_writer.loss_names(semi)[0] == (
     "class-weighted cross-entropy + Dice, deep-supervised + 0.5 x soft consistency (unlabelled)"
   )
+
+
+def test_structure_figure_stars_percolation_the_box_is_too_thin_for(tmp_path, drawn):
+  z, y, x = np.indices((4, 48, 48))
+  labels = np.where((y - 24) ** 2 + (x - 24) ** 2 <= 64, 0, 1).astype(np.uint8)  # a rod along z
+  thin = quantify.quantify(labels, ("pore", "solid"), (30, 10, 10))
+  assert thin.phases[0].connectivity.percolates[0] and thin.phases[0].caveats
+  figures.structure_figure(tmp_path / "s.png", structure=thin, stack="thin")
+  words = texts(drawn[-1]) + [t.get_text() for t in drawn[-1].texts]
+  assert any(t.startswith("percolates z") and t.endswith("*") for t in words), words
+  assert any(t.startswith("* percolation across a box under 3x") for t in words), words
