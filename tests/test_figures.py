@@ -338,3 +338,60 @@ def test_training_curves_name_the_run_and_colour_classes_by_name(tmp_path, drawn
   os.remove(workdir / "checkpoints" / "2" / "config" / "metadata")
   metrics_writer.plot_curves(str(workdir))
   assert "run_3" in drawn[-1]._suptitle.get_text()
+
+
+def test_training_curves_smooth_the_loss_mark_each_validation_and_name_the_loss(tmp_path, drawn):
+  workdir = tmp_path / "run"
+  workdir.mkdir()
+  rng = np.random.default_rng(0)
+  with open(workdir / metrics_writer.METRICS_FILE, "w") as f:
+    for step in range(20, 1001, 20):  # a noisy loss, one batch spiking
+      loss = 1.0 / (1 + step / 200) * (1 + 0.3 * rng.random()) + (1.5 if step == 400 else 0)
+      f.write(json.dumps({"step": step, "loss": loss}) + "\n")
+      if step % 100 == 0:
+        val = {"step": step, "val_loss": 0.5, "val_miou": 0.6, "val_iou/pore": 0.7}
+        f.write(json.dumps({**val, "val_iou/csh": 0.5}) + "\n")
+  forest = {
+    "model": {"name": "unet"},
+    "data": {"path": "vol.zarr", "classes": ["pore", "csh"]},
+    "train": {"dice_weight": 1.0, "class_weights": True},
+    "distill": {"teacher": "forest", "weight": 1.0},
+  }
+  metrics_writer.plot_curves(str(workdir), config=forest)
+  ax_loss, ax_iou = drawn[-1].axes[:2]
+  lines = {line.get_label(): line for line in ax_loss.lines}
+  raw, smoothed = lines["train loss (each logged step)"], lines["train loss, smoothed"]
+  assert raw.get_alpha() < 0.5 and len(raw.get_xdata()) == 50
+  assert np.ptp(np.diff(smoothed.get_ydata())) < 0.5 * np.ptp(np.diff(raw.get_ydata()))
+  assert max(smoothed.get_ydata()) < 1.5  # the spike is not the curve
+  # Every validation, on every validation curve, is a marker.
+  val_lines = [lines[k] for k in lines if k.startswith("validation loss")] + ax_iou.lines
+  for line in val_lines:
+    assert line.get_marker() not in (None, "None", "")
+    assert list(line.get_xdata()) == list(range(100, 1001, 100))
+  # The axis names the loss trained: with a forest teacher, not the supervised one alone.
+  ylabel = ax_loss.get_ylabel().replace("\n", " ")
+  assert "soft cross-entropy to a random forest's probabilities" in ylabel
+  assert "validation loss (class-weighted cross-entropy + Dice)" in lines
+  metrics_writer.plot_curves(str(workdir), config={**forest, "distill": {}})
+  ylabel = drawn[-1].axes[0].get_ylabel().replace("\n", " ")
+  assert ylabel == "loss: class-weighted cross-entropy + Dice"
+  assert metrics_writer.loss_names({"train": {"dice_weight": 0, "class_weights": False}}) == (
+    "cross-entropy",
+    "cross-entropy",
+  )
+  semi = {"semi": {"weight": 0.5, "mode": "soft"}, "train": {"deep_supervision": True}}
+  assert metrics_writer.loss_names(semi)[0] == (
+    "class-weighted cross-entropy + Dice, deep-supervised + 0.5 x soft consistency (unlabelled)"
+  )
+
+
+def test_structure_figure_stars_percolation_the_box_is_too_thin_for(tmp_path, drawn):
+  z, y, x = np.indices((4, 48, 48))
+  labels = np.where((y - 24) ** 2 + (x - 24) ** 2 <= 64, 0, 1).astype(np.uint8)  # a rod along z
+  thin = quantify.quantify(labels, ("pore", "solid"), (30, 10, 10))
+  assert thin.phases[0].connectivity.percolates[0] and thin.phases[0].caveats
+  figures.structure_figure(tmp_path / "s.png", structure=thin, stack="thin")
+  words = texts(drawn[-1]) + [t.get_text() for t in drawn[-1].texts]
+  assert any(t.startswith("percolates z") and t.endswith("*") for t in words), words
+  assert any(t.startswith("* percolation across a box under 3x") for t in words), words

@@ -143,3 +143,40 @@ def test_quantify_stack_reads_only_the_subvolume_and_sizes_the_pores():
   doc = q.to_json()
   assert doc["phases"]["pore"]["percolates"] == {"z": True, "y": False, "x": False}
   assert doc["voxel_size_nm"] == list(ANISO)
+
+
+def _spheres(shape, centres, radius):
+  z, y, x = np.indices(shape)
+  labels = np.ones(shape, np.uint8)  # solid
+  for c in centres:
+    labels[(z - c[0]) ** 2 + (y - c[1]) ** 2 + (x - c[2]) ** 2 <= radius**2] = 0  # pore
+  return labels
+
+
+def test_a_thin_stack_flags_percolation_and_sizes_but_keeps_the_numbers():
+  # 0.12 µm deep, pores 0.2 µm across running through it: every phase "percolates
+  # along z", and the pores' d90 is bounded by the box, as on the 0.36 µm stack of issue 32.
+  labels = _spheres((4, 100, 100), [(1, 25, 25), (2, 70, 60)], 10)
+  q = quantify.quantify(labels, ("pore", "solid"), (30, 10, 10), sizes_for=(0,))
+  pore, solid = q.phases
+  assert pore.connectivity.percolates[0] and solid.connectivity.percolates[0]
+  assert pore.sizes is not None and pore.sizes.d90_nm > 0  # the numbers stay
+  text = " ".join(pore.caveats)
+  assert "pore percolation along z: the box is only 0.12 µm along z, under 3x" in text
+  assert "pore sizes: the box is only 0.12 µm along z, under 3x the d90" in text
+  assert "local thickness treats the faces as open" in text
+  assert any(c.startswith("solid percolation along z") for c in solid.caveats)
+  assert "along y" not in text and "along x" not in text  # 1 µm wide: 5 pores across
+  assert q.to_json()["phases"]["pore"]["caveats"] == list(pore.caveats)
+
+
+def test_a_deep_box_with_pores_inside_has_no_caveats():
+  labels = _spheres((40, 40, 40), [(20, 20, 20)], 4)
+  q = quantify.quantify(labels, ("pore", "solid"), (10, 10, 10), sizes_for=(0,))
+  pore = q.phases[0]
+  assert pore.sizes is not None and pore.caveats == ()
+  assert not any(pore.connectivity.percolates)
+  assert (
+    quantify.face_share(labels == 0, quantify.local_thickness(labels == 0, (10,) * 3), (10,) * 3)
+    == 0
+  )

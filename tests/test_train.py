@@ -13,7 +13,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from fibseg_jax import checkpoint
+from fibseg_jax import checkpoint, outputs
 from fibseg_jax.data import volume
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import loop, metrics_writer
@@ -209,7 +209,7 @@ def test_sigkill_mid_training_resumes_to_the_same_end(reference, tmp_path):
 # save of step 3 gets a second Ctrl-C of its own.
 _HELD_AT_STEP_3 = """
 import os, runpy, signal, sys, time
-from fibseg_jax import checkpoint
+from fibseg_jax import checkpoint, outputs
 from fibseg_jax.data import loader
 ready, go = sys.argv[1:3]
 batches, save = loader.SlabLoader.batches, checkpoint.save
@@ -316,7 +316,7 @@ def test_a_second_ctrl_c_during_a_step_stops_at_once_without_saving(tmp_path):
   assert not os.path.exists(os.path.join(workdir, "checkpoints", "1"))
 
 
-def test_checkpoint_load_predicts_and_outputs(tmp_path):
+def test_checkpoint_load_predicts_and_outputs(tmp_path, capsys):
   path = make_volume(str(tmp_path / "vol.zarr"))
   workdir = str(tmp_path / "run")
   summary = loop.train_and_evaluate(tiny_config(path), workdir, progress=False)
@@ -341,7 +341,23 @@ def test_checkpoint_load_predicts_and_outputs(tmp_path):
   # Fine-tuning starts from the saved weights: with a zero learning rate they stay put.
   tuned = str(tmp_path / "tuned")
   config = tiny_config(path, steps=2, learning_rate=0.0, init_from=workdir)
+  capsys.readouterr()
   loop.train_and_evaluate(config, tuned, progress=False)
+  said = capsys.readouterr().out
+  assert "starting from scratch" not in said  # it says what it does, once
+  assert re.search(
+    rf"fine-tuning: starting from the weights of {re.escape(workdir)}\S* \(step [24]\) with "
+    r"a fresh optimizer; learning rate warming up over 1 step to a peak of 0 "
+    r"\(--config.train.learning_rate=0 x --config.train.init_lr_scale=1\)",
+    said,
+  ), said
+  assert f"parameters; 1 device(s) on 1 process(es); fine-tuning the weights of {workdir}" in said
+  # Where it starts is scored and kept as checkpoint 0: the best is never worse than that.
+  start = metrics_writer.read_metrics(os.path.join(tuned, "metrics.jsonl"))[0]
+  source_best = max(r["val_miou"] for r in val)
+  assert start["step"] == 0 and start["val_miou"] == pytest.approx(source_best, abs=1e-6)
+  assert "step 0 (the weights it starts from): validation mean IoU" in said
+  assert 0 in checkpoint.manager(os.path.join(tuned, "checkpoints"), read_only=True).all_steps()
   jax.tree.map(
     np.testing.assert_array_equal,
     checkpoint.load(tuned, best=False).variables["params"],
@@ -498,3 +514,46 @@ def test_restored_channels_from_a_string_or_a_list():
     config = ml_collections.ConfigDict({"data": {"channels": channels}})
     restored = checkpoint.Restored(model=None, variables={}, config=config, step=0, path="")
     assert restored.channels == ("ICE", "TLD")
+
+
+def test_workdir_is_claimed_like_every_output(tmp_path):
+  path = make_volume(str(tmp_path / "vol.zarr"))
+  # A folder of raw data: refused in one line naming --workdir, nothing written there.
+  raw = tmp_path / "raw"
+  (raw / "ICE").mkdir(parents=True)
+  (raw / "ICE" / "slice_0001.tif").write_bytes(b"not really a tiff")
+  before = sorted(str(p) for p in raw.rglob("*"))
+  with pytest.raises(loop.ConfigError) as caught:
+    loop.train_and_evaluate(tiny_config(path), str(raw), progress=False)
+  message = str(caught.value)
+  assert message.startswith(f"--workdir={raw} exists and is a directory that is not a training ")
+  assert "\n" not in message and "new or empty folder" in message
+  assert sorted(str(p) for p in raw.rglob("*")) == before
+  # A file, the volume itself, and a folder holding it are refused too.
+  (tmp_path / "notes.txt").write_text("mine")
+  for workdir, expected in (
+    (tmp_path / "notes.txt", r"exists and is a file that is not a training run"),
+    (tmp_path / "vol.zarr", r"is the input --config.data.path"),
+    (tmp_path, r"contains the input --config.data.path"),
+  ):
+    with pytest.raises(loop.ConfigError, match=f"^--workdir={re.escape(str(workdir))}.*{expected}"):
+      loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(workdir))
+  assert (tmp_path / "notes.txt").read_text() == "mine"
+  # The distillation teacher is written only into a claimed workdir.
+  from fibseg_jax.infer import distill  # noqa: PLC0415 - infer is above train
+
+  forest = tiny_config(path)
+  forest.distill.teacher = "forest"
+  with pytest.raises(loop.ConfigError, match=f"^--workdir={re.escape(str(raw))} exists"):
+    distill.prepare_teacher(forest, str(raw), progress=False)
+  assert sorted(str(p) for p in raw.rglob("*")) == before
+  # A new folder (its parents made) is claimed and marked; an earlier run, marked or
+  # written before markers (checkpoints/ only), is taken again.
+  fresh = tmp_path / "runs" / "new"
+  loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(fresh))
+  assert outputs.marker_kind(fresh) == loop.WORKDIR_KIND
+  loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(fresh))
+  old = tmp_path / "old"
+  (old / "checkpoints").mkdir(parents=True)
+  loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(old))
+  assert outputs.marker_kind(old) == loop.WORKDIR_KIND

@@ -31,9 +31,9 @@ import numpy as np
 import pywt
 from scipy import ndimage
 from skimage import restoration, transform
-from tqdm import tqdm
 
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.progress import Bar
 
 
 @dataclasses.dataclass(frozen=True)
@@ -270,7 +270,7 @@ def clean_volume(
     voxel_size_nm=vol.metadata.voxel_size_nm,
     overwrite=overwrite,
   ) as writer:
-    for z in tqdm(range(vol.shape[0]), desc="clean", unit="slice", disable=not progress):
+    for z in Bar(range(vol.shape[0]), desc="clean", unit="slice", disable=not progress):
       labels = vol.read_labels(z) if z in annotated else None
       writer.write_slice(z, clean(vol.read_image(z)), labels)
     return writer.commit(

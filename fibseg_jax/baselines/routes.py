@@ -32,7 +32,6 @@ from typing import Any
 
 import numpy as np
 import tensorstore as ts
-from tqdm import tqdm
 
 from fibseg_jax.baselines import cleaning as cleaning_lib
 from fibseg_jax.baselines import forest as forest_lib
@@ -40,6 +39,7 @@ from fibseg_jax.baselines import threshold
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import split
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.progress import Bar
 
 ROUTES = ("otsu", "clean_otsu", "forest")
 IGNORE_LABEL = volume_lib.IGNORE_LABEL
@@ -202,7 +202,7 @@ def write_probabilities(
     },
     context=volume_lib.CONTEXT,
   ).result()
-  for z in tqdm(
+  for z in Bar(
     range(depth), desc=f"{route.name} probabilities", unit="slice", disable=not progress
   ):
     p = route.probabilities(volume.read_image(z)[..., index])

@@ -39,11 +39,11 @@ from typing import Any, NamedTuple
 import numpy as np
 import tifffile
 from scipy import ndimage
-from tqdm import tqdm
 
 from fibseg_jax import outputs
 from fibseg_jax.data import palette
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.progress import Bar
 
 CLASSES = ("pore", "csh", "portlandite", "clinker")
 CHANNELS = ("ICE", "TLD")
@@ -295,7 +295,7 @@ def phantom_labels(
   t_large, t_small = _upper_quantile(LARGE_PORE_FRACTION), _upper_quantile(SMALL_PORE_FRACTION)
   labels = np.empty(shape, np.uint8)
   step = _block_size(shape)
-  for z0 in tqdm(range(0, shape[0], step), desc="phantom", unit="block", disable=not progress):
+  for z0 in Bar(range(0, shape[0], step), desc="phantom", unit="block", disable=not progress):
     z1 = min(z0 + step, shape[0])
     rough = 0.35
     grains = (clinker.block(z0, z1) + rough * roughness.block(z0, z1)) / math.hypot(1, rough)
@@ -513,7 +513,7 @@ def generate(config: SynthConfig, progress: bool = False) -> SynthStack:
     behind, behind_depth = _step_behind(labels[z], behind, behind_depth)
   image = np.empty((nz, ny, nx, len(CHANNELS)), np.uint16)
   step = _block_size(config.shape)
-  with tqdm(total=nz, desc="render", unit="slice", disable=not progress) as bar:
+  with Bar(total=nz, desc="render", unit="slice", disable=not progress) as bar:
     # Back to front, carrying what lies behind each pore.
     for z0 in reversed(range(0, nz, step)):
       z1 = min(z0 + step, nz)
@@ -641,7 +641,7 @@ def write_tiff_folders(
     for name in (*stack.channels, "labels"):
       os.mkdir(os.path.join(tmp, name))
     digits = max(4, len(str(nz - 1)))
-    for z in tqdm(range(nz), desc="tiff", unit="slice", disable=not progress):
+    for z in Bar(range(nz), desc="tiff", unit="slice", disable=not progress):
       filename = f"slice_{z:0{digits}d}.tif"
       for c, name in enumerate(stack.channels):
         tifffile.imwrite(os.path.join(tmp, name, filename), stack.image[z, :, :, c])
@@ -697,7 +697,7 @@ def write_volume(
     voxel_size_nm=stack.voxel_size_nm,
     overwrite=overwrite,
   ) as writer:
-    for z in tqdm(range(nz), desc="volume", unit="slice", disable=not progress):
+    for z in Bar(range(nz), desc="volume", unit="slice", disable=not progress):
       writer.write_slice(z, stack.image[z], stack.labels[z] if z in annotated else None)
     return writer.commit(extra_attrs={"synthetic": stack.config.to_json()})
 

@@ -202,11 +202,16 @@ def _name_ticks(ax, x: np.ndarray, names: Sequence[str]) -> None:
     ax.set_xticks(x, names)
 
 
+def _percolation_caveat(phase: quantify.PhaseStructure) -> bool:
+  return any(" percolation along " in c for c in phase.caveats)
+
+
 def structure_figure(
   path: str | os.PathLike, *, structure: quantify.Quantification, stack: str = ""
 ) -> None:
   """Writes per-phase bars: volume fraction and largest-cluster share (with the axes
-  along which the phase percolates), and surface density S_V.
+  along which the phase percolates, starred where the box is too thin for it to say
+  much: `quantify.caveats`), and surface density S_V.
 
   Args:
     path: the PNG to write.
@@ -233,6 +238,8 @@ def structure_figure(
       text = axes or "none"
     else:
       text = f"percolates {axes}" if axes else "no percolation"
+    if _percolation_caveat(p):
+      text += "*"
     left.annotate(
       text, (x[i], max(fractions[i], largest[i])), xytext=(0, 4), textcoords="offset points",
       ha="center", va="bottom", fontsize=7 if many else 8,
@@ -247,6 +254,12 @@ def structure_figure(
     fontsize=10,
   )
   left.grid(axis="y", alpha=0.3)
+  if any(_percolation_caveat(p) for p in phases):
+    fig.text(
+      0.01, 0.01, f"* percolation across a box under {quantify.FEW_TIMES:g}x the phase's "
+      "feature size along that axis says little: see the report's caveats",
+      fontsize=8, ha="left", va="bottom",
+    )  # fmt: skip
   density = [np.nan_to_num(p.surface_density_per_um) for p in phases]
   right.bar(x, density, 0.6, color=colors, edgecolor="k")
   _name_ticks(right, x, names)

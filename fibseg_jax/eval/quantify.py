@@ -21,6 +21,8 @@ which):
   Reported as surface density S_V (interface area per volume of the box spanned by the
   voxel centres, where the mesh lives, 1/um) and per phase volume (1/um). The
   subvolume's cut faces are not surface;
+- caveats (`caveats`): percolation and sizes are flagged where the box is thinner than
+  a few times the phase's feature size, or the phase's balls reach the box faces;
 - local thickness (pores): the diameter of the largest ball inside the phase that holds
   the voxel (Hildebrand & Rueegsegger 1997), from anisotropic Euclidean distance
   transforms (edt): at most `bins` radii (every distinct distance, else geometric steps,
@@ -298,6 +300,101 @@ class SizeDistribution:
     }
 
 
+# A box thinner than this many times a phase's feature size says little about its
+# percolation or its largest sizes.
+FEW_TIMES = 3.0
+# Above this share of a phase's volume within its local thickness of a box face, its
+# sizes are those of regions the box cuts.
+FACE_SHARE = 0.1
+
+
+def feature_size_nm(
+  voxels: int, area_nm2: float, voxel_size_nm: Sequence[float], sizes: SizeDistribution | None
+) -> tuple[float, str]:
+  """(a phase's feature size in nm, how it was measured).
+
+  The d90 of its local thickness when computed, else its mean intercept length
+  4 V / S (the mean chord through the phase, stereology's feature size); infinite when
+  the phase has no interface inside the box (it fills the box along every line).
+  """
+  if sizes is not None:
+    return sizes.d90_nm, "the d90 of its local thickness"
+  if area_nm2 <= 0:
+    return math.inf, "no interface inside the box"
+  volume_nm3 = voxels * math.prod(float(v) for v in voxel_size_nm)
+  return 4 * volume_nm3 / area_nm2, "its mean intercept length 4 V / S"
+
+
+def face_share(mask: np.ndarray, thickness: np.ndarray, voxel_size_nm: Sequence[float]) -> float:
+  """The share of a phase's voxels closer to a box face than half their local thickness:
+  those whose ball would cross the face, where the box cut the region they belong to."""
+  where = np.nonzero(mask)
+  if not where[0].size:
+    return 0.0
+  to_face = np.full(where[0].shape, np.inf, np.float32)
+  for axis, (index, n, v) in enumerate(zip(where, mask.shape, voxel_size_nm, strict=True)):
+    del axis
+    to_face = np.minimum(to_face, np.minimum(index, n - 1 - index) * float(v))
+  return float(np.mean(to_face < thickness[where] / 2))
+
+
+def _um_text(nm: float) -> str:
+  return f"{nm / 1000:.2g} µm"
+
+
+def caveats(
+  name: str,
+  shape: Sequence[int],
+  voxel_size_nm: Sequence[float],
+  connectivity: Connectivity,
+  feature: tuple[float, str],
+  sizes: SizeDistribution | None = None,
+  faces: float = 0.0,
+) -> tuple[str, ...]:
+  """Why a phase's percolation or sizes may describe the box more than the material.
+
+  - percolation along an axis across which the box is under `FEW_TIMES` the phase's
+    feature size (`feature_size_nm`): so thin a box is crossed by chance;
+  - sizes, when the box is under `FEW_TIMES` the d90 along an axis (the largest
+    regions are cut), or when more than `FACE_SHARE` of the phase lies within its
+    local thickness of a box face (`face_share`): local thickness treats the faces as
+    open, so the sizes are those of regions the box cut.
+
+  The numbers stay; these sentences go beside them.
+  """
+  extent = [int(n) * float(v) for n, v in zip(shape, voxel_size_nm, strict=True)]
+  size_nm, how = feature
+  out = []
+  thin = [
+    (a, e)
+    for a, e, yes in zip(AXES, extent, connectivity.percolates, strict=True)
+    if yes and e < FEW_TIMES * size_nm
+  ]
+  if thin:
+    across = ", ".join(f"{_um_text(e)} along {a}" for a, e in thin)
+    feature_text = _um_text(size_nm) if math.isfinite(size_nm) else "unbounded"
+    out.append(
+      f"{name} percolation along {', '.join(a for a, _ in thin)}: the box is only {across}, "
+      f"under {FEW_TIMES:g}x the {name} feature size ({feature_text}, {how}); a box this "
+      "thin is crossed easily, so this says little about the material"
+    )
+  if sizes is not None:
+    short = [(a, e) for a, e in zip(AXES, extent, strict=True) if e < FEW_TIMES * sizes.d90_nm]
+    if short:
+      along = ", ".join(f"{_um_text(e)} along {a}" for a, e in short)
+      out.append(
+        f"{name} sizes: the box is only {along}, under {FEW_TIMES:g}x the d90 "
+        f"({_um_text(sizes.d90_nm)}); the largest {name} regions are cut by it"
+      )
+    if faces > FACE_SHARE:
+      out.append(
+        f"{name} sizes: {faces:.0%} of the {name} volume lies within its local thickness "
+        "of a box face; local thickness treats the faces as open, so these are sizes of "
+        f"{name} regions the box cut"
+      )
+  return tuple(out)
+
+
 @dataclasses.dataclass(frozen=True)
 class PhaseStructure:
   """The quantities of one phase on the subvolume.
@@ -311,6 +408,8 @@ class PhaseStructure:
     surface_density_per_um: interface area / subvolume volume (S_V), 1/um.
     surface_per_phase_volume_per_um: interface area / phase volume, 1/um (NaN if absent).
     sizes: local-thickness distribution, or None when not computed for this phase.
+    caveats: why its percolation or sizes may say more about the box than about the
+      material (`caveats`), one sentence each; () when none applies.
   """
 
   name: str
@@ -321,10 +420,12 @@ class PhaseStructure:
   surface_density_per_um: float
   surface_per_phase_volume_per_um: float
   sizes: SizeDistribution | None = None
+  caveats: tuple[str, ...] = ()
 
   def to_json(self) -> dict[str, Any]:
     c = self.connectivity
     return {
+      "caveats": list(self.caveats),
       "voxels": self.voxels,
       "volume_fraction": _num(self.volume_fraction),
       "largest_cluster_fraction": _num(c.largest_fraction),
@@ -420,19 +521,27 @@ def quantify(
     mask = labels == i
     count = int(np.count_nonzero(mask))
     area = surface_area(mask, voxel)
-    sizes = None
+    sizes, faces = None, 0.0
     if i in sizes_for and count:
-      sizes = SizeDistribution.from_thickness(local_thickness(mask, voxel, bins), mask)
+      thickness = local_thickness(mask, voxel, bins)
+      sizes = SizeDistribution.from_thickness(thickness, mask)
+      faces = face_share(mask, thickness, voxel)
+      del thickness
+    clusters = connectivity(mask)
+    feature = feature_size_nm(count, area, voxel, sizes)
     phases.append(
       PhaseStructure(
         name=name,
         voxels=count,
         volume_fraction=count / segmented if segmented else float("nan"),
-        connectivity=connectivity(mask),
+        connectivity=clusters,
         surface_area_nm2=area,
         surface_density_per_um=area / 1e6 / box_um3 if box_um3 > 0 else float("nan"),
         surface_per_phase_volume_per_um=area / 1e6 / (count * voxel_um3) if count else float("nan"),
         sizes=sizes,
+        caveats=caveats(name, labels.shape, voxel, clusters, feature, sizes, faces)
+        if count
+        else (),
       )
     )
   return Quantification(

@@ -246,10 +246,12 @@ def _structure_lines(report: Report, paths: dict[str, Any]) -> list[str]:
   ]
   for p in q.phases:
     c = p.connectivity
-    along = ", ".join(c.percolating_axes)
+    along = ", ".join(c.percolating_axes) or "none"
+    if any(" percolation along " in text for text in p.caveats):
+      along += " (see caveats)"
     lines.append(
       f"| {p.name} | {_fmt(p.volume_fraction, True)} | {_fmt(c.largest_fraction, True)} | "
-      f"{c.clusters} | {along or 'none'} | {_fmt(p.surface_density_per_um)} | "
+      f"{c.clusters} | {along} | {_fmt(p.surface_density_per_um)} | "
       f"{_fmt(p.surface_per_phase_volume_per_um)} |"
     )
   sized = [p for p in q.phases if p.sizes is not None]
@@ -264,8 +266,10 @@ def _structure_lines(report: Report, paths: dict[str, Any]) -> list[str]:
     ]
     for p in sized:
       z = p.sizes
+      flag = " (see caveats)" if any(" sizes: " in text for text in p.caveats) else ""
       lines.append(
-        f"| {p.name} | {_um(z.mean_nm)} | {_um(z.d10_nm)} | {_um(z.d50_nm)} | {_um(z.d90_nm)} |"
+        f"| {p.name}{flag} | {_um(z.mean_nm)} | {_um(z.d10_nm)} | {_um(z.d50_nm)} | "
+        f"{_um(z.d90_nm)} |"
       )
   lines += [
     "",
@@ -276,6 +280,10 @@ def _structure_lines(report: Report, paths: dict[str, Any]) -> list[str]:
     "is interface area per volume of the box. Local thickness from anisotropic distance "
     "transforms, within half a voxel for round pores, one voxel over for flat ones.",
   ]
+  flagged = [c for p in q.phases for c in p.caveats]
+  if flagged:
+    lines += ["", "**Caveats** (the numbers above stand; read them with these):", ""]
+    lines += [f"- {c}." for c in flagged]
   if q.not_segmented:
     lines.append(f"{q.not_segmented} voxels of the box are not segmented and count in no phase.")
   for key, alt in (("structure", "connectivity and surface density"), ("pore_sizes", "pore sizes")):

@@ -32,6 +32,7 @@ from fibseg_jax.infer import segment, store, tiling
 from fibseg_jax.infer.settings import SegmentSettings
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import distill as distill_lib
+from fibseg_jax.train import loop
 from fibseg_jax.train.config import ConfigError
 
 
@@ -78,6 +79,7 @@ def prepare_teacher(
   distilled = distill_lib.settings(config, workdir)
   if distilled is None or not distilled.computed:
     return None if distilled is None else distilled.array
+  loop.claim_workdir(config, workdir)  # before the teacher is written into it
   path = config.data.path
   try:
     volume = volume_lib.open_volume(path, check_labels=False)

@@ -51,6 +51,7 @@ from fibseg_jax.infer.settings import (
   SegmentSettings,
 )
 from fibseg_jax.infer.tiling import Block, InferenceError
+from fibseg_jax.progress import Bar
 
 # Blocks whose writes may be in flight while the next block computes.
 _WRITES_IN_FLIGHT = 2
@@ -274,7 +275,7 @@ def segment_volume(
   start = time.perf_counter()
   # Pixels with SI prefixes (874px/s, 87.4kpx/s, 2.10Mpx/s): readable however slow the
   # model; the blocks done are the postfix.
-  bar = tqdm(
+  bar = Bar(
     total=sum(b.pixels for b in todo),
     unit="px",
     unit_scale=True,

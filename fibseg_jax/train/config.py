@@ -116,7 +116,13 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     "train.init_from",
     "",
     "fine-tune: start from the weights of another run (its workdir or a checkpoint step "
-    "directory), with a fresh optimizer",
+    "directory), with a fresh optimizer; they are scored and kept as checkpoint 0",
+  ),
+  (
+    "train.init_lr_scale",
+    1.0,
+    "with train.init_from: peak learning rate = train.learning_rate x this; lower dips "
+    "less after the warm-up but ends lower (docs/recipe.md, Fine-tuning)",
   ),
   ("train.log_every", 20, "training metrics logged every N steps"),
   # Semi-supervised training from the unannotated slices (fibseg_jax.train.state.Semi): a

@@ -21,7 +21,7 @@ fitted on the run's own training pixels (the validation blocks and evaluation sl
 left out, as for the network) and its probabilities over every slice are the teacher.
 From strokes the forest generalises better than a network that sees only the stroke
 interiors; the network taught by it learns every slice from the forest and the strokes
-(measured in README, "Annotating less": ahead of both on the synthetic stack, level with
+(measured in docs/results.md, "Annotating less": ahead of both on the synthetic stack, level with
 the forest on a real one). A directory named `forest` is given as `./forest`.
 """
 

@@ -21,18 +21,28 @@ import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-from tqdm import tqdm
 
-from fibseg_jax import checkpoint, interrupt, models
+from fibseg_jax import checkpoint, interrupt, models, outputs
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.progress import Bar
 from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import data_config, losses, metrics_writer, parallel
 from fibseg_jax.train import distill as distill_lib
 from fibseg_jax.train import state as state_lib
 from fibseg_jax.train.config import ConfigError
 
-__all__ = ["ConfigError", "Experiment", "check_workdir", "prepare", "train_and_evaluate"]
+__all__ = [
+  "ConfigError",
+  "Experiment",
+  "check_workdir",
+  "claim_workdir",
+  "prepare",
+  "train_and_evaluate",
+]
+
+# What `claim_workdir` marks a training workdir as (`outputs.MARKER`).
+WORKDIR_KIND = "train"
 
 
 @dataclasses.dataclass
@@ -141,7 +151,7 @@ def sparse_labels_hint(
   return (
     f"note: {share:.1%} of the training slices' pixels are labelled (brush strokes?); "
     "--config.distill.teacher=forest (a random forest fitted on them teaches the network "
-    "every slice) trained better from strokes where measured (README, Annotating less)"
+    "every slice) trained better from strokes where measured (docs/results.md, Annotating less)"
   )
 
 
@@ -220,6 +230,62 @@ def _identity(cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
   return fields
 
 
+def is_training_workdir(path: str) -> bool:
+  """Whether `path` holds an earlier training run: its marker, or (a run written before
+  markers existed) its checkpoints, metrics or distillation teacher."""
+  return (
+    outputs.marker_kind(path) == WORKDIR_KIND
+    or os.path.isdir(os.path.join(path, checkpoint.CHECKPOINT_DIR))
+    or os.path.isfile(os.path.join(path, metrics_writer.METRICS_FILE))
+    or os.path.isfile(os.path.join(path, distill_lib.TEACHER_DIR, distill_lib.RECORD))
+  )
+
+
+def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+  """Claims `workdir` as every other output is claimed (`fibseg_jax.outputs.claim`).
+
+  A new or empty folder, or an earlier training run (resumed), is taken and marked as a
+  training workdir; missing parent folders are created. Anything else (a folder of raw
+  data, another command's output, a file) is refused before anything is written, as is
+  a workdir that is or holds the volume, the run it fine-tunes or its teachers. Only
+  process 0 claims (and writes the marker).
+
+  Raises:
+    ConfigError: one line naming --workdir.
+  """
+  if not workdir:
+    raise ConfigError("--workdir is required: the folder for checkpoints and metrics")
+  inputs: dict[str, Any] = {"--config.data.path": config.data.path}
+  if config.train.get("init_from"):
+    inputs["--config.train.init_from"] = str(config.train.init_from)
+  teacher = str((config.get("distill") or {}).get("teacher") or "")
+  if teacher and teacher != "forest":
+    inputs["--config.distill.teacher"] = [t.strip() for t in teacher.split(",") if t.strip()]
+  local = volume_lib.local_path(str(workdir))
+  if local is None or jax.process_index() != 0:
+    return  # an object store's prefix; other processes leave the claim to process 0
+  try:
+    os.makedirs(os.path.dirname(os.path.abspath(local)), exist_ok=True)
+    outputs.claim(
+      local,
+      kind=WORKDIR_KIND,
+      flag="--workdir",
+      inputs=inputs,
+      is_own=is_training_workdir,
+      directory=True,
+    )
+  except outputs.OutputError as e:
+    message = str(e)
+    if "is not a fibseg train output" in message:
+      message = message.replace(
+        "is not a fibseg train output (no fibseg metadata of that kind)",
+        "is not a training run (no checkpoints/, metrics.jsonl or fibseg marker)",
+      )
+    raise ConfigError(message) from None
+  except OSError as e:
+    raise ConfigError(f"--workdir={workdir}: cannot create it: {e}") from None
+
+
 def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None:
   """Returns the latest checkpoint step of `workdir` (None if fresh).
 
@@ -274,8 +340,14 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
   return latest
 
 
-def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainState:
-  """Replaces freshly initialised weights by those of another run (fine-tuning)."""
+def _init_from(
+  state, config, tx, source: str, replicated
+) -> tuple[state_lib.TrainState, checkpoint.Restored]:
+  """Replaces freshly initialised weights by those of another run (fine-tuning).
+
+  Returns:
+    (the state with the source's weights and a fresh optimizer, the source checkpoint).
+  """
   try:
     restored = checkpoint.load(source, aux_heads=True)
   except checkpoint.CheckpointError as e:
@@ -301,14 +373,37 @@ def _init_from(state, config, tx, source: str, replicated) -> state_lib.TrainSta
   shapes = lambda tree: jax.tree.map(lambda a: tuple(a.shape), tree)  # noqa: E731
   if shapes(params) != shapes(state.params):
     raise ConfigError(f"--config.train.init_from={source}: parameters do not fit this model")
-  if jax.process_index() == 0:
-    print(f"fine-tuning from {restored.path} (step {restored.step})")
   # Copies: the step donates the state's buffers, and one buffer cannot be donated twice.
   weights = {"params": params, "batch_stats": batch_stats}
   teacher = jax.tree.map(jnp.copy, weights) if state.teacher else {}
-  return state.replace(
+  state = state.replace(
     params=params, batch_stats=batch_stats, opt_state=tx.init(params), teacher=teacher
   )
+  return state, restored
+
+
+def fine_tune_line(config: ml_collections.ConfigDict, source: str, step: int | None) -> str:
+  """What a fine-tune starts from and how its learning rate runs, as one line."""
+  t = config.train
+  peak = state_lib.peak_learning_rate(config)
+  warmup = int(min(t.warmup_steps, max(int(t.steps) - 1, 0)))
+  at = f" (step {step})" if step is not None else ""
+  plural = "s" if warmup != 1 else ""
+  rise = f"warming up over {warmup} step{plural} to" if warmup else "starting at"
+  return (
+    f"fine-tuning: starting from the weights of {source}{at} with a fresh optimizer; "
+    f"learning rate {rise} a peak of {peak:.3g} (--config.train.learning_rate="
+    f"{float(t.learning_rate):g} x --config.train.init_lr_scale="
+    f"{float(t.get('init_lr_scale', 1.0)):g})"
+  )
+
+
+def _start_words(start: int, init_from: str) -> str:
+  """How the run starts, for the line under the parameter count."""
+  if start:
+    tuned = f" (a fine-tune of {init_from})" if init_from else ""
+    return f"resuming from step {start}{tuned}"
+  return f"fine-tuning the weights of {init_from}" if init_from else "starting from scratch"
 
 
 def _validate(eval_step, state, loader, batch_sharding, classes) -> dict[str, float]:
@@ -384,6 +479,7 @@ def _train_and_evaluate(
 ) -> dict[str, Any]:
   exp = prepare(config, workdir)
   config = exp.config
+  claim_workdir(config, workdir)
   start = check_workdir(config, workdir) or 0
   t = config.train
   is_main = jax.process_index() == 0
@@ -435,15 +531,16 @@ def _train_and_evaluate(
     with jax.threefry_partitionable(False):
       state = jax.jit(init, out_shardings=state_sharding)(rng)
     if t.init_from:
-      state = _init_from(state, config, tx, str(t.init_from), replicated)
+      state, source = _init_from(state, config, tx, str(t.init_from), replicated)
+      if is_main:
+        print(fine_tune_line(config, source.path, source.step))
   if is_main:
     n_params = models.count_params(models.without_aux_heads(state.params))
     n_heads = models.count_params(state.params) - n_params
     heads = f" (+{n_heads:,} in deep-supervision heads)" if n_heads else ""
     print(
       f"{config.model.name}: {n_params:,} parameters{heads}; {jax.device_count()} device(s) on "
-      f"{jax.process_count()} process(es); "
-      + (f"resuming from step {start}" if start else "starting from scratch")
+      f"{jax.process_count()} process(es); " + _start_words(start, str(t.init_from or ""))
     )
     hint = sparse_labels_hint(loader, exp.volume, config)
     if hint:
@@ -473,9 +570,21 @@ def _train_and_evaluate(
   writer = metrics_writer.MetricWriter(workdir, enabled=is_main, resume_step=start)
   steps = int(t.steps)
   best = {"step": mngr.best_step(), "val_miou": None}
+  if t.init_from and not start and mngr.latest_step() is None:
+    # The weights it starts from, scored and kept as checkpoint 0: the best checkpoint
+    # (what segment loads) is never worse on validation than where the fine-tune began.
+    val = _validate(eval_step, state, loader, batch_sharding, classes)
+    writer.write(0, val)
+    checkpoint.save(mngr, 0, state, config, {"step": 0, "seed": int(t.seed)}, val)
+    best = {"step": 0, **val}
+    if is_main:
+      print(
+        f"step 0 (the weights it starts from): validation mean IoU {val['val_miou']:.3f}, "
+        "kept as checkpoint 0, so the best checkpoint is never worse"
+      )
   last_loss = None
   batches = loader.batches(start_step=start)
-  bar = tqdm(
+  bar = Bar(
     total=steps, initial=start, desc="train", unit="step", disable=not (progress and is_main)
   )
   tick, tick_step = time.perf_counter(), start

@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import textwrap
 from collections.abc import Mapping
 
 import numpy as np
@@ -137,6 +138,61 @@ def describe_run(config: Mapping | None, workdir: str) -> str:
   return f"{text}, on {palette.stack_name(path)}" if path else text
 
 
+def _number(value, default: float) -> float:
+  try:
+    return float(value)
+  except (TypeError, ValueError):
+    return default
+
+
+def _times(weight: float, term: str) -> str:
+  return term if weight == 1 else f"{weight:g} x {term}"
+
+
+def loss_names(config: Mapping | None) -> tuple[str, str]:
+  """(the training loss, the validation loss) as trained by `config`, in words.
+
+  Validation scores the full-resolution supervised loss only; training adds what the
+  config adds to it: deep supervision, a distillation teacher, a semi-supervised term.
+  """
+  train = _get(config, "train") or {}
+  weighted = _get(train, "class_weights")
+  dice = _number(_get(train, "dice_weight"), 1.0)
+  ce = "class-weighted cross-entropy" if weighted in (None, True) else "cross-entropy"
+  base = ce if dice == 0 else f"{ce} + {_times(dice, 'Dice')}"
+  trained = f"{base}, deep-supervised" if _get(train, "deep_supervision") else base
+  teacher = str(_get(config, "distill", "teacher") or "")
+  distill = _number(_get(config, "distill", "weight"), 1.0)
+  if teacher and distill > 0:
+    members = [t for t in teacher.split(",") if t.strip()]
+    who = (
+      "a random forest's"
+      if teacher == "forest"
+      else f"an ensemble of {len(members)}'s"
+      if len(members) > 1
+      else "the teacher's"
+    )
+    trained += f" + {_times(distill, f'soft cross-entropy to {who} probabilities')}"
+  semi = _number(_get(config, "semi", "weight"), 0.0)
+  if semi > 0:
+    mode = _get(config, "semi", "mode") or "pseudo"
+    term = "pseudo-label consistency" if mode == "pseudo" else "soft consistency"
+    trained += f" + {_times(semi, term)} (unlabelled)"
+  return trained, base
+
+
+def smooth(values: list[float]) -> np.ndarray:
+  """A centred running mean of logged values over about a tenth of them (at least 3),
+  the window shrinking at the ends: no lag behind the raw curve, unlike a moving average
+  of the past."""
+  values = np.asarray(values, np.float64)
+  half = max(1, len(values) // 20)
+  sums = np.concatenate([[0.0], np.cumsum(values)])
+  index = np.arange(len(values))
+  lo, hi = np.maximum(index - half, 0), np.minimum(index + half + 1, len(values))
+  return (sums[hi] - sums[lo]) / (hi - lo)
+
+
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
   """(steps, values) of the metrics rows that hold `key`."""
   points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
@@ -148,8 +204,10 @@ def plot_curves(
 ) -> str | None:
   """Plots training loss, validation loss and IoU against step; returns the PNG path.
 
-  Each class's IoU curve is drawn in the class's colour of every other figure
-  (`palette`), and the title names the model, its inputs and the volume.
+  The training loss is drawn raw (faint: one batch can spike) and smoothed (`smooth`);
+  every validation is a marker on its curves. The loss axis names the loss the config
+  trained (`loss_names`). Each class's IoU curve is drawn in the class's colour of every
+  other figure (`palette`), and the title names the model, its inputs and the volume.
 
   Args:
     workdir: the training workdir (its metrics.jsonl).
@@ -172,12 +230,17 @@ def plot_curves(
 
   fig = Figure(figsize=(11, 4.2))
   ax_loss, ax_iou = fig.subplots(1, 2)
-  for key, label in (("loss", "train loss"), ("val_loss", "validation loss")):
-    s = curve(key)
-    if s:
-      ax_loss.plot(*s, label=label, marker="o" if key == "val_loss" else None)
+  trained, validated = loss_names(config)
+  s = curve("loss")
+  if s:
+    raw = ax_loss.plot(*s, lw=0.8, alpha=0.3, label="train loss (each logged step)")[0]
+    ax_loss.plot(s[0], smooth(s[1]), color=raw.get_color(), lw=2, label="train loss, smoothed")
+  s = curve("val_loss")
+  if s:
+    same = "" if validated == trained else f" ({validated})"
+    ax_loss.plot(*s, marker="o", ms=4, label=f"validation loss{same}")
   ax_loss.set_xlabel("step")
-  ax_loss.set_ylabel("loss (cross-entropy + Dice)")
+  ax_loss.set_ylabel("\n".join(textwrap.wrap(f"loss: {trained}", 48)), fontsize=9)
   ax_loss.set_yscale("log")
   losses = [v for key in ("loss", "val_loss") for v in (curve(key) or ((), ()))[1] if v > 0]
   if losses:  # plain numbers (0.5, 1, 2) on the log axis, not 5 x 10^-1
@@ -186,7 +249,7 @@ def plot_curves(
     ax_loss.yaxis.set_major_locator(FixedLocator(palette.log_ticks(lo, hi)))
     ax_loss.yaxis.set_major_formatter(FuncFormatter(lambda v, _: palette.plain_number(v)))
     ax_loss.yaxis.set_minor_formatter(NullFormatter())
-  ax_loss.legend()
+  ax_loss.legend(fontsize=8)
   ax_loss.grid(alpha=0.3)
   ax_loss.set_title("loss", fontsize=10)
   iou_keys = sorted({k for r in rows for k in r if k.startswith("val_iou/")})
@@ -197,7 +260,8 @@ def plot_curves(
     s = curve(key)
     name = key.split("/", 1)[1]
     if s:
-      ax_iou.plot(*s, label=name, color=palette.class_color(name), lw=1.5, alpha=0.85)
+      color = palette.class_color(name)
+      ax_iou.plot(*s, label=name, color=color, lw=1.5, alpha=0.85, marker="o", ms=3)
   s = curve("val_miou")
   if s:
     ax_iou.plot(
