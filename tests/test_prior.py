@@ -2,11 +2,14 @@
 
 import os
 import shutil
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import tifffile
 
 from fibseg_jax.data import randomised
 from fibseg_jax.data import volume as volume_lib
@@ -207,3 +210,36 @@ def test_the_shipped_prior_matches_its_checksum_and_serves_any_stack():
       probs = rng.dirichlet(np.ones(classes), size=(50, 70)).astype(np.float32)
       out = enhance.enhance(prior, rng.normal(size=(50, 70, channels)), probs)
       assert out.shape == (50, 70, classes)
+
+
+def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tiny_run, tmp_path):
+  _, _, _, export = tiny_run
+  stack = randomised.draw(6, (3, 64, 64), num_classes=2, num_channels=1)
+  root = str(tmp_path / "vol.zarr")
+  with volume_lib.create_volume(
+    root,
+    shape=stack.labels.shape,
+    dtype="uint16",
+    channels=("SEM",),
+    classes=("matrix", "pore"),
+    voxel_size_nm=(10.0, 10.0, 10.0),
+  ) as writer:
+    for z in range(3):
+      writer.write_slice(z, stack.image[z], stack.labels[z] if z != 1 else None)
+    writer.commit()
+  out = tmp_path / "preview"
+  command = [sys.executable, "-m", "fibseg_jax.cli", "preview", f"--volume={root}"]
+  command += ["--slices=1,2", "--exclude=2", f"--out={out}", f"--prior={export}"]
+  done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  assert done.returncode == 0, done.stderr
+  assert "preview: slices 1, 2" in done.stdout and "on slices 0" in done.stdout
+  written = {"preview.json", "slice_0001.png", "slice_0001.tif", "slice_0002.png"}
+  assert written | {"slice_0002.tif"} <= set(os.listdir(out))
+  assert tifffile.imread(out / "slice_0002.tif").shape == (64, 64)
+  foreign = tmp_path / "foreign"
+  foreign.mkdir()
+  (foreign / "notes.txt").write_text("mine")
+  command[-2] = f"--out={foreign}"
+  done = subprocess.run(command, capture_output=True, text=True, timeout=600)
+  assert done.returncode != 0 and "--out" in done.stderr
+  assert (foreign / "notes.txt").read_text() == "mine"
