@@ -29,7 +29,7 @@ _PRIOR = flags.DEFINE_string(
 
 def _parse(text: str):
   if text == "synthetic":
-    return prior.synthetic_stack
+    return prior.synthetic
   name, _, rest = text.partition("=")
   path, train, evaluate = rest.rsplit(":", 2)
   flag = f"--stack={text}"

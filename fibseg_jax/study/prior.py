@@ -58,7 +58,8 @@ class Stack:
   eval_slices: tuple[int, ...]
 
 
-def synthetic_stack() -> Stack:
+def synthetic() -> Stack:
+  """The study budgets' generated stack (`SYNTHETIC`)."""
   name, shape, train, evaluate = SYNTHETIC
   stack = synth.generate(synth.SynthConfig(shape=shape, seed=0))
   zs = (*train, *evaluate)
@@ -213,7 +214,6 @@ def run(
           continue
         if stack is None:
           stack = source if isinstance(source, Stack) else source()
-          name = stack.name
         cell = run_cell(stack, level, seed, prior, directory)
         log(f"prior study: {name} {level.name} seed {seed}: {cell}")
         if prior is None:
