@@ -243,3 +243,35 @@ def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tiny_run,
   done = subprocess.run(command, capture_output=True, text=True, timeout=600)
   assert done.returncode != 0 and "--out" in done.stderr
   assert (foreign / "notes.txt").read_text() == "mine"
+
+
+def test_napari_session_previews_from_saved_strokes(tiny_run, tmp_path):
+  from fibseg_jax.data import annotations
+  from fibseg_jax.napari import session as session_lib
+
+  _, _, _, export = tiny_run
+  prior = enhance.load_prior(export)
+  stack = randomised.draw(7, (3, 64, 64), num_classes=3, num_channels=2)
+  root = str(tmp_path / "vol.zarr")
+  with volume_lib.create_volume(
+    root,
+    shape=stack.labels.shape,
+    dtype="uint16",
+    channels=("ICE", "TLD"),
+    classes=("a", "b", "c"),
+    voxel_size_nm=(10.0, 10.0, 10.0),
+  ) as writer:
+    for z in range(3):
+      writer.write_slice(z, stack.image[z], None)
+    writer.commit()
+  session = session_lib.Session(root)
+  with pytest.raises(session_lib.SessionError, match="preview from strokes"):
+    session.preview_from_strokes(1, prior=prior)
+  painted = np.zeros(stack.labels.shape, np.uint8)  # napari: 0 = not painted, class + 1
+  strokes = annotations.strokes(stack.labels[0], 0.05, seed=0)
+  painted[0] = np.where(strokes == 255, 0, strokes + 1)
+  session.save_painted(painted)
+  labels, uncertainty = session.preview_from_strokes(1, prior=prior)
+  assert labels.shape == uncertainty.shape == (64, 64)
+  assert set(np.unique(labels)) <= {1, 2, 3}
+  assert 0 <= uncertainty.min() and uncertainty.max() <= 1

@@ -41,9 +41,9 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import quantify as quantify_lib
 from fibseg_jax.eval import uncertainty as uncertainty_lib
 from fibseg_jax.infer import distill as infer_distill
+from fibseg_jax.infer import enhance, store, tiling
 from fibseg_jax.infer import segment as segment_lib
 from fibseg_jax.infer import slice as slice_lib
-from fibseg_jax.infer import store, tiling
 from fibseg_jax.infer.settings import SegmentationResult, SegmentSettings
 from fibseg_jax.train import distill as distill_lib
 from fibseg_jax.train import loop, metrics_writer
@@ -277,6 +277,26 @@ class Session:
     p = np.clip(probabilities, 1e-7, 1.0)
     entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
     return labels.astype(np.uint8) + 1, entropy.astype(np.float32)
+
+  def preview_from_strokes(
+    self, z: int, channels: Sequence[str] | None = None, prior: enhance.Prior | None = None
+  ) -> tuple[np.ndarray, np.ndarray]:
+    """Labels (napari values: class + 1) and uncertainty (0-1) of slice z from the saved
+    paint alone, with no training: a random forest fitted on every painted pixel and
+    corrected by the shipped prior (`fibseg_jax.infer.enhance`).
+
+    Raises:
+      SessionError: nothing painted and saved yet, or no prior shipped.
+    """
+    try:
+      result = enhance.preview(
+        self.volume, tuple(channels or self.volume.channels), [int(z)], prior=prior
+      )
+    except (ValueError, enhance.PriorError) as e:
+      raise SessionError(f"preview from strokes: {e}") from None
+    p = np.clip(result.probabilities[int(z)], 1e-7, 1.0)
+    entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
+    return result.labels[int(z)] + 1, entropy.astype(np.float32)
 
   @staticmethod
   def output_dir(workdir: str) -> str:
