@@ -55,8 +55,10 @@ def training_split(run: dict[str, Any]) -> dict[str, Any] | None:
 
   Returns:
     {"eval_slices", "val_fraction", "val_block", "split_seed"} (`held_out_blocks`'
-    keywords), or None when the segmentation has no single checkpoint with a saved config
-    (an ensemble's average, or a checkpoint moved away).
+    keywords; eval_slices as the config names them, the volume's slice numbers, which
+    `volume.SliceNumbers.to_zs` turns into z), or None when the segmentation has no
+    single checkpoint with a saved config (an ensemble's average, or a checkpoint moved
+    away).
   """
   path = run.get("checkpoint")
   config = metrics_writer.checkpoint_config(path) if isinstance(path, str) else None

@@ -128,7 +128,9 @@ def _segmentation(labels: Any) -> store.Segmentation:
   if seg.array.rank != 3 or seg.array.dtype.name != "uint8":
     raise OutputError(f"{where}: expected labels [z, y, x] uint8, got {seg.array.dtype.name}")
   if not seg.classes:
-    raise OutputError(f"{where}: its attributes name no classes; was it written by `fibseg segment`?")
+    raise OutputError(
+      f"{where}: its attributes name no classes; was it written by `fibseg segment`?"
+    )
   if seg.voxel_size_nm is None:
     raise OutputError(f"{where}: its run record has no voxel_size_nm; segment it again")
   return seg
