@@ -66,7 +66,7 @@ def main(argv):
       result["trainer"],
       _EXPORT.value,
       {
-        "command": " ".join(["fibseg pretrain", *sys.argv[2:]]),
+        "command": " ".join(["fibseg pretrain", *(a for a in sys.argv if a.startswith("--"))]),
         "this_run_seconds": round(time.time() - start, 1),
         "pool_seconds_this_run": result["pool_seconds"],
         "train_seconds_this_run": result["train_seconds"],
