@@ -120,6 +120,7 @@ def main(argv):
         f"  {p.name}: largest cluster {_percent(p.connectivity.largest_fraction)}, "
         f"percolates {along or 'nowhere'}, S_V {p.surface_density_per_um:.3g} /um{sizes}"
       )
+      print("".join(f"    caveat: {c}\n" for c in p.caveats), end="")
   if report.intervals:
     iv = report.intervals
     kind = "calibrated" if "volume_fraction" in iv.get("calibrated", ()) else "range"

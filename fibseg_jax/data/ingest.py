@@ -31,9 +31,9 @@ from collections.abc import Callable, Mapping, Sequence
 import imageio.v3 as iio
 import numpy as np
 import tifffile
-from tqdm import tqdm
 
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.progress import Bar
 
 IMAGE_EXTENSIONS = (".tif", ".tiff", ".png")
 _LAST_INT = re.compile(r"(\d+)(?!.*\d)")
@@ -652,7 +652,7 @@ def ingest(
   except volume_lib.VolumeError as e:
     raise IngestError(str(e) if str(e).startswith("--out") else f"--out: {e}") from e
   with writer:
-    for z in tqdm(range(plan.shape[0]), desc="ingest", unit="slice", disable=not progress):
+    for z in Bar(range(plan.shape[0]), desc="ingest", unit="slice", disable=not progress):
       planes = []
       for name in names:
         f = plan.channels[name][z]
