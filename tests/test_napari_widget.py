@@ -1,5 +1,5 @@
 """The napari widget in a real viewer (headless under Xvfb): paint, train, cancel and
-resume, preview, segment, next slice, quantify, and the reader.
+resume, preview, preview from strokes, segment, next slice, quantify, and the reader.
 
 Needs the `napari` extra and pytest-qt (`make test` installs both) and an X display:
 pytest-xvfb starts Xvfb when it is installed (apt-get install xvfb xauth libgl1-mesa-dri
@@ -8,6 +8,7 @@ are skipped with one line saying so.
 """
 
 import os
+import re
 import shutil
 import warnings
 
@@ -156,6 +157,77 @@ def test_cancel_keeps_a_checkpoint_and_train_resumes(widget, qtbot):
   assert "segmentation stopped" in w.status.text() and w.segment_button.isEnabled()
   click_and_wait(qtbot, w, w.segment_button)
   assert w.last_error is None and "segmentation" in w.viewer.layers
+
+
+@pytest.fixture(scope="module")
+def tiny_prior(tmp_path_factory):
+  """A prior folder from a whole `fibseg pretrain` run at toy size (test_prior's)."""
+  from fibseg_jax.train import pretrain  # noqa: PLC0415
+
+  workdir = str(tmp_path_factory.mktemp("pretrain"))
+  config = pretrain.PretrainConfig(
+    draws=3,
+    held_out=1,
+    shape=(2, 64, 64),
+    steps=4,
+    batch_size=2,
+    patch=32,
+    save_every=2,
+    workers=1,
+    features=(4, 8, 8),
+  )
+  result = pretrain.train(config, workdir, progress=False, log=lambda *_: None)
+  export = os.path.join(workdir, "export")
+  pretrain.export(result["trainer"], export, {"command": "test"})
+  return export
+
+
+def test_preview_from_strokes_needs_no_training(
+  make_napari_viewer, tmp_path, qtbot, tiny_prior, monkeypatch
+):
+  if not os.environ.get("DISPLAY"):
+    pytest.skip(f"napari tests skipped: no X display; {APT}")
+  monkeypatch.setenv("FIBSEG_PRIOR", tiny_prior)  # the shipped prior's stand-in
+  viewer = make_napari_viewer()
+  w = FibsegWidget(viewer)
+  viewer.window.add_dock_widget(w, name="fibseg")
+  w.open_volume(make_volume(str(tmp_path / "vol.zarr"), annotated=()))
+  assert w.session.prior_dir == tiny_prior
+  viewer.dims.set_current_step(0, 4)
+  # Nothing painted: one line, and no preview.
+  click_and_wait(qtbot, w, w.strokes_button)
+  assert "preview from strokes: nothing painted" in w.last_error
+  assert "preview" not in viewer.layers
+  # Strokes on slice 2: a short line through each 8 x 8 block, of the class its ICE
+  # level shows (make_volume: ICE = 1000 + 4000 * class + noise).
+  ice = w.session.volume.read_image(2)[..., 0].astype(float)
+  blocks = ice.reshape(6, 8, 6, 8).mean((1, 3))
+  classes = np.clip(np.round((blocks - 1000) / 4000), 0, 2).astype(int)
+  assert set(classes.ravel()) == {0, 1, 2}
+  ann = viewer.layers["annotations"]
+  ann.brush_size = 1
+  for (by, bx), c in np.ndenumerate(classes):
+    for x in range(bx * 8 + 2, bx * 8 + 6):
+      ann.paint((2, by * 8 + 4, x), int(c) + 1, refresh=False)
+  ann.refresh()
+  w.last_error = None
+  click_and_wait(qtbot, w, w.strokes_button)
+  assert w.last_error is None, w.last_error
+  assert volume_lib.open_volume(w.session.root).metadata.annotated_slices == (2,)  # saved first
+  assert not w.workdir and not w.session.run_dirs()  # nothing trained
+  preview = viewer.layers["preview"]
+  assert preview.data.shape == (1, 48, 48) and preview.translate[0] == 4 * SCALE[0]
+  assert preview.data.min() >= 1 and preview.data.max() <= len(CLASSES)
+  uncertainty = viewer.layers["preview uncertainty"].data
+  assert uncertainty.shape == (1, 48, 48) and uncertainty.max() > 0
+  assert "from the strokes: random forest + prior, no training" in w.status.text()
+  assert re.search(r"no training, \d+\.\d s;", w.status.text())
+  # No prior in the folder: one line naming it, and the preview stays.
+  w.session.prior_dir = str(tmp_path / "no_prior")
+  click_and_wait(qtbot, w, w.strokes_button)
+  assert f"no prior in {tmp_path / 'no_prior'}" in w.last_error
+  assert "FIBSEG_PRIOR" in w.last_error and "preview" in viewer.layers
+  assert w.strokes_button.isEnabled()
 
 
 def test_reader_opens_volumes_and_segmentations(make_napari_viewer, tmp_path):

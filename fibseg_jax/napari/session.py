@@ -4,6 +4,7 @@
   session.save_painted(painted)              # napari Labels data: 0 = not painted
   run = session.train(TrainChoice(steps=400))  # resumes a stopped run; fine-tunes a finished one
   labels, uncertainty = session.preview(z=9)
+  labels, uncertainty = session.preview_from_strokes(z=9)  # saved paint -> forest -> prior
   result = session.segment()                 # out of core, resumable
   session.next_slices()                      # the ranking's suggestions
   table = session.quantify()                 # per-phase fractions, connectivity, S_V, sizes
@@ -17,6 +18,10 @@ Run folders: `Session.runs` (default `<volume>.runs/` beside the volume) holds `
 `run_2`, ...: Train resumes the newest run while it is unfinished (a Cancel, a crash)
 and otherwise starts the next one from its weights (`--config.train.init_from`), so
 labels painted after a run refine it instead of starting over.
+
+The prior `preview_from_strokes` uses: `Session.prior_dir`, by default the folder the
+environment variable FIBSEG_PRIOR names (e.g. the `export` folder of your own `fibseg
+pretrain`) or else the one shipped in the package (`enhance.PRIOR_DIR`).
 """
 
 from __future__ import annotations
@@ -52,6 +57,7 @@ from fibseg_jax.train.config import ConfigError
 RUN_PREFIX = "run_"
 SEGMENTATION = "segmentation.zarr"
 UNCERTAINTY = "uncertainty.zarr"
+PRIOR_ENV = "FIBSEG_PRIOR"  # a prior folder to use instead of the shipped one
 
 
 class SessionError(ValueError):
@@ -107,13 +113,22 @@ class Session:
   Args:
     volume: the volume root (`fibseg ingest` or `fibseg make-synthetic` wrote it).
     runs: the folder of run folders; default `<volume>.runs` beside the volume.
+    prior_dir: the prior folder (prior.msgpack, prior.json) of `preview_from_strokes`;
+      default $FIBSEG_PRIOR, else the shipped one.
   """
 
-  def __init__(self, volume: str | os.PathLike, runs: str | os.PathLike | None = None):
+  def __init__(
+    self,
+    volume: str | os.PathLike,
+    runs: str | os.PathLike | None = None,
+    prior_dir: str | os.PathLike | None = None,
+  ):
     self.root = os.fspath(volume)
     self.volume = volume_lib.open_volume(self.root, check_labels=False)
     stem = self.root.rstrip("/")
     self.runs = os.fspath(runs) if runs else f"{stem.removesuffix('.zarr')}.runs"
+    self.prior_dir = os.fspath(prior_dir or os.environ.get(PRIOR_ENV) or enhance.PRIOR_DIR)
+    self._prior: tuple[str, enhance.Prior] | None = None  # (its folder, the loaded prior)
 
   # --- labels -------------------------------------------------------------------------
 
@@ -283,16 +298,30 @@ class Session:
   ) -> tuple[np.ndarray, np.ndarray]:
     """Labels (napari values: class + 1) and uncertainty (0-1) of slice z from the saved
     paint alone, with no training: a random forest fitted on every painted pixel and
-    corrected by the shipped prior (`fibseg_jax.infer.enhance`).
+    corrected by the prior (`fibseg_jax.infer.enhance`): `prior`, else the one in
+    `prior_dir`, loaded once and kept.
 
     Raises:
-      SessionError: nothing painted and saved yet, or no prior shipped.
+      SessionError: nothing painted and saved yet, or no prior in `prior_dir`.
     """
+    if not self.volume.metadata.annotated_slices:
+      raise SessionError(
+        "preview from strokes: nothing painted: paint classes on a slice of 'annotations' "
+        "(a few strokes of each class) and Save labels"
+      )
     try:
+      if prior is None:
+        if self._prior is None or self._prior[0] != self.prior_dir:
+          self._prior = (self.prior_dir, enhance.load_prior(self.prior_dir))
+        prior = self._prior[1]
       result = enhance.preview(
         self.volume, tuple(channels or self.volume.channels), [int(z)], prior=prior
       )
-    except (ValueError, enhance.PriorError) as e:
+    except enhance.PriorError as e:
+      raise SessionError(
+        f"preview from strokes: {e}; {PRIOR_ENV}=<folder> names another prior"
+      ) from None
+    except ValueError as e:
       raise SessionError(f"preview from strokes: {e}") from None
     p = np.clip(result.probabilities[int(z)], 1e-7, 1.0)
     entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))

@@ -14,8 +14,10 @@ command line's one-line messages. The five steps:
    after the step in flight with a checkpoint, and Train resumes it. Training again
    after a finished run refines it in the next run folder.
 4. **Preview** segments the current slice (and its uncertainty) in seconds; correct the
-   labels where it is wrong and train again. **Segment stack** segments every slice out
-   of core and adds `segmentation` and `uncertainty` layers.
+   labels where it is wrong and train again. **Preview from strokes** (saves first) needs
+   no training: a random forest fitted on the painted pixels, corrected by the prior
+   (`Session.prior_dir`: $FIBSEG_PRIOR or the shipped one). **Segment stack** segments
+   every slice out of core and adds `segmentation` and `uncertainty` layers.
 5. **Next slice** jumps to the slice the ranking suggests annotating; **Quantify**
    shows the per-phase table and saves quantify.md beside the segmentation.
 """
@@ -24,6 +26,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 import traceback
 from collections.abc import Callable
 from typing import Any
@@ -209,8 +212,13 @@ class FibsegWidget(QWidget):
     # 4. segmentation
     box = QGroupBox("4. Segment")
     self.preview_button = button("Preview slice", self.preview)
+    self.strokes_button = button("Preview from strokes", self.preview_from_strokes)
+    self.strokes_button.setToolTip(
+      "No training: a random forest fitted on the painted pixels, corrected by the prior "
+      "trained once on synthetic FIB-SEM (saves the labels first)"
+    )
     self.segment_button = button("Segment stack", self.segment)
-    box.setLayout(row_of(self.preview_button, self.segment_button))
+    box.setLayout(row_of(self.preview_button, self.strokes_button, self.segment_button))
     layout.addWidget(box)
     # 5. what next
     box = QGroupBox("5. Next")
@@ -233,6 +241,7 @@ class FibsegWidget(QWidget):
       self.save_button,
       self.train_button,
       self.preview_button,
+      self.strokes_button,
       self.segment_button,
       self.next_button,
       self.quantify_button,
@@ -450,6 +459,39 @@ class FibsegWidget(QWidget):
 
   def _previewed(self, result: tuple[int, np.ndarray, np.ndarray]) -> None:
     z, labels, uncertainty = result
+    self._show_preview(z, labels, uncertainty)
+    self._say(
+      f"preview of slice {_slices_text(self.session.volume.metadata, [z])}: mean uncertainty "
+      f"{float(uncertainty.mean()):.3f}"
+    )
+
+  def preview_from_strokes(self) -> None:
+    if self.save_labels() is None:  # the paint on screen is what the forest fits
+      return
+    z = self.current_slice()
+    channels = self.choice().channels or None
+
+    def work(session: session_lib.Session) -> tuple[int, np.ndarray, np.ndarray, float]:
+      start = time.perf_counter()
+      labels, uncertainty = session.preview_from_strokes(z, channels)
+      return z, labels, uncertainty, time.perf_counter() - start
+
+    self._say(
+      f"preview of slice {_slices_text(self.session.volume.metadata, [z])} from strokes ..."
+    )
+    self._start_with_session(work, self._previewed_from_strokes)
+
+  def _previewed_from_strokes(self, result: tuple[int, np.ndarray, np.ndarray, float]) -> None:
+    z, labels, uncertainty, seconds = result
+    self._show_preview(z, labels, uncertainty)
+    self._say(
+      f"preview of slice {_slices_text(self.session.volume.metadata, [z])} from the strokes: "
+      f"random forest + prior, no training, {seconds:.1f} s; mean uncertainty "
+      f"{float(uncertainty.mean()):.3f}"
+    )
+
+  def _show_preview(self, z: int, labels: np.ndarray, uncertainty: np.ndarray) -> None:
+    """Slice z's labels [y, x] (class + 1) and uncertainty [y, x] (0-1) in the preview layers."""
     meta = self.session.volume.metadata
     scale = tuple(meta.voxel_size_nm)
     # One slice, placed at z: shown on that slice only, one slice of memory.
@@ -474,10 +516,6 @@ class FibsegWidget(QWidget):
         "visible": False,
       }
       self._replace_layers([(unc, kwargs, "image")])
-    self._say(
-      f"preview of slice {_slices_text(meta, [z])}: mean uncertainty "
-      f"{float(uncertainty.mean()):.3f}"
-    )
 
   def segment(self) -> None:
     session = self._guard(self._need_session)
