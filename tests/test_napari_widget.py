@@ -18,6 +18,7 @@ from test_train import CLASSES, make_volume
 
 from fibseg_jax import checkpoint
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.infer import enhance
 
 APT = (
   "apt-get install xvfb xauth libdbus-1-3 libxkbcommon-x11-0 libxcb-icccm4 libxcb-image0 "
@@ -159,40 +160,15 @@ def test_cancel_keeps_a_checkpoint_and_train_resumes(widget, qtbot):
   assert w.last_error is None and "segmentation" in w.viewer.layers
 
 
-@pytest.fixture(scope="module")
-def tiny_prior(tmp_path_factory):
-  """A prior folder from a whole `fibseg pretrain` run at toy size (test_prior's)."""
-  from fibseg_jax.train import pretrain  # noqa: PLC0415
-
-  workdir = str(tmp_path_factory.mktemp("pretrain"))
-  config = pretrain.PretrainConfig(
-    draws=3,
-    held_out=1,
-    shape=(2, 64, 64),
-    steps=4,
-    batch_size=2,
-    patch=32,
-    save_every=2,
-    workers=1,
-    features=(4, 8, 8),
-  )
-  result = pretrain.train(config, workdir, progress=False, log=lambda *_: None)
-  export = os.path.join(workdir, "export")
-  pretrain.export(result["trainer"], export, {"command": "test"})
-  return export
-
-
-def test_preview_from_strokes_needs_no_training(
-  make_napari_viewer, tmp_path, qtbot, tiny_prior, monkeypatch
-):
+def test_preview_from_strokes_needs_no_training(make_napari_viewer, tmp_path, qtbot, monkeypatch):
   if not os.environ.get("DISPLAY"):
     pytest.skip(f"napari tests skipped: no X display; {APT}")
-  monkeypatch.setenv("FIBSEG_PRIOR", tiny_prior)  # the shipped prior's stand-in
+  monkeypatch.delenv("FIBSEG_PRIOR", raising=False)  # the shipped prior
   viewer = make_napari_viewer()
   w = FibsegWidget(viewer)
   viewer.window.add_dock_widget(w, name="fibseg")
   w.open_volume(make_volume(str(tmp_path / "vol.zarr"), annotated=()))
-  assert w.session.prior_dir == tiny_prior
+  assert w.session.prior_dir == enhance.PRIOR_DIR
   viewer.dims.set_current_step(0, 4)
   # Nothing painted: one line, and no preview.
   click_and_wait(qtbot, w, w.strokes_button)

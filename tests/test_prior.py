@@ -86,7 +86,10 @@ def test_enhancer_refuses_mismatched_shapes():
     model.init(jax.random.key(0), jnp.zeros((1, 16, 16, 1)), jnp.zeros((1, 32, 16, 2)))
 
 
+# One class and channel count, so the toy run compiles its steps once.
 TINY = dict(
+  num_classes=2,
+  num_channels=1,
   draws=3,
   held_out=1,
   shape=(2, 64, 64),
@@ -164,9 +167,8 @@ def test_export_loads_and_checks_its_checksum(tiny_run, tmp_path):
     enhance.load_prior(str(tmp_path / "nowhere"))
 
 
-def test_preview_never_reads_the_excluded_slices_labels(tiny_run, tmp_path):
-  _, _, _, export = tiny_run
-  prior = enhance.load_prior(export)
+def test_preview_never_reads_the_excluded_slices_labels(tmp_path):
+  prior = enhance.load_prior()
   stack = randomised.draw(5, (3, 64, 64), num_classes=3, num_channels=2)
 
   def volume(eval_labels):
@@ -198,7 +200,6 @@ def test_preview_never_reads_the_excluded_slices_labels(tiny_run, tmp_path):
 SHIPPED = os.path.join(enhance.PRIOR_DIR, enhance.WEIGHTS)
 
 
-@pytest.mark.skipif(not os.path.isfile(SHIPPED), reason="no prior shipped in this checkout")
 def test_the_shipped_prior_matches_its_checksum_and_serves_any_stack():
   prior = enhance.load_prior()  # verifies the sha256 of prior.json
   assert os.path.getsize(SHIPPED) < 20e6
@@ -212,8 +213,7 @@ def test_the_shipped_prior_matches_its_checksum_and_serves_any_stack():
       assert out.shape == (50, 70, classes)
 
 
-def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tiny_run, tmp_path):
-  _, _, _, export = tiny_run
+def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tmp_path):
   stack = randomised.draw(6, (3, 64, 64), num_classes=2, num_channels=1)
   root = str(tmp_path / "vol.zarr")
   with volume_lib.create_volume(
@@ -229,7 +229,7 @@ def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tiny_run,
     writer.commit()
   out = tmp_path / "preview"
   command = [sys.executable, "-m", "fibseg_jax.cli", "preview", f"--volume={root}"]
-  command += ["--slices=1,2", "--exclude=2", f"--out={out}", f"--prior={export}"]
+  command += ["--slices=1,2", "--exclude=2", f"--out={out}"]
   done = subprocess.run(command, capture_output=True, text=True, timeout=600)
   assert done.returncode == 0, done.stderr
   assert "preview: slices 1, 2" in done.stdout and "on slices 0" in done.stdout
@@ -239,18 +239,17 @@ def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tiny_run,
   foreign = tmp_path / "foreign"
   foreign.mkdir()
   (foreign / "notes.txt").write_text("mine")
-  command[-2] = f"--out={foreign}"
+  command[-1] = f"--out={foreign}"
   done = subprocess.run(command, capture_output=True, text=True, timeout=600)
   assert done.returncode != 0 and "--out" in done.stderr
   assert (foreign / "notes.txt").read_text() == "mine"
 
 
-def test_napari_session_previews_from_saved_strokes(tiny_run, tmp_path):
+def test_napari_session_previews_from_saved_strokes(tmp_path):
   from fibseg_jax.data import annotations
   from fibseg_jax.napari import session as session_lib
 
-  _, _, _, export = tiny_run
-  prior = enhance.load_prior(export)
+  prior = enhance.load_prior()
   stack = randomised.draw(7, (3, 64, 64), num_classes=3, num_channels=2)
   root = str(tmp_path / "vol.zarr")
   with volume_lib.create_volume(

@@ -68,14 +68,19 @@ class Example:
   params: dict[str, Any]
 
 
-def make_example(seed: int, shape: Sequence[int] = (4, 256, 256)) -> Example:
+def make_example(
+  seed: int,
+  shape: Sequence[int] = (4, 256, 256),
+  num_classes: int | None = None,
+  num_channels: int | None = None,
+) -> Example:
   """Draws a stack, paints it, fits a forest on the paint and keeps its probabilities.
 
-  Deterministic per seed and shape.
+  Deterministic per seed, shape and the class and channel counts asked for (None: drawn).
   """
   from fibseg_jax import baselines  # noqa: PLC0415 - heavy; pool workers only
 
-  stack = randomised.draw(seed, shape)
+  stack = randomised.draw(seed, shape, num_classes=num_classes, num_channels=num_channels)
   rng = np.random.default_rng([int(seed), 7])
   nz = stack.labels.shape[0]
   painted = np.full(stack.labels.shape, annotations.IGNORE_LABEL, np.uint8)
@@ -131,9 +136,9 @@ def load_example(path: str) -> Example:
     )
 
 
-def _make_and_save(args: tuple[str, int, tuple[int, ...]]) -> int:
-  workdir, seed, shape = args
-  save_example(draw_path(workdir, seed), make_example(seed, shape))
+def _make_and_save(args: tuple[str, int, tuple[int, ...], int | None, int | None]) -> int:
+  workdir, seed, shape, num_classes, num_channels = args
+  save_example(draw_path(workdir, seed), make_example(seed, shape, num_classes, num_channels))
   return seed
 
 
@@ -147,6 +152,8 @@ def build_pool(
   seeds: Sequence[int],
   *,
   shape: Sequence[int] = (4, 256, 256),
+  num_classes: int | None = None,
+  num_channels: int | None = None,
   workers: int = 1,
   progress: bool = True,
 ) -> list[str]:
@@ -168,13 +175,14 @@ def build_pool(
   ) as bar:
     if workers <= 1:
       for seed in missing:
-        _make_and_save((workdir, seed, shape))
+        _make_and_save((workdir, seed, shape, num_classes, num_channels))
         bar.update(1)
     else:
       # spawn: the parent may have started JAX, which does not survive a fork.
       context = multiprocessing.get_context("spawn")
       with concurrent.futures.ProcessPoolExecutor(workers, mp_context=context) as pool:
-        for _ in pool.map(_make_and_save, [(workdir, s, shape) for s in missing]):
+        jobs = [(workdir, s, shape, num_classes, num_channels) for s in missing]
+        for _ in pool.map(_make_and_save, jobs):
           bar.update(1)
   return [draw_path(workdir, s) for s in seeds]
 
@@ -262,6 +270,8 @@ class PretrainConfig:
     save_every: a checkpoint every this many steps.
     workers: processes making the pool.
     features: enhancer widths, one per level.
+    num_classes: classes of every draw (2-6); None draws them (the shipped prior).
+    num_channels: detectors of every draw (1-3); None draws them (the shipped prior).
   """
 
   draws: int = 220
@@ -276,6 +286,8 @@ class PretrainConfig:
   save_every: int = 250
   workers: int = 2
   features: tuple[int, ...] = (8, 16, 32, 64)
+  num_classes: int | None = None
+  num_channels: int | None = None
 
   def __post_init__(self):
     for name in ("draws", "steps", "batch_size", "patch", "save_every", "workers"):
@@ -292,7 +304,11 @@ class PretrainConfig:
       raise ValueError(f"--learning_rate={self.learning_rate}: expected a number > 0")
 
   def to_json(self) -> dict[str, Any]:
-    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
+    fields = dataclasses.asdict(self)
+    for name in ("num_classes", "num_channels"):  # drawn: the shipped prior's record
+      if fields[name] is None:
+        del fields[name]
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
 
 
 def model_config(config: PretrainConfig):
@@ -471,6 +487,8 @@ def train(
     workdir,
     held_seeds + train_seeds,
     shape=config.shape,
+    num_classes=config.num_classes,
+    num_channels=config.num_channels,
     workers=config.workers,
     progress=progress,
   )
