@@ -1,4 +1,5 @@
-"""The study and the artifact sweep: every method of the paper's comparison in one call.
+"""The studies: each a module with `run(ctx, **options)` over one `StudyContext`
+(`fibseg study NAME`), and the paper's comparison and artifact sweep in one call each.
 
 Top of the import chain (it uses data, models, checkpoint, train, infer, eval and
 baselines); experiments/study.py and experiments/sweep.py are its entry points.
@@ -19,6 +20,7 @@ from fibseg_jax.study.comparison import (
   run_study,
   synthetic_volume,
 )
+from fibseg_jax.study.context import Option, StudyContext
 from fibseg_jax.study.runs import cache_compilations, run_network, run_route, score
 from fibseg_jax.study.semi import run_fourway, run_suggestion
 from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
@@ -32,7 +34,9 @@ __all__ = [
   "QUICK",
   "SMOKE",
   "Budget",
+  "Option",
   "Row",
+  "StudyContext",
   "cache_compilations",
   "StudyError",
   "get_budget",

@@ -31,15 +31,17 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import markdown_table, seed_stats
+from fibseg_jax.study.context import (
+  Option,
+  StudyContext,
+  markdown_table,
+  paired_differences,
+  seed_stats,
+  stat_text,
+)
 
 KIND = "distillation study"
 ROWS = ("supervised", "teacher", "distilled", "distilled_narrow")
-
-
-def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the study (`runs.claim_study_directory`)."""
-  runs.claim_study_directory(out, volume, kind=KIND)
 
 
 def narrow(features: Sequence[int]) -> tuple[int, ...]:
@@ -83,7 +85,7 @@ def run_distill_study(
 
   The teacher is the ensemble of the supervised runs of `seeds`, so those run first.
   """
-  claim_directory(out, volume)
+  runs.claim_study_directory(out, volume, kind=KIND)
   unknown = [r for r in row_names if r not in ROWS]
   if unknown:
     raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
@@ -206,12 +208,7 @@ def run_distill_study(
 
 def summarise(name: str, results, supervised, classes) -> dict[str, Any]:
   """One row: mean IoU and speed over seeds, the paired difference to supervised."""
-  by_seed = {r["seed"]: r for r in supervised}
-  paired = [
-    r["mean_iou"] - by_seed[r["seed"]]["mean_iou"]
-    for r in results
-    if name != "supervised" and "seed" in r and r["seed"] in by_seed
-  ]
+  paired = paired_differences(results, supervised) if name != "supervised" else []
   return {
     "name": name,
     "seeds": [r.get("seed") for r in results],
@@ -222,13 +219,6 @@ def summarise(name: str, results, supervised, classes) -> dict[str, Any]:
     "segment_mpx_per_s": seed_stats([r["segment_mpx_per_s"] for r in results]),
     "train_seconds": seed_stats([r.get("train_seconds") for r in results]),
   }
-
-
-def _stat(stats, digits: int = 3) -> str:
-  if not stats or stats.get("mean") is None:
-    return "-"
-  std = stats.get("std")
-  return f"{stats['mean']:.{digits}f}" + ("" if std is None else f" +- {std:.{digits}f}")
 
 
 def markdown(document) -> str:
@@ -249,11 +239,48 @@ def markdown(document) -> str:
   cells = [
     [
       row["name"],
-      _stat(row["mean_iou"]),
-      "-" if row["paired_difference"] is None else _stat(row["paired_difference"]),
-      *(_stat(row["per_class"][c]).split(" +- ")[0] for c in classes),
-      _stat(row["segment_mpx_per_s"], 2),
+      stat_text(row["mean_iou"]),
+      "-" if row["paired_difference"] is None else stat_text(row["paired_difference"]),
+      *(stat_text(row["per_class"][c]).split(" +- ")[0] for c in classes),
+      stat_text(row["segment_mpx_per_s"], 2),
     ]
     for row in document["rows"]
   ]
   return "\n".join(lines + markdown_table(head, cells)) + "\n"
+
+
+USAGE = r"""Distil the seed ensemble into one fast network, measured (`fibseg_jax.study.distill`).
+
+  fibseg study distill --out=distill/ [--budget=quick] [--seeds=0,1,2]
+  fibseg study distill --out=distill_real/ --volume=vol.zarr --train_slices=4,8,12 \
+    --eval_slices=16 [--teacher_tta=off]
+
+Rows: supervised (the budget's U-Net, one per seed), teacher (those seeds as an
+ensemble, with --teacher_tta test-time augmentation), distilled (a U-Net of the same
+widths trained on the labels and the teacher's probabilities over the whole stack) and
+distilled_narrow (half the widths). Each is scored on --eval_slices of a segmentation of
+the whole stack, which also gives its Mpixel/s on this machine; mean +- std over seeds
+and the paired difference to supervised. Writes distill.json and distill.md; reruns
+resume, and an --out holds one setting. Default volume: the budget's synthetic stack in
+OUT/volume.zarr.
+"""
+
+OPTIONS = (
+  Option("teacher_tta", "string", "all", "Test-time augmentation of the teacher (segment --tta)."),
+)
+
+
+def run(ctx: StudyContext, teacher_tta: str = "all") -> dict[str, Any]:
+  """`fibseg study distill`: the rows of `ROWS` (or ctx.rows) with seeds."""
+  runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND)
+  document = run_distill_study(
+    ctx.out,
+    ctx.budget,
+    **ctx.stack(),
+    teacher_tta=teacher_tta,
+    row_names=ctx.rows or ROWS,
+    log=ctx.log,
+  )
+  ctx.log(open(os.path.join(ctx.out, "distill.md")).read())
+  ctx.log(f"wrote {ctx.out}/distill.json")
+  return document

@@ -28,7 +28,7 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import uncertainty
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import seed_stats
+from fibseg_jax.study.context import Option, StudyContext, seed_stats
 
 # The rows of the four-way table: (name, training variant, test-time augmentation).
 ROWS = (
@@ -40,11 +40,8 @@ ROWS = (
 
 
 KIND = "semi study"
-
-
-def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the experiments (`runs.claim_study_directory`)."""
-  runs.claim_study_directory(out, volume, kind=KIND, legacy=("fourway.json", "suggestion.json"))
+# The tables of the first semi studies, written before folders were claimed.
+LEGACY = ("fourway.json", "suggestion.json")
 
 
 def _train(
@@ -142,7 +139,7 @@ def run_fourway(
   log=print,
 ) -> dict[str, Any]:
   """The four-way table over `seeds`; writes out/fourway.json and returns it."""
-  claim_directory(out, volume)
+  runs.claim_study_directory(out, volume, kind=KIND, legacy=LEGACY)
   vol = volume_lib.open_volume(volume)
   results: dict[str, list[dict[str, Any]]] = {"supervised": [], "semi": []}
   for seed in seeds:
@@ -283,7 +280,7 @@ def run_suggestion(
   Args:
     supervised: {seed: workdir} of the 3-slice supervised networks that rank the slices.
   """
-  claim_directory(out, volume)
+  runs.claim_study_directory(out, volume, kind=KIND, legacy=LEGACY)
   vol = volume_lib.open_volume(volume)
   depth = vol.shape[0]
   annotated = set(vol.metadata.annotated_slices)
@@ -367,4 +364,59 @@ def run_suggestion(
     "random": seed_stats([t["random"]["mean_iou"] for t in trials]),
   }
   runs.write_json(os.path.join(out, "suggestion.json"), document)
+  return document
+
+
+USAGE = r"""Does learning from the unannotated slices help? The four-way table and slice choice.
+
+  fibseg study semi --out=semi/ [--budget=quick] [--seeds=0,1,2] [--suggest]
+  fibseg study semi --out=semi_real/ --volume=vol.zarr --train_slices=4,8,12 \
+    --eval_slices=16
+
+For every seed, a U-Net trained on the annotated slices alone and one trained with the
+semi-supervised objective (--semi_* flags, as --config.semi.*) on the same step budget;
+each is scored on --eval_slices without and with test-time augmentation: rows
+supervised / + semi / + TTA / + both, mean and std over seeds (fourway.json, .md).
+--suggest also adds, for every seed, the slice the supervised model is least sure of as a
+fourth annotated slice, against a random one (suggestion.json); it needs labels on the
+candidate slices, which the default synthetic stack (out/volume.zarr, every slice
+labelled; only training slices' labels are read in training) has. Reruns resume; an
+--out holds one setting (other --semi_*, --steps or slices are refused: use another
+--out). The unlabelled patches come from every slice, the scored ones included (their
+images, never their labels), as they would for a user segmenting the stack.
+"""
+
+OPTIONS = (
+  Option("semi_weight", "float", 1.0, "--config.semi.weight of the semi rows."),
+  Option("semi_mode", "string", "pseudo", "--config.semi.mode of the semi rows: pseudo or soft."),
+  Option("semi_threshold", "float", 0.9, "--config.semi.threshold."),
+  Option("semi_ema", "float", 0.99, "--config.semi.ema."),
+  Option("suggest", "bool", False, "Also run the top-ranked vs random slice test."),
+)
+
+
+def run(
+  ctx: StudyContext,
+  semi_weight: float = 1.0,
+  semi_mode: str = "pseudo",
+  semi_threshold: float = 0.9,
+  semi_ema: float = 0.99,
+  suggest: bool = False,
+) -> dict[str, Any]:
+  """`fibseg study semi`: the four-way table, and with `suggest` the slice test."""
+  if semi_mode not in ("pseudo", "soft"):
+    raise ValueError(f"--semi_mode={semi_mode}: expected pseudo or soft")
+  runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND, legacy=LEGACY)
+  # Every slice labelled (only training slices' labels are read in training).
+  common = {**ctx.stack(annotate=range(ctx.budget.shape[0])), "log": ctx.log}
+  semi = {"weight": semi_weight, "mode": semi_mode, "threshold": semi_threshold, "ema": semi_ema}
+  document = run_fourway(ctx.out, ctx.budget, semi=semi, **common)
+  ctx.log(fourway_markdown(document))
+  if suggest:
+    supervised = {s: os.path.join(ctx.out, f"supervised_s{s}", "run") for s in common["seeds"]}
+    doc = run_suggestion(
+      os.path.join(ctx.out, "suggest"), ctx.budget, supervised=supervised, **common
+    )
+    ctx.log(f"top-ranked slice: {doc['top']}; random slice: {doc['random']}")
+  ctx.log(f"wrote {ctx.out}/fourway.json ({len(document['rows'])} rows)")
   return document
