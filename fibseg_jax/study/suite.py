@@ -4,10 +4,11 @@
   fibseg study ablation --out=two/ --stacks=synthetic,synthetic_drift --budget=smoke
 
 Each stack names its training and evaluation slices. The synthetic ones are generated
-by the study itself (labelled on every slice, cached in OUT/stacks/); the real ones are
-rebuilt by a script where their licence forbids committing them, under --stacks_root
-(default $FIBSEG_STACKS, else /work/real, where experiments/real_stack.sh writes). A
-stack that is not there is skipped with one line saying how to rebuild it.
+by the study itself (labelled on every slice, cached in OUT/stacks/); the real ones
+(`STACKS`: ssTEM, SBEM and FIB-SEM) are rebuilt by a script each, never committed, under
+--stacks_root (default $FIBSEG_STACKS, else /work/real, where experiments/real_stack.sh
+and experiments/stacks/*.sh write). A stack that is not there is skipped with one line
+saying how to rebuild it. Each real stack has one signal; a study reads the volume's.
 
 The study runs once per stack into OUT/<stack>/ (each resumable as a single-stack run),
 then OUT/suite.json and suite.md hold, per row, each stack's mean IoU and paired
@@ -69,6 +70,36 @@ STACKS: tuple[Stack, ...] = (
     eval_slices=(16,),
     rebuild="git clone https://github.com/unidesigner/groundtruth-drosophila-vnc SRC && "
     "bash experiments/real_stack.sh SRC STACKS_ROOT/drosophila_vnc",
+  ),
+  # Serial block-face SEM (CDeep3M's mitochondria sample), 20 x 1024^2, background and
+  # mitochondria (UC Regents: research and non-profit use).
+  Stack(
+    "sbem_mito",
+    path="sbem_mito/vol.zarr",
+    train_slices=(3, 8, 13),
+    eval_slices=(18,),
+    rebuild="git clone https://github.com/CRBS/cdeep3m SRC && "
+    "bash experiments/stacks/sbem_mito.sh SRC STACKS_ROOT/sbem_mito",
+  ),
+  # FIB-SEM of a Drosophila medulla (Janelia FlyEM), 250^3 at 10 nm, cell and membrane
+  # (derived from the body segmentation; CC BY 3.0).
+  Stack(
+    "flyem_medulla",
+    path="flyem_medulla/vol.zarr",
+    train_slices=(50, 100, 150),
+    eval_slices=(200,),
+    rebuild="git clone https://github.com/janelia-flyem/neuroproof_examples SRC && "
+    "bash experiments/stacks/flyem_medulla.sh SRC STACKS_ROOT/flyem_medulla",
+  ),
+  # ssTEM of a first-instar larva VNC (ISBI 2012 training set), 30 x 512^2, cell and
+  # membrane (non-commercial challenge terms).
+  Stack(
+    "isbi2012_vnc",
+    path="isbi2012_vnc/vol.zarr",
+    train_slices=(6, 12, 18),
+    eval_slices=(24,),
+    rebuild="git clone https://github.com/zhixuhao/unet SRC && "
+    "bash experiments/stacks/isbi2012_vnc.sh SRC STACKS_ROOT/isbi2012_vnc",
   ),
 )
 BY_NAME = {s.name: s for s in STACKS}
