@@ -76,3 +76,21 @@ def test_no_import_circle_in_data():
 @pytest.mark.parametrize("module", ["loader", "plans", "reader", "loader_config"])
 def test_each_module_imports_alone(module):
   subprocess.run([sys.executable, "-c", f"import {PACKAGE}.{module}"], check=True, timeout=120)
+
+
+def test_one_monai_recipe_for_the_benchmark_and_the_study():
+  """Only bench/peer.py's `monai_training` builds the MONAI loss and optimizer."""
+  from fibseg_jax.bench import peer
+  from fibseg_jax.data import volume
+
+  assert peer.IGNORE_LABEL == volume.IGNORE_LABEL
+  package = DATA.parent
+  builders = {"DiceLoss", "DiceCELoss", "CrossEntropyLoss", "AdamW"}
+  found = []
+  for path in [*package.glob("bench/*.py"), *package.glob("study/*.py")]:
+    for node in ast.walk(ast.parse(path.read_text())):
+      if isinstance(node, ast.Call):
+        name = getattr(node.func, "attr", getattr(node.func, "id", None))
+        if name in builders:
+          found.append(f"{path.parent.name}/{path.name}:{node.lineno} {name}")
+  assert found and all(f.startswith("bench/peer.py") for f in found), found
