@@ -22,7 +22,7 @@ from fibseg_jax.study.comparison import (
 )
 from fibseg_jax.study.context import Option, StudyContext
 from fibseg_jax.study.runs import cache_compilations, run_network, run_route, score
-from fibseg_jax.study.semi import run_fourway, run_suggestion
+from fibseg_jax.study.semi import run_fourway
 from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
 
 __all__ = [
@@ -44,7 +44,6 @@ __all__ = [
   "plan_rows",
   "run_fourway",
   "run_network",
-  "run_suggestion",
   "synthetic_volume",
   "run_route",
   "run_study",
