@@ -6,7 +6,7 @@ baselines); experiments/study.py and experiments/sweep.py are its entry points.
 
   doc = study.run_study("study/", study.get_budget("quick"))   # study.json/.md/.png
   doc = study.run_sweep("sweep/", study.get_budget("quick"))   # sweep.json/.png
-  doc = study.run_fourway("semi/", budget, volume=..., ...)    # fourway.json/.md
+  doc = study.run_fourway("semi/", budget, study.OneStack(...), semi={...})  # fourway
 """
 
 from fibseg_jax.study.budget import BUDGETS, PAPER, QUICK, SMOKE, Budget
@@ -20,7 +20,7 @@ from fibseg_jax.study.comparison import (
   run_study,
   synthetic_volume,
 )
-from fibseg_jax.study.context import Option, StudyContext
+from fibseg_jax.study.context import OneStack, Option, StudyContext
 from fibseg_jax.study.runs import cache_compilations, run_network, run_route, score
 from fibseg_jax.study.semi import run_fourway
 from fibseg_jax.study.sweep import ARTIFACTS, METHODS, run_sweep
@@ -34,6 +34,7 @@ __all__ = [
   "QUICK",
   "SMOKE",
   "Budget",
+  "OneStack",
   "Option",
   "Row",
   "StudyContext",

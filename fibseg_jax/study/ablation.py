@@ -35,6 +35,7 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import figures, runs
 from fibseg_jax.study.context import (
+  OneStack,
   Option,
   StudyContext,
   markdown_table,
@@ -197,13 +198,8 @@ def summarise(
 def run_ablation(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   row_names: Sequence[str] | None = None,
   finished_only: bool = False,
   log: Callable[[str], None] = print,
@@ -214,14 +210,14 @@ def run_ablation(
   already compares the first rows with their spread. `finished_only` trains nothing: the
   table is rewritten from the runs already finished (rows without any are left out).
   """
-  runs.claim_study_directory(out, volume, kind=KIND)
-  vol = volume_lib.open_volume(volume)
+  runs.claim_study_directory(out, stack.volume, kind=KIND)
+  vol = volume_lib.open_volume(stack.volume)
   table = rows(row_names)
   results: dict[str, list[dict[str, Any]]] = {}
   document: dict[str, Any] = {}
   for name, overrides in table.items():
     results[name] = []
-    for seed in seeds:
+    for seed in stack.seeds:
       start = time.perf_counter()
       directory = os.path.join(out, f"{name.lstrip('+')}_s{seed}")
       if finished_only and runs.read_result(directory) is None:
@@ -230,23 +226,23 @@ def run_ablation(
         directory,
         budget,
         overrides,
-        volume=volume,
-        channels=channels,
-        slices=slices,
+        volume=stack.volume,
+        channels=stack.channels,
+        slices=stack.slices,
         seed=seed,
-        train_slices=train_slices,
-        eval_slices=eval_slices,
+        train_slices=stack.train_slices,
+        eval_slices=stack.eval_slices,
       )
       results[name].append(r)
       log(f"{name} seed {seed}: mIoU {r['mean_iou']:.4f} ({time.perf_counter() - start:.0f} s)")
       document = {
-        "volume": volume,
+        "volume": stack.volume,
         "classes": list(vol.classes),
-        "channels": list(channels),
-        "slices": int(slices),
-        "train_slices": [int(z) for z in train_slices],
-        "eval_slices": [int(z) for z in eval_slices],
-        "seeds": [int(s) for s in seeds],
+        "channels": list(stack.channels),
+        "slices": int(stack.slices),
+        "train_slices": [int(z) for z in stack.train_slices],
+        "eval_slices": [int(z) for z in stack.eval_slices],
+        "seeds": [int(s) for s in stack.seeds],
         "budget": budget.to_json(),
         "parts": {k: dict(v) for k, v in PARTS.items()},
         "full": list(FULL),
@@ -453,7 +449,7 @@ def run(
   document = run_ablation(
     ctx.out,
     ctx.budget,
-    **ctx.stack(),
+    ctx.stack(),
     row_names=ctx.rows,
     finished_only=finished_only,
     log=ctx.log,

@@ -43,6 +43,27 @@ class Option:
 
 
 @dataclasses.dataclass(frozen=True)
+class OneStack:
+  """The stack a study on one stack trains and scores on, and its seeds.
+
+  Attributes:
+    volume: the volume's path.
+    channels: input channels.
+    slices: slab depth of the U-Net.
+    seeds: training seeds.
+    train_slices: annotated slices trained on.
+    eval_slices: annotated slices scored, never trained on.
+  """
+
+  volume: str
+  channels: Sequence[str]
+  slices: int
+  seeds: Sequence[int]
+  train_slices: Sequence[int]
+  eval_slices: Sequence[int]
+
+
+@dataclasses.dataclass(frozen=True)
 class StudyContext:
   """Where and on what a study runs; the same for each of its cells.
 
@@ -71,8 +92,8 @@ class StudyContext:
   rows: tuple[str, ...] | None = None
   log: Callable[[str], None] = print
 
-  def stack(self, annotate: Sequence[int] | None = None, **severities: float) -> dict[str, Any]:
-    """volume, channels, slices, seeds, train_slices and eval_slices of a study on one stack.
+  def stack(self, annotate: Sequence[int] | None = None, **severities: float) -> OneStack:
+    """The stack of a study on one stack: the context's, with the defaults filled in.
 
     Without a volume the budget's synthetic stack is generated in `out`/volume.zarr
     (labelled on `annotate`, default the budget's slices; `severities` as
@@ -86,14 +107,14 @@ class StudyContext:
       extra = {} if annotate is None else {"annotate": annotate}
       comparison.synthetic_volume(volume, self.budget, **extra, **severities)
     vol = volume_lib.open_volume(volume)
-    return {
-      "volume": volume,
-      "channels": tuple(self.channels or vol.channels),
-      "slices": self.slices,
-      "seeds": tuple(self.seeds or DEFAULT_SEEDS),
-      "train_slices": tuple(self.train_slices or self.budget.train_slices),
-      "eval_slices": tuple(self.eval_slices or self.budget.eval_slices),
-    }
+    return OneStack(
+      volume=volume,
+      channels=tuple(self.channels or vol.channels),
+      slices=self.slices,
+      seeds=tuple(self.seeds or DEFAULT_SEEDS),
+      train_slices=tuple(self.train_slices or self.budget.train_slices),
+      eval_slices=tuple(self.eval_slices or self.budget.eval_slices),
+    )
 
   def write_text(self, name: str, text: str) -> str:
     """Writes `text` to `out`/`name` (a table) and returns the path."""

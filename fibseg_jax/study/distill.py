@@ -32,6 +32,7 @@ from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
 from fibseg_jax.study.context import (
+  OneStack,
   Option,
   StudyContext,
   markdown_table,
@@ -70,13 +71,8 @@ def _segment_scored(
 def run_distill_study(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   teacher_tta: str = "all",
   row_names: Sequence[str] = ROWS,
   log: Callable[[str], None] = print,
@@ -85,17 +81,17 @@ def run_distill_study(
 
   The teacher is the ensemble of the supervised runs of `seeds`, so those run first.
   """
-  runs.claim_study_directory(out, volume, kind=KIND)
+  runs.claim_study_directory(out, stack.volume, kind=KIND)
   unknown = [r for r in row_names if r not in ROWS]
   if unknown:
     raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-  vol = volume_lib.open_volume(volume)
+  vol = volume_lib.open_volume(stack.volume)
   common = dict(
-    volume=volume,
-    channels=list(channels),
-    slices=int(slices),
-    train_slices=[int(z) for z in train_slices],
-    eval_slices=[int(z) for z in eval_slices],
+    volume=stack.volume,
+    channels=list(stack.channels),
+    slices=int(stack.slices),
+    train_slices=[int(z) for z in stack.train_slices],
+    eval_slices=[int(z) for z in stack.eval_slices],
   )
   results: dict[str, list[dict[str, Any]]] = {name: [] for name in ROWS}
   document: dict[str, Any] = {}
@@ -110,7 +106,7 @@ def run_distill_study(
     document = {
       **common,
       "classes": list(vol.classes),
-      "seeds": [int(s) for s in seeds],
+      "seeds": [int(s) for s in stack.seeds],
       "budget": budget.to_json(),
       "teacher_tta": teacher_tta,
       "narrow_features": list(narrow(budget.unet_features)),
@@ -138,25 +134,25 @@ def run_distill_study(
       workdir, seconds = runs.train_unet(
         directory,
         budget,
-        volume=volume,
-        channels=channels,
-        slices=slices,
+        volume=stack.volume,
+        channels=stack.channels,
+        slices=stack.slices,
         seed=seed,
-        train_slices=train_slices,
+        train_slices=stack.train_slices,
         configure=configure,
       )
       done = {
         "settings": settings,
         "seed": int(seed),
         "train_seconds": seconds,
-        **_segment_scored(workdir, vol, directory, budget, eval_slices),
+        **_segment_scored(workdir, vol, directory, budget, stack.eval_slices),
       }
       runs.write_json(os.path.join(directory, runs.RESULT), done)
     record(name, done, started)
 
-  for seed in seeds:
+  for seed in stack.seeds:
     student("supervised", seed, None)
-  members = [os.path.join(out, f"supervised_s{s}", "run") for s in seeds]
+  members = [os.path.join(out, f"supervised_s{s}", "run") for s in stack.seeds]
   teacher_array = None
   if {"teacher", "distilled", "distilled_narrow"} & set(row_names):
     started = time.perf_counter()
@@ -164,11 +160,11 @@ def run_distill_study(
     config = runs.network_config(
       budget,
       architecture="unet",
-      channels=channels,
-      slices=slices,
+      channels=stack.channels,
+      slices=stack.slices,
       seed=0,
-      volume=volume,
-      held_out=eval_slices,
+      volume=stack.volume,
+      held_out=stack.eval_slices,
     )
     config.distill.teacher = ",".join(members)
     config.distill.tta = teacher_tta
@@ -185,12 +181,12 @@ def run_distill_study(
     if done is None:
       seconds = time.perf_counter() - started
       labels = infer.open_array(os.path.join(teacher_dir, "teacher", "labels.zarr"))
-      predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+      predictions = {int(z): labels[int(z)].read().result() for z in stack.eval_slices}
       mpixels = float(np.prod(vol.shape)) / 1e6
       done = {
         "settings": settings,
         "members": members,
-        **runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes),
+        **runs.score(runs.read_truths(vol, stack.eval_slices), predictions, vol.classes),
         "segment_seconds": seconds,
         "segment_mpixels": mpixels,
         "segment_mpx_per_s": mpixels / seconds,
@@ -198,7 +194,7 @@ def run_distill_study(
       runs.write_json(os.path.join(teacher_dir, runs.RESULT), done)
     if "teacher" in row_names:
       record("teacher", done, started)
-  for seed in seeds:
+  for seed in stack.seeds:
     if "distilled" in row_names:
       student("distilled", seed, teacher_array)
     if "distilled_narrow" in row_names:
@@ -276,7 +272,7 @@ def run(ctx: StudyContext, teacher_tta: str = "all") -> dict[str, Any]:
   document = run_distill_study(
     ctx.out,
     ctx.budget,
-    **ctx.stack(),
+    ctx.stack(),
     teacher_tta=teacher_tta,
     row_names=ctx.rows or ROWS,
     log=ctx.log,

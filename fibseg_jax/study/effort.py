@@ -28,7 +28,7 @@ from fibseg_jax.data import annotations
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import figures, runs
-from fibseg_jax.study.context import Option, StudyContext, seed_stats, stat_text
+from fibseg_jax.study.context import OneStack, Option, StudyContext, seed_stats, stat_text
 from fibseg_jax.train import distill
 
 KIND = "effort study"
@@ -130,13 +130,8 @@ def _forest(
 def run_effort(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   levels: Sequence[str] = DEFAULT_LEVELS,
   methods: Sequence[str] = tuple(METHODS),
   log=print,
@@ -157,31 +152,31 @@ def run_effort(
     methods: of `METHODS`: "network", "forest", "taught" (the U-Net with the forest's
       probabilities as distillation teacher, weight 1).
   """
-  runs.claim_study_directory(out, volume, kind=KIND)
+  runs.claim_study_directory(out, stack.volume, kind=KIND)
   parsed = [annotations.Level.parse(text) for text in levels]
   unknown = sorted(set(methods) - set(METHODS))
   if unknown or not methods:
     raise ValueError(f"--methods: unknown {unknown}; expected some of {', '.join(METHODS)}")
-  truth = volume_lib.open_volume(volume)
-  lacking = sorted(set(eval_slices) - set(truth.metadata.annotated_slices))
+  truth = volume_lib.open_volume(stack.volume)
+  lacking = sorted(set(stack.eval_slices) - set(truth.metadata.annotated_slices))
   if lacking:
-    raise ValueError(f"{volume}: evaluation slices {lacking} carry no truth")
+    raise ValueError(f"{stack.volume}: evaluation slices {lacking} carry no truth")
   rows = []
   for level in parsed:
     results: dict[str, list[dict[str, Any]]] = {m: [] for m in methods}
     pixels = []
-    for seed in seeds:
+    for seed in stack.seeds:
       path, chosen, count = annotation_set(
-        out, truth, level, seed=seed, train_slices=train_slices, eval_slices=eval_slices
+        out, truth, level, seed=seed, train_slices=stack.train_slices, eval_slices=stack.eval_slices
       )
       pixels.append(count)
       common = dict(
         level=level.name,
         volume=os.path.abspath(path),
-        channels=list(channels),
+        channels=list(stack.channels),
         seed=int(seed),
         slices_annotated=chosen,
-        eval_slices=[int(z) for z in eval_slices],
+        eval_slices=[int(z) for z in stack.eval_slices],
       )
       for method in methods:
         start = time.perf_counter()
@@ -189,18 +184,18 @@ def run_effort(
         if method in ("network", "taught"):
           taught = method == "taught"
           extra = {"teacher": distill.FOREST} if taught else {}
-          settings = runs.settings(budget, slices=int(slices), **common, **extra)
+          settings = runs.settings(budget, slices=int(stack.slices), **common, **extra)
           r = runs.train_and_score(
             directory,
             budget,
             settings,
             volume=path,
             truth_volume=truth,
-            channels=channels,
-            slices=slices,
+            channels=stack.channels,
+            slices=stack.slices,
             seed=seed,
             train_slices=chosen,
-            eval_slices=eval_slices,
+            eval_slices=stack.eval_slices,
             configure=_forest_teacher if taught else None,
           )
         else:
@@ -210,9 +205,9 @@ def run_effort(
             budget,
             volume=path,
             truth=truth,
-            channels=channels,
+            channels=stack.channels,
             seed=seed,
-            eval_slices=eval_slices,
+            eval_slices=stack.eval_slices,
             settings=settings,
           )
         results[method].append(r)
@@ -236,13 +231,13 @@ def run_effort(
         row[f"{method}_minus_forest"] = seed_stats(diff)
     rows.append(row)
   document = {
-    "volume": volume,
+    "volume": stack.volume,
     "classes": list(truth.classes),
-    "channels": list(channels),
-    "slices": int(slices),
-    "train_slices": [int(z) for z in train_slices],
-    "eval_slices": [int(z) for z in eval_slices],
-    "seeds": [int(s) for s in seeds],
+    "channels": list(stack.channels),
+    "slices": int(stack.slices),
+    "train_slices": [int(z) for z in stack.train_slices],
+    "eval_slices": [int(z) for z in stack.eval_slices],
+    "seeds": [int(s) for s in stack.seeds],
     "budget": budget.to_json(),
     "hours_per_mpixel": HOURS_PER_MPIXEL,
     "methods": list(methods),
@@ -325,8 +320,8 @@ def run(
 ) -> dict[str, Any]:
   """`fibseg study effort`: the curve on a stack labelled on every slice."""
   runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND)
-  common = ctx.stack(annotate=range(ctx.budget.shape[0]))
-  document = run_effort(ctx.out, ctx.budget, levels=levels, methods=methods, log=ctx.log, **common)
+  stack = ctx.stack(annotate=range(ctx.budget.shape[0]))
+  document = run_effort(ctx.out, ctx.budget, stack, levels=levels, methods=methods, log=ctx.log)
   ctx.log(open(os.path.join(ctx.out, "effort.md")).read())
   ctx.log(f"wrote {ctx.out}/effort.json, effort.md, effort.png ({len(document['rows'])} levels)")
   return document

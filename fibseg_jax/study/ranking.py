@@ -31,7 +31,7 @@ from fibseg_jax.eval import calibration, quantify, uncertainty
 from fibseg_jax.infer import store
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
-from fibseg_jax.study.context import Option, StudyContext, seed_stats, stat_text
+from fibseg_jax.study.context import OneStack, Option, StudyContext, seed_stats, stat_text
 
 KIND = "ranking study"
 PICKS = ("disagreement", "entropy", "random")
@@ -66,55 +66,54 @@ def _train_and_score(
 def run_ranking(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   log=print,
 ) -> dict[str, Any]:
   """The ranking test and the interval coverage; writes out/ranking.{json,md}."""
-  runs.claim_study_directory(out, volume, kind=KIND)
-  vol = volume_lib.open_volume(volume)
-  exclude = {int(z) for z in (*train_slices, *eval_slices)}
+  runs.claim_study_directory(out, stack.volume, kind=KIND)
+  vol = volume_lib.open_volume(stack.volume)
+  exclude = {int(z) for z in (*stack.train_slices, *stack.eval_slices)}
   candidates = [z for z in vol.metadata.annotated_slices if z not in exclude]
   if len(candidates) < 2:
     raise ValueError(
-      f"{volume}: the ranking test needs >= 2 labelled slices outside the training and "
+      f"{stack.volume}: the ranking test needs >= 2 labelled slices outside the training and "
       f"evaluation ones, found {candidates}"
     )
-  if len(seeds) < 2:
-    raise ValueError(f"--seeds: the members' disagreement needs >= 2 seeds, got {list(seeds)}")
+  if len(stack.seeds) < 2:
+    raise ValueError(
+      f"--seeds: the members' disagreement needs >= 2 seeds, got {list(stack.seeds)}"
+    )
   common = dict(
-    volume=os.path.abspath(volume),
-    channels=list(channels),
-    slices=int(slices),
-    eval_slices=[int(z) for z in eval_slices],
+    volume=os.path.abspath(stack.volume),
+    channels=list(stack.channels),
+    slices=int(stack.slices),
+    eval_slices=[int(z) for z in stack.eval_slices],
   )
   base = {}
-  for seed in seeds:
-    settings = runs.settings(budget, seed=int(seed), train_slices=list(train_slices), **common)
+  for seed in stack.seeds:
+    settings = runs.settings(
+      budget, seed=int(seed), train_slices=list(stack.train_slices), **common
+    )
     base[seed] = _train_and_score(
       os.path.join(out, f"base_s{seed}"),
       budget,
       vol,
       settings,
-      train_slices=train_slices,
+      train_slices=stack.train_slices,
       probabilities=True,
     )
-    log(f"seed {seed}: {len(train_slices)} slices -> mIoU {base[seed]['mean_iou']:.4f}")
-  probs = [os.path.join(out, f"base_s{s}", "probs.zarr") for s in seeds]
+    log(f"seed {seed}: {len(stack.train_slices)} slices -> mIoU {base[seed]['mean_iou']:.4f}")
+  probs = [os.path.join(out, f"base_s{s}", "probs.zarr") for s in stack.seeds]
   suggestion = uncertainty.suggest(
     probs, os.path.join(out, "suggest"), annotated=sorted(exclude), top=3, classes=vol.classes
   )
   ranked = [z for z in suggestion["suggested"] if z in candidates]
   ranked += [row["z"] for row in suggestion["ranking"] if row["z"] in candidates]
-  picks: dict[str, dict[int, int]] = {"disagreement": {s: int(ranked[0]) for s in seeds}}
+  picks: dict[str, dict[int, int]] = {"disagreement": {s: int(ranked[0]) for s in stack.seeds}}
   picks["entropy"] = {}
   picks["random"] = {}
-  for seed, path in zip(seeds, probs, strict=True):
+  for seed, path in zip(stack.seeds, probs, strict=True):
     scores = uncertainty.slice_uncertainty(path, "probabilities")
     own = [z for z, _ in uncertainty.rank_slices(scores, sorted(exclude)) if z in candidates]
     picks["entropy"][seed] = int(own[0])
@@ -123,9 +122,9 @@ def run_ranking(
   rows = {}
   for pick in PICKS:
     values = []
-    for seed in seeds:
+    for seed in stack.seeds:
       z = picks[pick][seed]
-      four = sorted({*map(int, train_slices), z})
+      four = sorted({*map(int, stack.train_slices), z})
       settings = runs.settings(budget, seed=int(seed), train_slices=four, **common)
       r = _train_and_score(
         os.path.join(out, f"{pick}_s{seed}"),
@@ -138,30 +137,30 @@ def run_ranking(
       values.append(r["mean_iou"])
       log(f"seed {seed}: + {pick} slice {z} -> mIoU {r['mean_iou']:.4f}")
     rows[pick] = {
-      "slices": [picks[pick][s] for s in seeds],
+      "slices": [picks[pick][s] for s in stack.seeds],
       "values": values,
       "mean_iou": seed_stats(values),
     }
   rows["three slices"] = {
     "slices": [],
-    "values": [base[s]["mean_iou"] for s in seeds],
-    "mean_iou": seed_stats([base[s]["mean_iou"] for s in seeds]),
+    "values": [base[s]["mean_iou"] for s in stack.seeds],
+    "mean_iou": seed_stats([base[s]["mean_iou"] for s in stack.seeds]),
   }
   diff = [
     a - b for a, b in zip(rows["disagreement"]["values"], rows["random"]["values"], strict=True)
   ]
   document = {
-    "volume": volume,
-    "train_slices": [int(z) for z in train_slices],
-    "eval_slices": [int(z) for z in eval_slices],
+    "volume": stack.volume,
+    "train_slices": [int(z) for z in stack.train_slices],
+    "eval_slices": [int(z) for z in stack.eval_slices],
     "candidates": candidates,
-    "seeds": [int(s) for s in seeds],
+    "seeds": [int(s) for s in stack.seeds],
     "budget": budget.to_json(),
     "suggestion": {k: suggestion[k] for k in ("measure", "min_gap", "suggested")},
     "slice_disagreement": suggestion["slice_uncertainty"],
     "rows": rows,
     "disagreement_minus_random": seed_stats(diff),
-    "intervals": _intervals(out, vol, seeds),
+    "intervals": _intervals(out, vol, stack.seeds),
   }
   runs.write_json(os.path.join(out, "ranking.json"), document)
   with open(os.path.join(out, "ranking.md"), "w") as f:
@@ -311,8 +310,8 @@ def run(ctx: StudyContext, drift: float = 1.0) -> dict[str, Any]:
   if drift < 0:
     raise ValueError(f"--drift={drift}: expected a number >= 0")
   runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND)
-  common = ctx.stack(annotate=range(ctx.budget.shape[0]), drift=drift)
-  document = run_ranking(ctx.out, ctx.budget, log=ctx.log, **common)
+  stack = ctx.stack(annotate=range(ctx.budget.shape[0]), drift=drift)
+  document = run_ranking(ctx.out, ctx.budget, stack, log=ctx.log)
   ctx.log(open(os.path.join(ctx.out, "ranking.md")).read())
   ctx.log(f"wrote {ctx.out}/ranking.json, ranking.md")
   return document

@@ -24,7 +24,7 @@ import numpy as np
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import ranking, runs
-from fibseg_jax.study.context import Option, StudyContext, seed_stats
+from fibseg_jax.study.context import OneStack, Option, StudyContext, seed_stats
 
 # The rows of the four-way table: (name, training variant, test-time augmentation).
 ROWS = (
@@ -124,32 +124,27 @@ def _row(name: str, scored: Sequence[dict[str, Any]], classes: Sequence[str]) ->
 def run_fourway(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   semi: Mapping[str, Any],
   log=print,
 ) -> dict[str, Any]:
   """The four-way table over `seeds`; writes out/fourway.json and returns it."""
-  runs.claim_study_directory(out, volume, kind=KIND, legacy=LEGACY)
-  vol = volume_lib.open_volume(volume)
+  runs.claim_study_directory(out, stack.volume, kind=KIND, legacy=LEGACY)
+  vol = volume_lib.open_volume(stack.volume)
   results: dict[str, list[dict[str, Any]]] = {"supervised": [], "semi": []}
-  for seed in seeds:
+  for seed in stack.seeds:
     for variant in ("supervised", "semi"):
       start = time.perf_counter()
       r = fourway_run(
         os.path.join(out, f"{variant}_s{seed}"),
         budget,
-        volume=volume,
-        channels=channels,
-        slices=slices,
+        volume=stack.volume,
+        channels=stack.channels,
+        slices=stack.slices,
         seed=seed,
-        train_slices=train_slices,
-        eval_slices=eval_slices,
+        train_slices=stack.train_slices,
+        eval_slices=stack.eval_slices,
         semi=semi if variant == "semi" else None,
       )
       results[variant].append(r)
@@ -162,18 +157,18 @@ def run_fourway(
     for name, variant, tta in ROWS
   ]
   ensembles = {}
-  if len(seeds) > 1:
+  if len(stack.seeds) > 1:
     for variant in ("supervised", "semi"):
       directory = os.path.join(out, f"ensemble_{variant}")
       settings = runs.settings(
         budget,
-        volume=volume,
+        volume=stack.volume,
         members=[r["settings"] for r in results[variant]],
       )
       done = runs.cached(directory, settings)
       if done is None:
         os.makedirs(directory, exist_ok=True)
-        members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in seeds]
+        members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in stack.seeds]
         done = {"settings": settings}
         done |= {
           "tta" if tta else "plain": _segment_and_score(
@@ -181,7 +176,7 @@ def run_fourway(
             os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr"),
             budget,
             vol,
-            eval_slices,
+            stack.eval_slices,
             tta=tta,
           )
           for tta in (False, True)
@@ -192,7 +187,7 @@ def run_fourway(
         for k in ("plain", "tta")
       }
       log(
-        f"{variant} ensemble of seeds {list(seeds)}: mIoU {done['plain']['mean_iou']:.4f}, "
+        f"{variant} ensemble of seeds {list(stack.seeds)}: mIoU {done['plain']['mean_iou']:.4f}, "
         f"with TTA {done['tta']['mean_iou']:.4f}"
       )
   seconds = {
@@ -204,13 +199,13 @@ def run_fourway(
     for variant, rs in results.items()
   }
   document = {
-    "volume": volume,
+    "volume": stack.volume,
     "classes": list(vol.classes),
-    "channels": list(channels),
-    "slices": int(slices),
-    "train_slices": [int(z) for z in train_slices],
-    "eval_slices": [int(z) for z in eval_slices],
-    "seeds": [int(s) for s in seeds],
+    "channels": list(stack.channels),
+    "slices": int(stack.slices),
+    "train_slices": [int(z) for z in stack.train_slices],
+    "eval_slices": [int(z) for z in stack.eval_slices],
+    "seeds": [int(s) for s in stack.seeds],
     "budget": budget.to_json(),
     "semi": dict(semi),
     "rows": rows,
@@ -300,14 +295,12 @@ def run(
     raise ValueError(f"--semi_mode={semi_mode}: expected pseudo or soft")
   runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND, legacy=LEGACY)
   # Every slice labelled (only training slices' labels are read in training).
-  common = {**ctx.stack(annotate=range(ctx.budget.shape[0])), "log": ctx.log}
+  stack = ctx.stack(annotate=range(ctx.budget.shape[0]))
   semi = {"weight": semi_weight, "mode": semi_mode, "threshold": semi_threshold, "ema": semi_ema}
-  document = run_fourway(ctx.out, ctx.budget, semi=semi, **common)
+  document = run_fourway(ctx.out, ctx.budget, stack, semi=semi, log=ctx.log)
   ctx.log(fourway_markdown(document))
   if suggest:  # the ranking study's experiment, on the same stack and seeds
-    ranked = ranking.run_ranking(
-      os.path.join(ctx.out, "ranking"), ctx.budget, log=ctx.log, **common
-    )
+    ranked = ranking.run_ranking(os.path.join(ctx.out, "ranking"), ctx.budget, stack, log=ctx.log)
     ctx.log(ranking.markdown(ranked))
   ctx.log(f"wrote {ctx.out}/fourway.json ({len(document['rows'])} rows)")
   return document
