@@ -187,3 +187,53 @@ print(bench.peer.load_peer(bench.make_options(quick=True, peer="monai")).note)
   )
   assert names == "['otsu']"
   assert note.startswith("--peer=monai: cannot import the peer") and "torch" in note
+
+
+# The commit before the U-Net's learning rate became 3e-3 (4c43406): an earlier release.
+EARLIER = "4c43406~1"
+
+
+def _has_commit(commit):
+  done = subprocess.run(
+    ["git", "-C", REPO, "cat-file", "-e", f"{commit}^{{commit}}"], capture_output=True
+  )
+  return done.returncode == 0
+
+
+def test_regression_row_refuses_an_unknown_commit(tmp_path):
+  done = fibseg("study", "regression", f"--out={tmp_path / 'r'}", "--against=no-such-tag")
+  assert done.returncode == 1 and done.stderr.startswith("error: --against=no-such-tag: not a")
+  assert done.stderr.count("\n") == 1
+
+
+@pytest.mark.skipif(not _has_commit(EARLIER), reason=f"a clone without {EARLIER} (shallow)")
+def test_regression_row_on_a_tiny_suite(tmp_path):
+  """Today's defaults against the earlier release's on a suite of one generated stack:
+  the earlier learning rate is found and trained with; the paired difference is there."""
+  out = str(tmp_path / "regression")
+  done = fibseg(
+    "study",
+    "regression",
+    f"--out={out}",
+    "--budget=smoke",
+    "--seeds=0",
+    "--stacks=synthetic",
+    f"--against={EARLIER}",
+  )
+  assert done.returncode == 0, done.stderr[-3000:]
+  one = json.load(open(os.path.join(out, "synthetic", "regression.json")))
+  assert one["changed"] == {"train.learning_rate": {"previous": 1e-3, "release": 3e-3}}
+  for name, rate in (("previous", 1e-3), ("release", 3e-3)):
+    saved = metrics_writer.saved_config(os.path.join(out, "synthetic", f"{name}_s0", "run"))
+    assert saved["train"]["learning_rate"] == pytest.approx(rate)
+  previous, release = one["rows"]
+  assert release["paired_difference"]["mean"] == pytest.approx(
+    release["values"][0] - previous["values"][0]
+  )
+  document = json.load(open(os.path.join(out, "suite.json")))
+  row = {r["name"]: r for r in document["rows"]}["release"]
+  assert row["paired_difference"]["mean"] == pytest.approx(release["paired_difference"]["mean"])
+  assert (
+    "train.learning_rate 0.001 -> 0.003"
+    in open(os.path.join(out, "synthetic", "regression.md")).read()
+  )

@@ -39,6 +39,7 @@ STUDIES: dict[str, tuple[str, str]] = {
   "effort": ("effort", "mean IoU against labelling effort: strokes, slices; U-Net and forest"),
   "ranking": ("ranking", "which slice next: the suggested one against a random one, with seeds"),
   "tta": ("tta", "held-out mean IoU and cost against the number of TTA passes"),
+  "regression": ("regression", "the release's defaults against an earlier release's, paired"),
 }
 # The first commands, one per study, kept so that their commands and folders still work.
 ALIASES = {
