@@ -1,6 +1,8 @@
-"""`fibseg ablation`: see fibseg_jax/cli/ablation.py (the recipe ablation with seeds)."""
+"""`fibseg ablation`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import ablation
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  ablation.run()
+  study.run(["fibseg ablation", *sys.argv[1:]])

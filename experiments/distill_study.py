@@ -1,6 +1,8 @@
-"""`fibseg distill-study`: see fibseg_jax/cli/distill_study.py (distilling the ensemble)."""
+"""`fibseg distill-study`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import distill_study
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  distill_study.run()
+  study.run(["fibseg distill-study", *sys.argv[1:]])

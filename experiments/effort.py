@@ -1,6 +1,8 @@
-"""`fibseg effort`: see fibseg_jax/cli/effort.py."""
+"""`fibseg effort`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import effort
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  effort.run()
+  study.run(["fibseg effort", *sys.argv[1:]])

@@ -1,6 +1,8 @@
-"""`fibseg ranking`: see fibseg_jax/cli/ranking.py."""
+"""`fibseg ranking`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import ranking
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  ranking.run()
+  study.run(["fibseg ranking", *sys.argv[1:]])

@@ -1,6 +1,8 @@
-"""`fibseg semi-study`: see fibseg_jax/cli/semi_study.py (kept so the script path keeps working)."""
+"""`fibseg semi-study`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import semi_study
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  semi_study.run()
+  study.run(["fibseg semi-study", *sys.argv[1:]])

@@ -1,6 +1,8 @@
-"""`fibseg sweep`: see fibseg_jax/cli/sweep.py (kept so the script path keeps working)."""
+"""`fibseg sweep`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import sweep
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  sweep.run()
+  study.run(["fibseg sweep", *sys.argv[1:]])

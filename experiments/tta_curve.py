@@ -1,6 +1,8 @@
-"""`fibseg tta-curve`: see fibseg_jax/cli/tta_curve.py (mean IoU against TTA passes)."""
+"""`fibseg tta-curve`, now `fibseg study` (cli/study.py): the script path still works."""
 
-from fibseg_jax.cli import tta_curve
+import sys
+
+from fibseg_jax.cli import study
 
 if __name__ == "__main__":
-  tta_curve.run()
+  study.run(["fibseg tta-curve", *sys.argv[1:]])

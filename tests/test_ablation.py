@@ -23,7 +23,7 @@ def _config(overrides):
     volume="vol.zarr",
     held_out=(9,),
   )
-  ablation.override(config, overrides)
+  runs.set_fields(config, overrides)
   return config
 
 

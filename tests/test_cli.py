@@ -46,10 +46,22 @@ def test_help_lists_every_subcommand_in_one_line():
   lines = done.stdout.splitlines()
   for name, (_, summary) in cli_main.COMMANDS.items():
     assert [ln for ln in lines if ln.split()[:1] == [name]] == [f"  {name:<14}  {summary}"]
-  for required in ("ingest", "train", "segment", "evaluate", "suggest", "study", "sweep", "bench"):
+  for required in ("ingest", "train", "segment", "evaluate", "suggest", "study", "bench"):
     assert required in cli_main.COMMANDS
-  bare = fibseg()
-  assert bare.returncode == 2 and bare.stderr.strip() == done.stdout.strip()
+  assert "sweep" in cli_main.HIDDEN  # fibseg sweep: now fibseg study sweep
+  bare = fibseg()  # no command: the same usage, and no failure
+  assert bare.returncode == cli_main.NO_COMMAND_EXIT == 0 and bare.stdout == done.stdout
+  product, research = done.stdout.split("\nresearch:\n")
+  assert all(f"  {name} " in product for name in cli_main.PRODUCT)
+  assert all(f"  {name} " in research for name in cli_main.RESEARCH)
+  assert all(f"  {name} " not in done.stdout for name in cli_main.HIDDEN)  # run, unlisted
+
+
+@pytest.mark.parametrize("command", ["ingest", "study", "ablation", "bench"])
+def test_subcommand_help_exits_zero(command):
+  done = fibseg(command, "--help")
+  assert done.returncode == 0, done.stderr
+  assert "--out" in done.stdout or "studies:" in done.stdout
 
 
 def test_unknown_subcommand_is_one_line_with_a_hint():

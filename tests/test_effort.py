@@ -11,6 +11,7 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import effort, ranking
 from fibseg_jax.study.comparison import synthetic_volume
+from fibseg_jax.study.context import OneStack
 from fibseg_jax.train import metrics_writer
 
 
@@ -91,16 +92,16 @@ def test_effort_curve_trains_from_strokes_and_resumes(tmp_path):
   path = str(tmp_path / "vol.zarr")
   synthetic_volume(path, budget, annotate=range(budget.shape[0]))
   out = str(tmp_path / "effort")
-  kwargs = dict(
+  stack = OneStack(
     volume=path,
     channels=["ICE", "TLD"],
     slices=1,
     seeds=[0],
     train_slices=budget.train_slices,
     eval_slices=budget.eval_slices,
-    levels=["strokes:0.05", "slices:1"],
   )
-  document = effort.run_effort(out, budget, **kwargs)
+  kwargs = dict(levels=["strokes:0.05", "slices:1"])
+  document = effort.run_effort(out, budget, stack, **kwargs)
   strokes_row, slice_row = document["rows"]
   assert strokes_row["labelled_pixels"] < 0.2 * slice_row["labelled_pixels"] * len(
     strokes_row["slices"]
@@ -128,7 +129,7 @@ def test_effort_curve_trains_from_strokes_and_resumes(tmp_path):
   # Rerun: every run is cached, the same numbers come back.
   result = os.path.join(out, "strokes_0.05", "network_s0", "result.json")
   before = os.path.getmtime(result)
-  again = effort.run_effort(out, budget, **kwargs)
+  again = effort.run_effort(out, budget, stack, **kwargs)
   assert os.path.getmtime(result) == before
   assert json.dumps(again["rows"]) == json.dumps(document["rows"])
 
@@ -142,12 +143,14 @@ def test_effort_refuses_evaluation_slices_without_truth(tmp_path):
     effort.run_effort(
       str(tmp_path / "effort"),
       budget,
-      volume=path,
-      channels=["ICE"],
-      slices=1,
-      seeds=[0],
-      train_slices=budget.train_slices,
-      eval_slices=[bare[0]],
+      OneStack(
+        volume=path,
+        channels=["ICE"],
+        slices=1,
+        seeds=[0],
+        train_slices=budget.train_slices,
+        eval_slices=[bare[0]],
+      ),
     )
 
 
@@ -159,12 +162,14 @@ def test_ranking_study_compares_three_fourth_slices_and_counts_coverage(tmp_path
   document = ranking.run_ranking(
     out,
     budget,
-    volume=path,
-    channels=["ICE", "TLD"],
-    slices=1,
-    seeds=[0, 1],
-    train_slices=budget.train_slices,
-    eval_slices=budget.eval_slices,
+    OneStack(
+      volume=path,
+      channels=["ICE", "TLD"],
+      slices=1,
+      seeds=[0, 1],
+      train_slices=budget.train_slices,
+      eval_slices=budget.eval_slices,
+    ),
   )
   rows = document["rows"]
   assert set(rows) == {"three slices", "disagreement", "entropy", "random"}
@@ -179,7 +184,7 @@ def test_ranking_study_compares_three_fourth_slices_and_counts_coverage(tmp_path
   text = open(os.path.join(out, "ranking.md")).read()
   assert "| + a random slice |" in text and "Calibrated volume fractions" in text
   with pytest.raises(ValueError, match="needs >= 2 seeds"):
-    ranking.run_ranking(out, budget, **{**_ranking_args(path, budget), "seeds": [0]})
+    ranking.run_ranking(out, budget, OneStack(**{**_ranking_args(path, budget), "seeds": [0]}))
 
 
 def _ranking_args(path, budget):

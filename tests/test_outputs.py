@@ -20,7 +20,7 @@ from fibseg_jax.bench import report as bench_report
 from fibseg_jax.data import ingest, synth, volume
 from fibseg_jax.eval import uncertainty
 from fibseg_jax.infer import export, store
-from fibseg_jax.study import comparison, semi
+from fibseg_jax.study import comparison, runs, semi
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import segment_child  # noqa: E402 - tiny models shared with the subprocess tests
@@ -316,7 +316,7 @@ def test_study_sweep_semi_and_bench_directories(tmp_path):
   with pytest.raises(comparison.StudyError, match="not a fibseg sweep output"):
     comparison.check_output(raw, "sweep_config.json", {"a": 1})
   with pytest.raises(ValueError, match="not a fibseg semi study output"):
-    semi.claim_directory(raw)
+    runs.claim_study_directory(raw, None, kind=semi.KIND, legacy=semi.LEGACY)
   with pytest.raises(outputs.OutputError, match="not a fibseg benchmark output"):
     bench_report.write({}, raw)
   assert snapshot(raw) == before

@@ -214,17 +214,15 @@ def test_semi_study_writes_the_four_rows_and_the_slice_test(tmp_path, compile_ca
   assert "| + both |" in table and "| + semi + TTA, ensemble of the 2 seeds |" in table
   semi_log = (out / "semi_s0" / "train.log").read_text()
   assert "starting from scratch" in semi_log
-  suggestion = json.loads((out / "suggest" / "suggestion.json").read_text())
-  trial = suggestion["trials"][0]
+  ranked = json.loads((out / "ranking" / "ranking.json").read_text())  # the ranking study's
   annotated = {*doc["train_slices"], *doc["eval_slices"]}
-  assert trial["top"]["slice"] not in annotated and trial["random"]["slice"] not in annotated
-  assert (
-    np.argmax([s if z not in annotated else -1 for z, s in enumerate(trial["scores"])])
-    == trial["top"]["slice"]
-  )
+  assert ranked["seeds"] == [0, 1] and ranked["train_slices"] == doc["train_slices"]
+  for pick in ("disagreement", "entropy", "random"):
+    assert not set(ranked["rows"][pick]["slices"]) & annotated
+  assert not set(ranked["rows"]["random"]["slices"]) & set(ranked["rows"]["disagreement"]["slices"])
+  assert "| + a random slice |" in (out / "ranking" / "ranking.md").read_text()
   other = _run("semi_study.py", *flags, "--semi_threshold=0.5", cache=compile_cache)
   assert other.returncode != 0 and "holds a result computed with other semi" in other.stderr
-  assert trial["top"]["slice"] != trial["random"]["slice"]
   finished = (out / "semi_s0" / "result.json").stat().st_mtime_ns
   again = _run("semi_study.py", *flags, cache=compile_cache)  # resumes: nothing is redone
   assert again.returncode == 0, again.stderr[-3000:]

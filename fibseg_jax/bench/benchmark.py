@@ -163,8 +163,9 @@ def run(
     environment["versions"]["monai"] = the_peer.monai.__version__
     environment["torch_device"] = torch_device
     caveats.append(
-      "peer loss: MONAI DiceCELoss(softmax, to_onehot_y, batch=True) averages Dice over "
-      "every class, fibseg_jax over the classes present; the random labels hold all of them"
+      f"peer recipe ({peer.MONAI_RECIPE}, as the study's peer row): MONAI DiceLoss(softmax, "
+      "to_onehot_y, batch=True) averages Dice over every class, fibseg_jax over the classes "
+      "present; the random labels hold all of them"
     )
   else:
     print(f"note: {the_peer.note}", file=sys.stderr, flush=True)

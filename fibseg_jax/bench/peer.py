@@ -1,5 +1,8 @@
 """The PyTorch peer: MONAI's BasicUNet, trained and run as a MONAI user would write it.
 
+`monai_training` is the one MONAI recipe of the benchmark's race and of the study's
+peer row (`fibseg_jax.study.peers`): both train with the same loss and optimizer.
+
 torch and monai are an optional extra (`pip install fibseg_jax[bench]`, `make bench`);
 without them the benchmark measures fibseg_jax alone and says why.
 """
@@ -19,6 +22,40 @@ from fibseg_jax.bench import machine
 from fibseg_jax.bench.options import NUM_CLASSES, Options
 
 INSTALL = "`.venv/bin/pip install torch==2.13.0 monai==1.6.1 psutil` (or run `make bench`)"
+# Labels of pixels without truth (`data.volume.IGNORE_LABEL`): no loss there.
+IGNORE_LABEL = 255
+MONAI_RECIPE = "MONAI BasicUNet, CE + Dice, AdamW 1e-3 (weight decay 1e-4), clip 1"
+
+
+def monai_training(torch: Any, losses: Any, net: Any) -> tuple[Callable[..., Any], Any]:
+  """The MONAI recipe (`MONAI_RECIPE`): (loss function, optimizer) for `net`.
+
+  Cross-entropy plus Dice, both skipping `IGNORE_LABEL` (MONAI's DiceCELoss has no
+  ignore_index, MONAI #8734, so DiceLoss with it plus torch's CE); AdamW at 1e-3 with
+  weight decay 1e-4. `monai_update` clips the gradients at global norm 1.
+
+  Args:
+    torch: the torch module.
+    losses: the monai.losses module.
+    net: the network (its parameters are optimised).
+
+  Returns:
+    (loss(logits [batch, classes, y, x] float, labels [batch, y, x] int64), optimizer).
+  """
+  dice = losses.DiceLoss(to_onehot_y=True, softmax=True, batch=True, ignore_index=IGNORE_LABEL)
+  ce = torch.nn.CrossEntropyLoss(ignore_index=IGNORE_LABEL)
+
+  def loss(logits, labels):
+    return ce(logits, labels) + dice(logits, labels[:, None])
+
+  return loss, torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+
+
+def monai_update(torch: Any, net: Any, optimizer: Any, loss: Any) -> None:
+  """One step of the recipe after the forward pass: backward, clip at norm 1, step."""
+  loss.backward()
+  torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
+  optimizer.step()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,7 +178,7 @@ class _TorchSide:
 
 
 class TorchTrainStep(_TorchSide):
-  """BasicUNet, MONAI DiceCELoss, AdamW and global-norm clipping at 1.
+  """BasicUNet trained with the MONAI recipe (`monai_training`).
 
   Args:
     peer: the imported torch and monai.
@@ -160,19 +197,16 @@ class TorchTrainStep(_TorchSide):
   def prepare(self) -> None:
     torch, monai = self._peer.torch, self._peer.monai
     net = self._net().train()
-    loss_fn = monai.losses.DiceCELoss(to_onehot_y=True, softmax=True, batch=True)
-    optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+    loss_fn, optimizer = monai_training(torch, monai.losses, net)
     image = self._image()
-    labels = torch.from_numpy(self._labels_np[:, None].astype(np.int64)).to(self._device)
+    labels = torch.from_numpy(self._labels_np.astype(np.int64)).to(self._device)
 
     def step():
       optimizer.zero_grad(set_to_none=True)
       with self._autocast():
         logits = net(image)
       loss = loss_fn(logits.float(), labels)
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-      optimizer.step()
+      monai_update(torch, net, optimizer, loss)
       return loss
 
     self._step = step

@@ -7,6 +7,7 @@ and what was expected. `describe` prints a config's fields for `--show_config`.
 
 from __future__ import annotations
 
+import ast
 import difflib
 import os
 import re
@@ -174,3 +175,70 @@ def describe(config: ml_collections.ConfigDict, defaults: ml_collections.ConfigD
   value_width = min(max(len(v) for _, v, _ in rows), 24)
   lines = [f"{name:<{width}}  {v:<{value_width}}  {h}".rstrip() for name, v, h in rows]
   return "\n".join(lines)
+
+
+def study_fields() -> dict[str, Any]:
+  """{dotted field: default} of every shipped config (unet first): what a study's
+  --config.FIELD=VALUE may set."""
+  fields: dict[str, Any] = {}
+  for name in configs.names():
+    for field, value in config_lib.flat_fields(configs.load(configs.path(name))).items():
+      fields.setdefault(field, value)
+  return fields
+
+
+def _typed(flag: str, given: str, default: Any) -> Any:
+  """`given` as the type of the field's `default` (a tuple from "(a,b)" or "a,b")."""
+  _check_value(flag, given, default)
+  kind = type(default)
+  if kind in _PARSERS:
+    return _PARSERS[kind][0].parse(given)
+  if isinstance(default, tuple) and given.startswith("("):
+    try:
+      return tuple(ast.literal_eval(given))
+    except (ValueError, SyntaxError, TypeError):
+      raise ConfigArgError(f"{flag}={given}: expected a tuple like (8,16,32)") from None
+  return given  # a string, or a comma list that `study.runs.set_fields` splits
+
+
+def split_overrides(args: Sequence[str]) -> tuple[list[str], dict[str, Any]]:
+  """The --config.FIELD=VALUE arguments of a study's command line, typed.
+
+  Args:
+    args: the arguments after the program name.
+
+  Returns:
+    (the other arguments, {dotted field: value}) in the order given.
+
+  Raises:
+    ConfigArgError: --config=FILE (a study trains its own configs), an unknown field
+      (with the nearest name) or a value the field's type cannot take.
+  """
+  fields = study_fields()
+  rest, overrides = [], {}
+  for i, arg in enumerate(args):
+    if arg == "--":
+      rest += args[i:]
+      break
+    if _FILE_ARG.match(arg):
+      raise ConfigArgError(
+        f"{arg}: a study trains the shipped configs; set their fields with --config.FIELD=VALUE"
+      )
+    match = _FIELD_ARG.match(arg)
+    if not match:
+      rest.append(arg)
+      continue
+    name, given = match.group("name"), match.group("value")
+    flag = f"--config.{name}"
+    if name not in fields:
+      close = difflib.get_close_matches(name, list(fields), n=1, cutoff=0.6)
+      listed = "fibseg train --config=unet --show_config lists the fields"
+      hint = f"did you mean --config.{close[0]}?" if close else listed
+      raise ConfigArgError(f"{flag}: no such config field; {hint}")
+    if given is None:  # --config.train.deep_supervision / --noconfig.train.deep_supervision
+      if not isinstance(fields[name], bool):
+        raise ConfigArgError(f"{flag}: give a value, e.g. {flag}={format_value(fields[name])}")
+      overrides[name] = not match.group("no")
+    else:
+      overrides[name] = _typed(flag, given, fields[name])
+  return rest, overrides

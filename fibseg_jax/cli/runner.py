@@ -15,6 +15,8 @@ from absl import app, flags, logging
 
 # Exit status of a run stopped by Ctrl-C (128 + SIGINT), as shells report it.
 INTERRUPTED_EXIT = 130
+# absl's help flags: each prints the help (and exits 1 in absl; 0 here).
+HELP_FLAGS = ("-h", "-?", "--help", "-help", "--helpfull", "-helpfull", "--helpshort", "-helpshort")
 # Exit status of a command-line mistake found before main runs (a flag, a config field).
 USAGE_EXIT = 2
 
@@ -88,3 +90,18 @@ def run_module(module: ModuleType, argv: Sequence[str] | None = None) -> None:
     app.run(guarded(module.main), argv=argv, flags_parser=parse_flags)
   except KeyboardInterrupt as e:  # during flag parsing or absl's start-up
     interrupted(e)
+  except SystemExit as e:
+    # absl's --help prints the help and exits 1; asking for help is no failure.
+    if e.code == 1 and asks_for_help(argv[1:]):
+      sys.exit(0)
+    raise
+
+
+def asks_for_help(args: Sequence[str]) -> bool:
+  """Whether a subcommand's arguments hold one of absl's help flags (before any --)."""
+  for arg in args:
+    if arg == "--":
+      return False
+    if arg.split("=", 1)[0] in HELP_FLAGS:
+      return True
+  return False

@@ -22,7 +22,7 @@ import numpy as np
 from fibseg_jax.data import augment, split
 
 if TYPE_CHECKING:
-  from fibseg_jax.data.loader import LoaderConfig
+  from fibseg_jax.data.loader_config import LoaderConfig
 
 # Random streams of (seed, stream, step); split.SPLIT_STREAM is 0.
 TRAIN_STREAM = 1

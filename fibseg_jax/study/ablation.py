@@ -29,11 +29,20 @@ from typing import Any
 
 import numpy as np
 
+from fibseg_jax import outputs
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import markdown_table, seed_stats
+from fibseg_jax.study import figures, runs
+from fibseg_jax.study.context import (
+  OneStack,
+  Option,
+  StudyContext,
+  markdown_table,
+  paired_differences,
+  seed_stats,
+  stat_text,
+)
 
 # The parts of the recipe, as config overrides of the baseline (`train.config.FIELDS`
 # documents each field): the loader's `RECIPE_PARTS` and the training parts.
@@ -95,11 +104,6 @@ BASELINE: Mapping[str, Any] = {
 KIND = "recipe ablation"
 
 
-def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the ablation (`runs.claim_study_directory`)."""
-  runs.claim_study_directory(out, volume, kind=KIND)
-
-
 def rows(names: Sequence[str] | None = None) -> dict[str, dict[str, Any]]:
   """{row name: its config overrides}: baseline, full, then + each part.
 
@@ -132,15 +136,6 @@ def reference(name: str) -> str:
   """The row a row's paired difference is taken against: the row it adds one part to."""
   first = PRIORITY[0]
   return f"+{first}" if name.startswith((f"{first}+", f"full+{first}")) else "baseline"
-
-
-def override(config, overrides: Mapping[str, Any]) -> None:
-  """Sets each "section.field" of `overrides` in `config`; KeyError on a field it lacks."""
-  for dotted, value in overrides.items():
-    section, field = dotted.split(".")
-    if field not in config[section]:
-      raise KeyError(f"config has no field {dotted} (train.config.FIELDS)")
-    config[section][field] = value
 
 
 def run_one(
@@ -177,7 +172,7 @@ def run_one(
     seed=seed,
     train_slices=train_slices,
     eval_slices=eval_slices,
-    configure=lambda config: override(config, overrides),
+    configure=lambda config: runs.set_fields(config, overrides),
   )
 
 
@@ -186,12 +181,7 @@ def summarise(
 ) -> dict[str, Any]:
   """One row of the table: mean IoU and per class over seeds, and the paired difference
   to the reference row's run of the same seed (`reference`)."""
-  by_seed = {r["seed"]: r for r in baseline}
-  paired = [
-    r["mean_iou"] - by_seed[r["seed"]]["mean_iou"]
-    for r in results
-    if r["seed"] in by_seed and r["mean_iou"] is not None
-  ]
+  paired = paired_differences(results, baseline)
   return {
     "name": name,
     "reference": reference(name),
@@ -208,13 +198,8 @@ def summarise(
 def run_ablation(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   row_names: Sequence[str] | None = None,
   finished_only: bool = False,
   log: Callable[[str], None] = print,
@@ -225,14 +210,14 @@ def run_ablation(
   already compares the first rows with their spread. `finished_only` trains nothing: the
   table is rewritten from the runs already finished (rows without any are left out).
   """
-  claim_directory(out, volume)
-  vol = volume_lib.open_volume(volume)
+  runs.claim_study_directory(out, stack.volume, kind=KIND)
+  vol = volume_lib.open_volume(stack.volume)
   table = rows(row_names)
   results: dict[str, list[dict[str, Any]]] = {}
   document: dict[str, Any] = {}
   for name, overrides in table.items():
     results[name] = []
-    for seed in seeds:
+    for seed in stack.seeds:
       start = time.perf_counter()
       directory = os.path.join(out, f"{name.lstrip('+')}_s{seed}")
       if finished_only and runs.read_result(directory) is None:
@@ -241,23 +226,23 @@ def run_ablation(
         directory,
         budget,
         overrides,
-        volume=volume,
-        channels=channels,
-        slices=slices,
+        volume=stack.volume,
+        channels=stack.channels,
+        slices=stack.slices,
         seed=seed,
-        train_slices=train_slices,
-        eval_slices=eval_slices,
+        train_slices=stack.train_slices,
+        eval_slices=stack.eval_slices,
       )
       results[name].append(r)
       log(f"{name} seed {seed}: mIoU {r['mean_iou']:.4f} ({time.perf_counter() - start:.0f} s)")
       document = {
-        "volume": volume,
+        "volume": stack.volume,
         "classes": list(vol.classes),
-        "channels": list(channels),
-        "slices": int(slices),
-        "train_slices": [int(z) for z in train_slices],
-        "eval_slices": [int(z) for z in eval_slices],
-        "seeds": [int(s) for s in seeds],
+        "channels": list(stack.channels),
+        "slices": int(stack.slices),
+        "train_slices": [int(z) for z in stack.train_slices],
+        "eval_slices": [int(z) for z in stack.eval_slices],
+        "seeds": [int(s) for s in stack.seeds],
         "budget": budget.to_json(),
         "parts": {k: dict(v) for k, v in PARTS.items()},
         "full": list(FULL),
@@ -271,13 +256,6 @@ def run_ablation(
       with open(os.path.join(out, "ablation.md"), "w") as f:
         f.write(markdown(document))
   return document
-
-
-def _stat(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
-  if not stats or stats.get("mean") is None:
-    return "-"
-  std = stats.get("std")
-  return f"{stats['mean']:.{digits}f}" + ("" if std is None else f" +- {std:.{digits}f}")
 
 
 def markdown(document: Mapping[str, Any]) -> str:
@@ -299,9 +277,9 @@ def markdown(document: Mapping[str, Any]) -> str:
     cells.append(
       [
         row["name"],
-        _stat(row["mean_iou"]),
-        "-" if diff is None else f"{_stat(diff)} ({to})",
-        *(_stat(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
+        stat_text(row["mean_iou"]),
+        "-" if diff is None else f"{stat_text(diff)} ({to})",
+        *(stat_text(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
         f"{row['train_seconds']:.0f}",
       ]
     )
@@ -390,8 +368,8 @@ def budgets_markdown(document: Mapping[str, Any]) -> str:
     "",
   ]
   cells = [
-    [name, str(p["steps"]), str(len(p["seeds"])), _stat(p["mean_iou"])]
-    + [_stat(p["per_class"][c]).split(" +- ")[0] for c in classes]
+    [name, str(p["steps"]), str(len(p["seeds"])), stat_text(p["mean_iou"])]
+    + [stat_text(p["per_class"][c]).split(" +- ")[0] for c in classes]
     for name, points in document["rows"].items()
     for p in points
   ]
@@ -408,3 +386,74 @@ def parts(names: Sequence[str]) -> dict[str, Any]:
   if unknown:
     raise ValueError(f"--recipe: unknown part(s) {unknown}; known: {', '.join(PARTS)}")
   return {k: v for n in names for k, v in PARTS[n].items()}
+
+
+USAGE = r"""The training recipe, part by part, with seeds (`fibseg_jax.study.ablation`).
+
+  fibseg study ablation --out=ablation/ [--budget=quick] [--seeds=0,1,2]
+  fibseg study ablation --out=ablation_real/ --volume=vol.zarr --train_slices=4,8,12 \
+    --eval_slices=16 [--rows=baseline,full] [--steps=1000]
+  fibseg study ablation --out=budgets/ --compare=ablation_real/,ablation_real_1000/
+
+--compare trains nothing: finished ablations of one stack at other --steps, side by side
+(budgets.json, budgets.md and budgets.png in --out: mean IoU and each class against the
+step budget), to see where accuracy stops rising.
+
+Rows: the baseline (the first recipe), full (every augmentation and sampling part on)
+and + each part alone (spatial, intensity, artifacts, deep_supervision, rare_class,
+sgd_poly). Every row is the same U-Net on the same slices, split and step budget, scored
+on --eval_slices without test-time augmentation; mean +- std over seeds and the paired
+difference to the baseline of the same seed. Writes ablation.json and ablation.md;
+rerunning resumes (finished runs are kept), and an --out holds one setting (other
+--steps, slices or volume are refused: use another --out). Default volume: the
+synthetic stack of the budget, generated in OUT/volume.zarr.
+"""
+
+BUDGETS_KIND = "ablation budgets"
+OPTIONS = (
+  Option("finished_only", "bool", False, "Train nothing: rewrite the table from finished runs."),
+  Option(
+    "compare",
+    "list",
+    None,
+    "Train nothing: these finished ablations (--out folders or ablation.json) of one stack "
+    "at other --steps, against the step budget, into --out (with --rows: only those rows).",
+  ),
+)
+
+
+def write_budgets(ctx: StudyContext, paths: Sequence[str]) -> dict[str, Any]:
+  """--compare: the budgets table and figure of finished ablations, written to ctx.out."""
+  document = compare_budgets([read_document(p) for p in paths], ctx.rows)
+  try:  # a new folder, or this command's earlier one; never inside a compared ablation
+    outputs.claim(
+      ctx.out, kind=BUDGETS_KIND, flag="--out", inputs={"--compare": paths}, directory=True
+    )
+  except outputs.OutputError as e:
+    raise ValueError(str(e)) from e
+  runs.write_json(os.path.join(ctx.out, "budgets.json"), document)
+  table = ctx.write_text("budgets.md", budgets_markdown(document))
+  figures.budget_plot(document, os.path.join(ctx.out, "budgets.png"))
+  ctx.log(open(table).read())
+  ctx.log(f"wrote {ctx.out}/budgets.json, budgets.md and budgets.png")
+  return document
+
+
+def run(
+  ctx: StudyContext, finished_only: bool = False, compare: Sequence[str] | None = None
+) -> dict[str, Any]:
+  """`fibseg study ablation`: the recipe's rows with seeds, or (`compare`) the budgets."""
+  if compare:
+    return write_budgets(ctx, compare)
+  runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND)
+  document = run_ablation(
+    ctx.out,
+    ctx.budget,
+    ctx.stack(),
+    row_names=ctx.rows,
+    finished_only=finished_only,
+    log=ctx.log,
+  )
+  ctx.log(markdown(document))
+  ctx.log(f"wrote {ctx.out}/ablation.json ({len(document['rows'])} rows)")
+  return document

@@ -52,6 +52,9 @@ class Budget:
     sweep_seeds: seeds of the sweep's network and forest.
     sweep_network: (architecture, slab slices, channels) of the sweep's network when no
       finished study names the best one.
+    overrides: ((dotted config field, value), ...): the command line's
+      --config.FIELD=VALUE, set in the config of every network cell after the budget's
+      settings (`runs.network_config`); part of every cached cell's settings.
   """
 
   name: str
@@ -80,6 +83,7 @@ class Budget:
   sweep_levels: tuple[float, ...]
   sweep_seeds: tuple[int, ...]
   sweep_network: tuple[str, int, tuple[str, ...]] = ("unet", 3, ("ICE", "TLD"))
+  overrides: tuple[tuple[str, Any], ...] = ()
 
   def model(self, architecture: str) -> dict[str, Any]:
     """Model-config overrides of an architecture ("unet" or "sensor3d")."""
@@ -93,6 +97,11 @@ class Budget:
     out = dataclasses.asdict(self)
     out["forest"] = self.forest.to_json()
     out["cleaning"] = self.cleaning.to_json()
+    # Without overrides a budget reads as it did before they existed: the cached cells
+    # and tables of earlier studies stay valid.
+    overrides = out.pop("overrides")
+    if overrides:
+      out["overrides"] = {name: value for name, value in overrides}
     return _lists(out)
 
 

@@ -31,15 +31,18 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import markdown_table, seed_stats
+from fibseg_jax.study.context import (
+  OneStack,
+  Option,
+  StudyContext,
+  markdown_table,
+  paired_differences,
+  seed_stats,
+  stat_text,
+)
 
 KIND = "distillation study"
 ROWS = ("supervised", "teacher", "distilled", "distilled_narrow")
-
-
-def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the study (`runs.claim_study_directory`)."""
-  runs.claim_study_directory(out, volume, kind=KIND)
 
 
 def narrow(features: Sequence[int]) -> tuple[int, ...]:
@@ -68,13 +71,8 @@ def _segment_scored(
 def run_distill_study(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   teacher_tta: str = "all",
   row_names: Sequence[str] = ROWS,
   log: Callable[[str], None] = print,
@@ -83,17 +81,17 @@ def run_distill_study(
 
   The teacher is the ensemble of the supervised runs of `seeds`, so those run first.
   """
-  claim_directory(out, volume)
+  runs.claim_study_directory(out, stack.volume, kind=KIND)
   unknown = [r for r in row_names if r not in ROWS]
   if unknown:
     raise ValueError(f"--rows: unknown row(s) {unknown}; known: {', '.join(ROWS)}")
-  vol = volume_lib.open_volume(volume)
+  vol = volume_lib.open_volume(stack.volume)
   common = dict(
-    volume=volume,
-    channels=list(channels),
-    slices=int(slices),
-    train_slices=[int(z) for z in train_slices],
-    eval_slices=[int(z) for z in eval_slices],
+    volume=stack.volume,
+    channels=list(stack.channels),
+    slices=int(stack.slices),
+    train_slices=[int(z) for z in stack.train_slices],
+    eval_slices=[int(z) for z in stack.eval_slices],
   )
   results: dict[str, list[dict[str, Any]]] = {name: [] for name in ROWS}
   document: dict[str, Any] = {}
@@ -108,7 +106,7 @@ def run_distill_study(
     document = {
       **common,
       "classes": list(vol.classes),
-      "seeds": [int(s) for s in seeds],
+      "seeds": [int(s) for s in stack.seeds],
       "budget": budget.to_json(),
       "teacher_tta": teacher_tta,
       "narrow_features": list(narrow(budget.unet_features)),
@@ -136,25 +134,25 @@ def run_distill_study(
       workdir, seconds = runs.train_unet(
         directory,
         budget,
-        volume=volume,
-        channels=channels,
-        slices=slices,
+        volume=stack.volume,
+        channels=stack.channels,
+        slices=stack.slices,
         seed=seed,
-        train_slices=train_slices,
+        train_slices=stack.train_slices,
         configure=configure,
       )
       done = {
         "settings": settings,
         "seed": int(seed),
         "train_seconds": seconds,
-        **_segment_scored(workdir, vol, directory, budget, eval_slices),
+        **_segment_scored(workdir, vol, directory, budget, stack.eval_slices),
       }
       runs.write_json(os.path.join(directory, runs.RESULT), done)
     record(name, done, started)
 
-  for seed in seeds:
+  for seed in stack.seeds:
     student("supervised", seed, None)
-  members = [os.path.join(out, f"supervised_s{s}", "run") for s in seeds]
+  members = [os.path.join(out, f"supervised_s{s}", "run") for s in stack.seeds]
   teacher_array = None
   if {"teacher", "distilled", "distilled_narrow"} & set(row_names):
     started = time.perf_counter()
@@ -162,11 +160,11 @@ def run_distill_study(
     config = runs.network_config(
       budget,
       architecture="unet",
-      channels=channels,
-      slices=slices,
+      channels=stack.channels,
+      slices=stack.slices,
       seed=0,
-      volume=volume,
-      held_out=eval_slices,
+      volume=stack.volume,
+      held_out=stack.eval_slices,
     )
     config.distill.teacher = ",".join(members)
     config.distill.tta = teacher_tta
@@ -183,12 +181,12 @@ def run_distill_study(
     if done is None:
       seconds = time.perf_counter() - started
       labels = infer.open_array(os.path.join(teacher_dir, "teacher", "labels.zarr"))
-      predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
+      predictions = {int(z): labels[int(z)].read().result() for z in stack.eval_slices}
       mpixels = float(np.prod(vol.shape)) / 1e6
       done = {
         "settings": settings,
         "members": members,
-        **runs.score(runs.read_truths(vol, eval_slices), predictions, vol.classes),
+        **runs.score(runs.read_truths(vol, stack.eval_slices), predictions, vol.classes),
         "segment_seconds": seconds,
         "segment_mpixels": mpixels,
         "segment_mpx_per_s": mpixels / seconds,
@@ -196,7 +194,7 @@ def run_distill_study(
       runs.write_json(os.path.join(teacher_dir, runs.RESULT), done)
     if "teacher" in row_names:
       record("teacher", done, started)
-  for seed in seeds:
+  for seed in stack.seeds:
     if "distilled" in row_names:
       student("distilled", seed, teacher_array)
     if "distilled_narrow" in row_names:
@@ -206,12 +204,7 @@ def run_distill_study(
 
 def summarise(name: str, results, supervised, classes) -> dict[str, Any]:
   """One row: mean IoU and speed over seeds, the paired difference to supervised."""
-  by_seed = {r["seed"]: r for r in supervised}
-  paired = [
-    r["mean_iou"] - by_seed[r["seed"]]["mean_iou"]
-    for r in results
-    if name != "supervised" and "seed" in r and r["seed"] in by_seed
-  ]
+  paired = paired_differences(results, supervised) if name != "supervised" else []
   return {
     "name": name,
     "seeds": [r.get("seed") for r in results],
@@ -222,13 +215,6 @@ def summarise(name: str, results, supervised, classes) -> dict[str, Any]:
     "segment_mpx_per_s": seed_stats([r["segment_mpx_per_s"] for r in results]),
     "train_seconds": seed_stats([r.get("train_seconds") for r in results]),
   }
-
-
-def _stat(stats, digits: int = 3) -> str:
-  if not stats or stats.get("mean") is None:
-    return "-"
-  std = stats.get("std")
-  return f"{stats['mean']:.{digits}f}" + ("" if std is None else f" +- {std:.{digits}f}")
 
 
 def markdown(document) -> str:
@@ -249,11 +235,48 @@ def markdown(document) -> str:
   cells = [
     [
       row["name"],
-      _stat(row["mean_iou"]),
-      "-" if row["paired_difference"] is None else _stat(row["paired_difference"]),
-      *(_stat(row["per_class"][c]).split(" +- ")[0] for c in classes),
-      _stat(row["segment_mpx_per_s"], 2),
+      stat_text(row["mean_iou"]),
+      "-" if row["paired_difference"] is None else stat_text(row["paired_difference"]),
+      *(stat_text(row["per_class"][c]).split(" +- ")[0] for c in classes),
+      stat_text(row["segment_mpx_per_s"], 2),
     ]
     for row in document["rows"]
   ]
   return "\n".join(lines + markdown_table(head, cells)) + "\n"
+
+
+USAGE = r"""Distil the seed ensemble into one fast network, measured (`fibseg_jax.study.distill`).
+
+  fibseg study distill --out=distill/ [--budget=quick] [--seeds=0,1,2]
+  fibseg study distill --out=distill_real/ --volume=vol.zarr --train_slices=4,8,12 \
+    --eval_slices=16 [--teacher_tta=off]
+
+Rows: supervised (the budget's U-Net, one per seed), teacher (those seeds as an
+ensemble, with --teacher_tta test-time augmentation), distilled (a U-Net of the same
+widths trained on the labels and the teacher's probabilities over the whole stack) and
+distilled_narrow (half the widths). Each is scored on --eval_slices of a segmentation of
+the whole stack, which also gives its Mpixel/s on this machine; mean +- std over seeds
+and the paired difference to supervised. Writes distill.json and distill.md; reruns
+resume, and an --out holds one setting. Default volume: the budget's synthetic stack in
+OUT/volume.zarr.
+"""
+
+OPTIONS = (
+  Option("teacher_tta", "string", "all", "Test-time augmentation of the teacher (segment --tta)."),
+)
+
+
+def run(ctx: StudyContext, teacher_tta: str = "all") -> dict[str, Any]:
+  """`fibseg study distill`: the rows of `ROWS` (or ctx.rows) with seeds."""
+  runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND)
+  document = run_distill_study(
+    ctx.out,
+    ctx.budget,
+    ctx.stack(),
+    teacher_tta=teacher_tta,
+    row_names=ctx.rows or ROWS,
+    log=ctx.log,
+  )
+  ctx.log(open(os.path.join(ctx.out, "distill.md")).read())
+  ctx.log(f"wrote {ctx.out}/distill.json")
+  return document

@@ -43,6 +43,7 @@ from typing import Any
 import numpy as np
 import tifffile
 
+from fibseg_jax.bench import peer as bench_peer
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
@@ -123,12 +124,6 @@ def selected(peer: Peer, patterns: Sequence[str] | None, select: Callable[..., b
   return select(peer.name, patterns) if patterns else peer.default
 
 
-def as_features_first(image: np.ndarray) -> np.ndarray:
-  """[batch, slices, y, x, channels] -> [batch, slices * channels, y, x], slice-major."""
-  b, s, y, x, c = image.shape
-  return np.ascontiguousarray(image.transpose(0, 1, 4, 2, 3).reshape(b, s * c, y, x))
-
-
 def open_loader(
   budget: budget_lib.Budget,
   vol: volume_lib.Volume,
@@ -192,8 +187,8 @@ def run_monai(
     The result dict (also written to `directory/result.json`).
   """
   import torch  # noqa: PLC0415
+  from monai import losses as monai_losses  # noqa: PLC0415
   from monai.inferers import sliding_window_inference  # noqa: PLC0415
-  from monai.losses import DiceLoss  # noqa: PLC0415
   from monai.networks.nets import BasicUNet  # noqa: PLC0415
 
   from fibseg_jax.eval import metrics  # noqa: PLC0415
@@ -207,10 +202,7 @@ def run_monai(
   k = len(vol.classes)
   torch.manual_seed(seed)
   net = BasicUNet(spatial_dims=2, in_channels=len(channels), out_channels=k, features=features)
-  # MONAI's DiceCELoss has no ignore_index (MONAI #8734): DiceLoss with it plus torch's CE.
-  dice = DiceLoss(to_onehot_y=True, softmax=True, batch=True, ignore_index=loader_lib.IGNORE_LABEL)
-  ce = torch.nn.CrossEntropyLoss(ignore_index=loader_lib.IGNORE_LABEL)
-  optimizer = torch.optim.AdamW(net.parameters(), lr=1e-3, weight_decay=1e-4)
+  loss_fn, optimizer = bench_peer.monai_training(torch, monai_losses, net)
   best, best_iou, best_step = None, -1.0, 0
 
   def validate(loader: loader_lib.SlabLoader) -> float:
@@ -218,7 +210,7 @@ def run_monai(
     confusion = np.zeros((k, k), np.int64)
     with torch.inference_mode():
       for batch in loader.validation_batches():
-        logits = net(torch.from_numpy(as_features_first(batch["image"])))
+        logits = net(torch.from_numpy(bench_peer.as_features_first(batch["image"])))
         confusion += metrics.confusion_matrix(batch["labels"], logits.argmax(1).numpy(), k)
     net.train()
     return float(metrics.metrics_from_confusion(confusion).mean_iou)
@@ -230,14 +222,12 @@ def run_monai(
   with loader:
     net.train()
     for step, batch in zip(range(1, budget.steps + 1), loader.batches(), strict=False):
-      image = torch.from_numpy(as_features_first(batch["image"]))
+      image = torch.from_numpy(bench_peer.as_features_first(batch["image"]))
       labels = torch.from_numpy(batch["labels"].astype(np.int64))
       optimizer.zero_grad(set_to_none=True)
       logits = net(image)
-      loss = ce(logits, labels) + dice(logits, labels[:, None])
-      loss.backward()
-      torch.nn.utils.clip_grad_norm_(net.parameters(), 1.0)
-      optimizer.step()
+      loss = loss_fn(logits, labels)
+      bench_peer.monai_update(torch, net, optimizer, loss)
       if step % budget.eval_every == 0 or step == budget.steps:
         iou = validate(loader)
         loss_value = float(loss.detach())
@@ -276,7 +266,7 @@ def run_monai(
     "segment_seconds": segment_seconds,
     "segment_mpixels": len(eval_slices) * height * width / 1e6,
     "peer": {
-      "recipe": "MONAI BasicUNet, CE + Dice, AdamW 1e-3 (weight decay 1e-4), clip 1",
+      "recipe": bench_peer.MONAI_RECIPE,
       "features": list(features),
       "slices": 1,
       "channels": list(channels),

@@ -187,7 +187,30 @@ def network_config(
   t.eval_every = budget.eval_every
   t.warmup_steps = budget.warmup_steps
   t.log_every = max(1, min(20, budget.steps))
+  set_fields(config, dict(budget.overrides))
   return config
+
+
+def set_fields(config: ml_collections.ConfigDict, values: Mapping[str, Any]) -> None:
+  """Sets each dotted field of `values` in `config` (e.g. {"train.learning_rate": 3e-3}).
+
+  A comma string given for a tuple field becomes a tuple of the field's item type.
+
+  Raises:
+    KeyError: a field `config` lacks.
+  """
+  for dotted, value in values.items():
+    *sections, field = dotted.split(".")
+    section = config
+    for name in sections:
+      section = section[name]
+    if field not in section:
+      raise KeyError(f"config has no field {dotted} (train.config.FIELDS)")
+    current = section[field]
+    if isinstance(current, tuple) and isinstance(value, str):
+      kind = type(current[0]) if current else str
+      value = tuple(kind(v) for v in value.split(",") if v.strip())
+    section[field] = value
 
 
 def read_truths(vol: volume_lib.Volume, slices: Sequence[int]) -> dict[int, np.ndarray]:

@@ -6,12 +6,10 @@ Two experiments, both resumable (a run directory with `result.json` is never red
   same step budget, each scored on the evaluation slices without and with test-time
   augmentation: the four rows supervised / + semi / + TTA / + both, as mean and std over
   seeds, overall and per class.
-* `run_suggestion`: does the slice `fibseg_jax.eval.uncertainty` ranks first help more
-  as a fourth annotated slice than a random one? For every seed the supervised network
-  segments the stack with probabilities, the unannotated slices are ranked by mean
-  entropy, and two networks are trained with the top-ranked and with a random slice
-  added. The stack must carry labels on every candidate slice (a synthetic one does):
-  only the training slices' labels are ever read in training.
+* with --suggest, the slice test: the ranking study's experiment (`ranking.run_ranking`:
+  the members' disagreement pick, each seed's own entropy pick and a random slice as a
+  fourth annotated slice), run on the same stack and seeds into OUT/ranking/. (The
+  first semi studies ran it on their own, into OUT/suggest/suggestion.json.)
 """
 
 from __future__ import annotations
@@ -23,12 +21,10 @@ from typing import Any
 
 import numpy as np
 
-from fibseg_jax import infer
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.eval import uncertainty
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import runs
-from fibseg_jax.study.comparison import seed_stats
+from fibseg_jax.study import ranking, runs
+from fibseg_jax.study.context import OneStack, Option, StudyContext, seed_stats
 
 # The rows of the four-way table: (name, training variant, test-time augmentation).
 ROWS = (
@@ -40,11 +36,8 @@ ROWS = (
 
 
 KIND = "semi study"
-
-
-def claim_directory(out: str, volume: str | None = None) -> None:
-  """Claims `out` for the experiments (`runs.claim_study_directory`)."""
-  runs.claim_study_directory(out, volume, kind=KIND, legacy=("fourway.json", "suggestion.json"))
+# The tables of the first semi studies, written before folders were claimed.
+LEGACY = ("fourway.json", "suggestion.json")
 
 
 def _train(
@@ -131,32 +124,27 @@ def _row(name: str, scored: Sequence[dict[str, Any]], classes: Sequence[str]) ->
 def run_fourway(
   out: str,
   budget: budget_lib.Budget,
+  stack: OneStack,
   *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   semi: Mapping[str, Any],
   log=print,
 ) -> dict[str, Any]:
   """The four-way table over `seeds`; writes out/fourway.json and returns it."""
-  claim_directory(out, volume)
-  vol = volume_lib.open_volume(volume)
+  runs.claim_study_directory(out, stack.volume, kind=KIND, legacy=LEGACY)
+  vol = volume_lib.open_volume(stack.volume)
   results: dict[str, list[dict[str, Any]]] = {"supervised": [], "semi": []}
-  for seed in seeds:
+  for seed in stack.seeds:
     for variant in ("supervised", "semi"):
       start = time.perf_counter()
       r = fourway_run(
         os.path.join(out, f"{variant}_s{seed}"),
         budget,
-        volume=volume,
-        channels=channels,
-        slices=slices,
+        volume=stack.volume,
+        channels=stack.channels,
+        slices=stack.slices,
         seed=seed,
-        train_slices=train_slices,
-        eval_slices=eval_slices,
+        train_slices=stack.train_slices,
+        eval_slices=stack.eval_slices,
         semi=semi if variant == "semi" else None,
       )
       results[variant].append(r)
@@ -169,18 +157,18 @@ def run_fourway(
     for name, variant, tta in ROWS
   ]
   ensembles = {}
-  if len(seeds) > 1:
+  if len(stack.seeds) > 1:
     for variant in ("supervised", "semi"):
       directory = os.path.join(out, f"ensemble_{variant}")
       settings = runs.settings(
         budget,
-        volume=volume,
+        volume=stack.volume,
         members=[r["settings"] for r in results[variant]],
       )
       done = runs.cached(directory, settings)
       if done is None:
         os.makedirs(directory, exist_ok=True)
-        members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in seeds]
+        members = [os.path.join(out, f"{variant}_s{seed}", "run") for seed in stack.seeds]
         done = {"settings": settings}
         done |= {
           "tta" if tta else "plain": _segment_and_score(
@@ -188,7 +176,7 @@ def run_fourway(
             os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr"),
             budget,
             vol,
-            eval_slices,
+            stack.eval_slices,
             tta=tta,
           )
           for tta in (False, True)
@@ -199,7 +187,7 @@ def run_fourway(
         for k in ("plain", "tta")
       }
       log(
-        f"{variant} ensemble of seeds {list(seeds)}: mIoU {done['plain']['mean_iou']:.4f}, "
+        f"{variant} ensemble of seeds {list(stack.seeds)}: mIoU {done['plain']['mean_iou']:.4f}, "
         f"with TTA {done['tta']['mean_iou']:.4f}"
       )
   seconds = {
@@ -211,13 +199,13 @@ def run_fourway(
     for variant, rs in results.items()
   }
   document = {
-    "volume": volume,
+    "volume": stack.volume,
     "classes": list(vol.classes),
-    "channels": list(channels),
-    "slices": int(slices),
-    "train_slices": [int(z) for z in train_slices],
-    "eval_slices": [int(z) for z in eval_slices],
-    "seeds": [int(s) for s in seeds],
+    "channels": list(stack.channels),
+    "slices": int(stack.slices),
+    "train_slices": [int(z) for z in stack.train_slices],
+    "eval_slices": [int(z) for z in stack.eval_slices],
+    "seeds": [int(s) for s in stack.seeds],
     "budget": budget.to_json(),
     "semi": dict(semi),
     "rows": rows,
@@ -265,106 +253,54 @@ def fourway_markdown(document: Mapping[str, Any]) -> str:
   return head + "\n".join(lines) + "\n" + note
 
 
-def run_suggestion(
-  out: str,
-  budget: budget_lib.Budget,
-  *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
-  seeds: Sequence[int],
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
-  supervised: Mapping[int, str],
-  log=print,
-) -> dict[str, Any]:
-  """Top-ranked vs random fourth slice; writes out/suggestion.json and returns it.
+USAGE = r"""Does learning from the unannotated slices help? The four-way table and slice choice.
 
-  Args:
-    supervised: {seed: workdir} of the 3-slice supervised networks that rank the slices.
-  """
-  claim_directory(out, volume)
-  vol = volume_lib.open_volume(volume)
-  depth = vol.shape[0]
-  annotated = set(vol.metadata.annotated_slices)
-  exclude = set(train_slices) | set(eval_slices)
-  candidates = [z for z in range(depth) if z not in exclude and z in annotated]
-  if not candidates:
-    raise ValueError(f"{volume}: no labelled slice outside the training and evaluation ones")
-  trials = []
-  for seed in seeds:
-    directory = os.path.join(out, f"rank_s{seed}")
-    common = dict(
-      volume=volume,
-      channels=list(channels),
-      slices=slices,
-      seed=seed,
-      train_slices=list(train_slices),
-      eval_slices=list(eval_slices),
-    )
-    settings = runs.settings(budget, ranked_by=os.path.abspath(supervised[seed]), **common)
-    ranking = runs.cached(directory, settings)
-    if ranking is None:
-      os.makedirs(directory, exist_ok=True)
-      probs = os.path.join(directory, "probs.zarr")
-      infer.segment_from_checkpoint(
-        supervised[seed],
-        vol,
-        output=os.path.join(directory, "seg.zarr"),
-        probabilities=probs,
-        settings=infer.SegmentSettings(
-          tile=budget.tile,
-          overlap=budget.overlap,
-          batch=budget.infer_batch,
-          overwrite=True,
-          progress=False,
-        ),
-      )
-      scores = uncertainty.slice_uncertainty(probs)
-      ranked = uncertainty.rank_slices(scores, sorted(exclude))
-      ranked = [(z, s) for z, s in ranked if z in candidates]
-      # The random slice is another slice than the top one, so every trial compares two.
-      top = int(ranked[0][0])
-      others = [z for z in candidates if z != top] or [top]
-      ranking = {
-        "settings": settings,
-        "scores": [float(s) for s in scores],
-        "top": top,
-        "random": int(np.random.default_rng([int(seed), 4]).choice(others)),
-      }
-      runs.write_json(os.path.join(directory, runs.RESULT), ranking)
-    trial = {"seed": int(seed), "scores": ranking["scores"]}
-    for kind in ("top", "random"):
-      run_dir = os.path.join(out, f"{kind}_s{seed}")
-      four = sorted({*train_slices, ranking[kind]})
-      run_settings = runs.settings(budget, **{**common, "train_slices": four})
-      r = runs.cached(run_dir, run_settings)
-      if r is None:
-        workdir, seconds = _train(
-          run_dir,
-          budget,
-          volume=volume,
-          channels=channels,
-          slices=slices,
-          seed=seed,
-          train_slices=four,
-          semi=None,
-        )
-        scored = _segment_and_score(
-          workdir, os.path.join(run_dir, "seg.zarr"), budget, vol, eval_slices, tta=False
-        )
-        r = {"settings": run_settings, "slice": ranking[kind], "train_seconds": seconds, **scored}
-        runs.write_json(os.path.join(run_dir, runs.RESULT), r)
-      trial[kind] = {"slice": ranking[kind], "mean_iou": r["mean_iou"]}
-      log(f"seed {seed}: {kind} slice {ranking[kind]} -> mIoU {r['mean_iou']:.4f}")
-    trials.append(trial)
-  document = {
-    "volume": volume,
-    "train_slices": [int(z) for z in train_slices],
-    "eval_slices": [int(z) for z in eval_slices],
-    "trials": trials,
-    "top": seed_stats([t["top"]["mean_iou"] for t in trials]),
-    "random": seed_stats([t["random"]["mean_iou"] for t in trials]),
-  }
-  runs.write_json(os.path.join(out, "suggestion.json"), document)
+  fibseg study semi --out=semi/ [--budget=quick] [--seeds=0,1,2] [--suggest]
+  fibseg study semi --out=semi_real/ --volume=vol.zarr --train_slices=4,8,12 \
+    --eval_slices=16
+
+For every seed, a U-Net trained on the annotated slices alone and one trained with the
+semi-supervised objective (--semi_* flags, as --config.semi.*) on the same step budget;
+each is scored on --eval_slices without and with test-time augmentation: rows
+supervised / + semi / + TTA / + both, mean and std over seeds (fourway.json, .md).
+--suggest also runs the slice test of `fibseg study ranking` on the same stack and seeds
+(OUT/ranking/ranking.json, .md: the suggested, the entropy and a random fourth slice);
+it needs labels on the candidate slices, which the default synthetic stack
+(out/volume.zarr, every slice labelled; only training slices' labels are read in
+training) has, and at least 2 seeds. Reruns resume; an
+--out holds one setting (other --semi_*, --steps or slices are refused: use another
+--out). The unlabelled patches come from every slice, the scored ones included (their
+images, never their labels), as they would for a user segmenting the stack.
+"""
+
+OPTIONS = (
+  Option("semi_weight", "float", 1.0, "--config.semi.weight of the semi rows."),
+  Option("semi_mode", "string", "pseudo", "--config.semi.mode of the semi rows: pseudo or soft."),
+  Option("semi_threshold", "float", 0.9, "--config.semi.threshold."),
+  Option("semi_ema", "float", 0.99, "--config.semi.ema."),
+  Option("suggest", "bool", False, "Also run the ranking study's slice test (OUT/ranking/)."),
+)
+
+
+def run(
+  ctx: StudyContext,
+  semi_weight: float = 1.0,
+  semi_mode: str = "pseudo",
+  semi_threshold: float = 0.9,
+  semi_ema: float = 0.99,
+  suggest: bool = False,
+) -> dict[str, Any]:
+  """`fibseg study semi`: the four-way table, and with `suggest` the slice test."""
+  if semi_mode not in ("pseudo", "soft"):
+    raise ValueError(f"--semi_mode={semi_mode}: expected pseudo or soft")
+  runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND, legacy=LEGACY)
+  # Every slice labelled (only training slices' labels are read in training).
+  stack = ctx.stack(annotate=range(ctx.budget.shape[0]))
+  semi = {"weight": semi_weight, "mode": semi_mode, "threshold": semi_threshold, "ema": semi_ema}
+  document = run_fourway(ctx.out, ctx.budget, stack, semi=semi, log=ctx.log)
+  ctx.log(fourway_markdown(document))
+  if suggest:  # the ranking study's experiment, on the same stack and seeds
+    ranked = ranking.run_ranking(os.path.join(ctx.out, "ranking"), ctx.budget, stack, log=ctx.log)
+    ctx.log(ranking.markdown(ranked))
+  ctx.log(f"wrote {ctx.out}/fourway.json ({len(document['rows'])} rows)")
   return document

@@ -29,6 +29,7 @@ from fibseg_jax import infer
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import tiling
 from fibseg_jax.study import runs
+from fibseg_jax.study.context import Option, StudyContext
 
 PASSES = (1, 2, 4, 8, 16)
 
@@ -214,3 +215,41 @@ def markdown(document: dict[str, Any]) -> str:
       f"| {r['forward_cost']:.1f} | {r['segment_s_per_mpixel']:.1f} |"
     )
   return "\n".join(lines) + "\n"
+
+
+USAGE = r"""Held-out mean IoU and cost against the number of TTA passes (`fibseg_jax.study.tta`).
+
+  fibseg study tta --workdir=runs/syn/unet_s0 --workdir=runs/syn/unet_s1 \
+    --workdir=runs/syn/unet_s2 --volume=runs/syn/vol.zarr --eval_slices=20 \
+    --out=tta_curve/ [--passes=1,2,4,8,16]
+
+Segments only --eval_slices with each pass count and each network, scores them against
+the volume's labels there and times each count (cold segmentation and warm forward
+pass). Writes OUT/curve.json and OUT/curve.md; mean +- std over the networks.
+"""
+
+OPTIONS = (
+  Option("workdir", "multi_string", None, "Trained network (give one per seed)."),
+  Option("passes", "list", [str(k) for k in PASSES], "Pass counts measured."),
+)
+
+
+def run(ctx: StudyContext, workdir: Sequence[str] = (), passes: Sequence[str] = ()) -> dict:
+  """`fibseg study tta`: the curve of finished networks on ctx.eval_slices of ctx.volume."""
+  required = {"workdir": (workdir, "runs/s0"), "volume": (ctx.volume, "vol.zarr")}
+  required["eval_slices"] = (ctx.eval_slices, "20")
+  for name, (value, example) in required.items():
+    if not value:
+      raise ValueError(f"--{name} is required, e.g. --{name}={example}")
+  for path in workdir:
+    if not os.path.exists(path):
+      raise ValueError(f"--workdir={path}: no such directory")
+  try:
+    counts = [infer.settings.parse_tta(k) for k in passes or [str(k) for k in PASSES]]
+    document = passes_curve(workdir, ctx.volume, ctx.eval_slices, counts, out=ctx.out)
+  except infer.InferenceError as e:
+    raise ValueError(str(e).replace("--tta=", "--passes=")) from None
+  table = ctx.write_text("curve.md", markdown(document))
+  ctx.log(open(table).read())
+  ctx.log(f"wrote {ctx.out}/curve.json and curve.md")
+  return document
