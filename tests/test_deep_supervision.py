@@ -203,7 +203,7 @@ def test_fine_tuning_from_a_deep_supervised_checkpoint(deep_run, deep_supervisio
     model, tx, jax.random.PRNGKey(5), sample, deep_supervision=deep_supervision
   )
   replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  tuned = loop._init_from(fresh, config, tx, workdir, replicated)
+  tuned, _ = loop._init_from(fresh, config, tx, workdir, replicated)
   source = checkpoint.load(workdir, aux_heads=True).variables["params"]
   # The heads come along when this run has them too, and are dropped otherwise.
   assert ("aux_head1" in tuned.params) == deep_supervision

@@ -20,6 +20,24 @@ from fibseg_jax.train import pretrain
 SMALL = (2, 48, 48)
 
 
+def write_volume(root, stack, labels: dict) -> str:
+  """A volume of a random draw: channels and classes named by count, `labels` {z: [y, x]}."""
+  channels = ("ICE", "TLD", "SE")[: stack.num_channels]
+  classes = tuple(f"phase{k}" for k in range(stack.num_classes))
+  with volume_lib.create_volume(
+    str(root),
+    shape=stack.labels.shape,
+    dtype="uint16",
+    channels=channels,
+    classes=classes,
+    voxel_size_nm=(10.0, 10.0, 10.0),
+  ) as writer:
+    for z in range(stack.labels.shape[0]):
+      writer.write_slice(z, stack.image[z], labels.get(z))
+    writer.commit()
+  return str(root)
+
+
 def test_draw_is_deterministic_per_seed():
   a, b, c = randomised.draw(3, SMALL), randomised.draw(3, SMALL), randomised.draw(4, SMALL)
   np.testing.assert_array_equal(a.image, b.image)
@@ -172,23 +190,11 @@ def test_preview_never_reads_the_excluded_slices_labels(tmp_path):
   stack = randomised.draw(5, (3, 64, 64), num_classes=3, num_channels=2)
 
   def volume(eval_labels):
-    root = str(tmp_path / f"v{len(os.listdir(tmp_path))}.zarr")
-    with volume_lib.create_volume(
-      root,
-      shape=stack.labels.shape,
-      dtype="uint16",
-      channels=("A", "B"),
-      classes=("a", "b", "c"),
-      voxel_size_nm=(10.0, 10.0, 10.0),
-    ) as writer:
-      writer.write_slice(0, stack.image[0], stack.labels[0])
-      writer.write_slice(1, stack.image[1], None)
-      writer.write_slice(2, stack.image[2], eval_labels)
-      writer.commit()
-    return volume_lib.open_volume(root)
+    root = tmp_path / f"v{len(os.listdir(tmp_path))}.zarr"
+    return volume_lib.open_volume(write_volume(root, stack, {0: stack.labels[0], 2: eval_labels}))
 
   results = [
-    enhance.preview(volume(labels), ("A", "B"), [1, 2], prior=prior, exclude=[2])
+    enhance.preview(volume(labels), ("ICE", "TLD"), [1, 2], prior=prior, exclude=[2])
     for labels in (stack.labels[2], np.full_like(stack.labels[2], 2))
   ]
   assert results[0].training_slices == (0,)
@@ -215,18 +221,7 @@ def test_the_shipped_prior_matches_its_checksum_and_serves_any_stack():
 
 def test_fibseg_preview_writes_each_slice_and_refuses_a_foreign_folder(tmp_path):
   stack = randomised.draw(6, (3, 64, 64), num_classes=2, num_channels=1)
-  root = str(tmp_path / "vol.zarr")
-  with volume_lib.create_volume(
-    root,
-    shape=stack.labels.shape,
-    dtype="uint16",
-    channels=("SEM",),
-    classes=("matrix", "pore"),
-    voxel_size_nm=(10.0, 10.0, 10.0),
-  ) as writer:
-    for z in range(3):
-      writer.write_slice(z, stack.image[z], stack.labels[z] if z != 1 else None)
-    writer.commit()
+  root = write_volume(tmp_path / "vol.zarr", stack, {0: stack.labels[0], 2: stack.labels[2]})
   out = tmp_path / "preview"
   command = [sys.executable, "-m", "fibseg_jax.cli", "preview", f"--volume={root}"]
   command += ["--slices=1,2", "--exclude=2", f"--out={out}"]
@@ -251,18 +246,7 @@ def test_napari_session_previews_from_saved_strokes(tmp_path):
 
   prior = enhance.load_prior()
   stack = randomised.draw(7, (3, 64, 64), num_classes=3, num_channels=2)
-  root = str(tmp_path / "vol.zarr")
-  with volume_lib.create_volume(
-    root,
-    shape=stack.labels.shape,
-    dtype="uint16",
-    channels=("ICE", "TLD"),
-    classes=("a", "b", "c"),
-    voxel_size_nm=(10.0, 10.0, 10.0),
-  ) as writer:
-    for z in range(3):
-      writer.write_slice(z, stack.image[z], None)
-    writer.commit()
+  root = write_volume(tmp_path / "vol.zarr", stack, {})
   session = session_lib.Session(root)
   with pytest.raises(session_lib.SessionError, match="preview from strokes"):
     session.preview_from_strokes(1, prior=prior)
