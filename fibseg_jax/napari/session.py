@@ -45,8 +45,8 @@ from fibseg_jax.data import ingest as ingest_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import quantify as quantify_lib
 from fibseg_jax.eval import uncertainty as uncertainty_lib
+from fibseg_jax.infer import blend, enhance, store, tiling
 from fibseg_jax.infer import distill as infer_distill
-from fibseg_jax.infer import enhance, store, tiling
 from fibseg_jax.infer import segment as segment_lib
 from fibseg_jax.infer import slice as slice_lib
 from fibseg_jax.infer.settings import SegmentationResult, SegmentSettings
@@ -289,9 +289,7 @@ class Session:
     slice z from the best checkpoint of the run, in memory."""
     restored = checkpoint.load(self.resolve_run(workdir))
     labels, probabilities = slice_lib.predict_slice(restored, self.volume, int(z))
-    p = np.clip(probabilities, 1e-7, 1.0)
-    entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
-    return labels.astype(np.uint8) + 1, entropy.astype(np.float32)
+    return labels.astype(np.uint8) + 1, blend.normalised_entropy(probabilities)
 
   def preview_from_strokes(
     self, z: int, channels: Sequence[str] | None = None, prior: enhance.Prior | None = None
@@ -323,9 +321,7 @@ class Session:
       ) from None
     except ValueError as e:
       raise SessionError(f"preview from strokes: {e}") from None
-    p = np.clip(result.probabilities[int(z)], 1e-7, 1.0)
-    entropy = -(p * np.log(p)).sum(-1) / np.log(max(p.shape[-1], 2))
-    return result.labels[int(z)] + 1, entropy.astype(np.float32)
+    return result.labels[int(z)] + 1, blend.normalised_entropy(result.probabilities[int(z)])
 
   @staticmethod
   def output_dir(workdir: str) -> str:

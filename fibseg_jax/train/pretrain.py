@@ -27,7 +27,6 @@ import concurrent.futures
 import dataclasses
 import hashlib
 import json
-import math
 import multiprocessing
 import os
 import time
@@ -236,14 +235,12 @@ def batches(
 
 
 def mean_iou(pred: np.ndarray, truth: np.ndarray, num_classes: int) -> float:
-  """Mean over classes present in truth or prediction of |pred & truth| / |pred | truth|."""
-  ious = []
-  for k in range(num_classes):
-    p, t = pred == k, truth == k
-    union = np.logical_or(p, t).sum()
-    if union:
-      ious.append(np.logical_and(p, t).sum() / union)
-  return float(np.mean(ious)) if ious else math.nan
+  """Mean IoU over the classes present in truth or prediction (`losses.iou_from_confusion`)."""
+  from fibseg_jax.train import losses  # noqa: PLC0415 - JAX; pool workers never score
+
+  index = truth.astype(np.int64).ravel() * num_classes + pred.astype(np.int64).ravel()
+  confusion = np.bincount(index, minlength=num_classes**2).reshape(num_classes, num_classes)
+  return losses.iou_from_confusion(confusion)[1]
 
 
 def elapsed(start: float) -> float:
