@@ -68,6 +68,7 @@ cd "$HERE"
 nice -n 19 "$PY" experiments/ingest.py \
   --channel=BSE="$OUT/img/*.png" \
   --labels="$OUT/lab/*.png" \
+  --labels_unlabelled=255 \
   --classes=background,mitochondria \
   --voxel_size_nm=40,5.9,5.9 \
   --out="$OUT/vol.zarr"
