@@ -223,7 +223,7 @@ class Session:
   @staticmethod
   def _resumable(config: ml_collections.ConfigDict, workdir: str) -> bool:
     try:
-      loop.check_workdir(loop.prepare(config).config, workdir)
+      loop.check_workdir(loop.prepare(config).settings, workdir)
     except ConfigError:
       return False
     return True
