@@ -11,6 +11,7 @@ and raises KeyboardInterrupt with a one-line message (see `train_and_evaluate`).
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import threading
 import time
@@ -156,6 +157,13 @@ def _volume_id(path: Any) -> str:
   return os.path.realpath(local) if local else str(path)
 
 
+def _model_fields(settings: config_lib.Settings) -> dict[str, Any]:
+  """The name and every field of the model, defaults filled in, tuples as lists (as
+  the flags and the saved JSON spell them)."""
+  model = dataclasses.asdict(settings.model) if settings.model else {}
+  return json.loads(json.dumps({"name": settings.model_name, **model}))
+
+
 def _identity(settings: config_lib.Settings) -> dict[str, tuple[Any, Any]]:
   """flag -> (value as shown, value as compared) of what makes two runs one experiment."""
   d = settings.data
@@ -175,9 +183,7 @@ def _identity(settings: config_lib.Settings) -> dict[str, tuple[Any, Any]]:
   # A resumed student keeps its teacher (the batches it saw came from it).
   teacher = settings.distill.teacher
   fields["--config.distill.teacher"] = (",".join(teacher), teacher)
-  fields["--config.model.name"] = (settings.model_name, settings.model_name)
-  model = dataclasses.asdict(settings.model) if settings.model else {}
-  for key, value in model.items():
+  for key, value in _model_fields(settings).items():
     fields[f"--config.model.{key}"] = (value, value)
   return fields
 
@@ -304,9 +310,7 @@ def _init_from(
     restored = checkpoint.load(source, aux_heads=True)
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"--config.train.init_from: {e}") from None
-  theirs, mine = (
-    {"name": s.model_name, **dataclasses.asdict(s.model)} for s in (restored.settings, settings)
-  )
+  theirs, mine = _model_fields(restored.settings), _model_fields(settings)
   if theirs != mine:
     diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     raise ConfigError(
