@@ -76,12 +76,12 @@ def prepare_teacher(
       volume (other channels, classes), or a workdir whose teacher was computed from
       other checkpoints.
   """
-  settings = config_lib.parse(config)  # where the ConfigDict enters: typed once
-  distilled = distill_lib.settings(settings.distill, workdir)
+  experiment = config_lib.parse(config)  # where the ConfigDict enters: typed once
+  distilled = distill_lib.settings(experiment.distill, workdir)
   if distilled is None or not distilled.computed:
     return None if distilled is None else distilled.array
-  loop.claim_workdir(settings, workdir)  # before the teacher is written into it
-  path = settings.data.path
+  loop.claim_workdir(experiment, workdir)  # before the teacher is written into it
+  path = experiment.data.path
   try:
     volume = volume_lib.open_volume(path, check_labels=False)
   except volume_lib.VolumeError as e:
@@ -89,7 +89,7 @@ def prepare_teacher(
   folder = os.path.join(workdir, distill_lib.TEACHER_DIR)
   labels = os.path.join(folder, distill_lib.LABELS)
   record_path = os.path.join(folder, distill_lib.RECORD)
-  record = _record(distilled, path) if not distilled.route else _route_record(settings)
+  record = _record(distilled, path) if not distilled.route else _route_record(experiment)
   if os.path.isfile(record_path):
     with open(record_path) as f:
       theirs = json.load(f)
