@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import math
 import re
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -479,19 +480,15 @@ def _train(sections: dict[str, dict]) -> TrainSettings:
   return train
 
 
-_SEMI_FIELDS = ("weight", "mode", "threshold", "ema", "rampup", "batch_size")
-
-
 def _semi(sections: dict[str, dict], train: TrainSettings) -> Semi:
-  s = {name: _value(sections, f"semi.{name}") for name in _SEMI_FIELDS}
-  for name in _SEMI_FIELDS:
-    if name == "mode":
-      continue
+  numbers = ("weight", "threshold", "ema", "rampup", "batch_size")
+  s = {name: _value(sections, f"semi.{name}") for name in (*numbers, "mode")}
+  for name in numbers:
     try:
       value = float(s[name])
     except (TypeError, ValueError):
       value = float("nan")
-    if not value == value or value in (float("inf"), float("-inf")):
+    if not math.isfinite(value):
       raise ConfigError(f"--config.semi.{name}={s[name]}: expected a finite number")
   checks = (
     ("weight", float(s["weight"]) >= 0, ">= 0 (0 turns it off)"),
@@ -566,6 +563,7 @@ def parse(
   data = _data(sections, classes)
   train = _train(sections)
   model = sections["model"]
+  model_name = str(model.get("name", _DEFAULTS["model.name"]))
   num_classes = model.get("num_classes", -1)
   if num_classes in (-1, None):
     num_classes = len(data.classes) or None
@@ -575,7 +573,8 @@ def parse(
       f"{len(data.classes)} classes {list(data.classes)}; use -1 to take them from the volume"
     )
   try:
-    built = models.config_from({**model, "num_classes": num_classes}) if num_classes else None
+    fields = {**model, "name": model_name, "num_classes": num_classes}
+    built = models.config_from(fields) if num_classes else None
   except models.ModelConfigError as e:
     raise ConfigError(f"--config.model / --config.data: {e}") from None
   return Settings(
@@ -583,6 +582,6 @@ def parse(
     train=train,
     semi=_semi(sections, train),
     distill=_distill(sections, train),
-    model_name=str(model.get("name", _DEFAULTS["model.name"])),
+    model_name=model_name,
     model=built,
   )
