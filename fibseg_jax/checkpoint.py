@@ -22,7 +22,7 @@ from flax import serialization
 from orbax.checkpoint import checkpoint_managers
 
 from fibseg_jax import models
-from fibseg_jax.data import lists
+from fibseg_jax.train import config as config_lib
 
 ITEMS = ("state", "config", "loader")
 BEST_METRIC = "val_miou"
@@ -187,9 +187,10 @@ class Restored:
     model: the flax module; `model.apply(variables, x, train=False)` maps a slab batch
       `[batch, slices, y, x, channels]` to logits `[batch, y, x, classes]`.
     variables: {'params': ..., 'batch_stats': ...} (batch_stats only when the model has it).
-    config: the whole experiment config.
+    config: the whole experiment config, as saved.
     step: the training step of the checkpoint.
     path: the checkpoint step directory.
+    settings: the config typed (`train.config.parse`); None parses `config`.
   """
 
   model: Any
@@ -197,24 +198,27 @@ class Restored:
   config: ml_collections.ConfigDict
   step: int
   path: str
+  settings: config_lib.Settings | None = None
+
+  def __post_init__(self):
+    if self.settings is None:
+      object.__setattr__(self, "settings", config_lib.parse(self.config))
 
   @property
   def channels(self) -> tuple[str, ...]:
-    # "ICE,TLD" from the command line, a list when a config file gave a tuple.
-    names = lists.parse_list(self.config.data.channels, str, flag="data.channels")
-    return tuple(c for c in names if c)
+    return self.settings.data.channels
 
   @property
   def slices(self) -> int:
-    return int(self.config.data.slices)
+    return self.settings.data.slices
 
   @property
   def classes(self) -> tuple[str, ...]:
-    return tuple(self.config.data.get("classes", ()))
+    return self.settings.data.classes
 
   @property
   def size_multiple(self) -> int:
-    return models.size_multiple(self.config.model)
+    return models.size_multiple(self.settings.model)
 
 
 def _restore_state_here(path: str) -> dict[str, Any]:
@@ -296,15 +300,19 @@ def load(
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken directory
     raise CheckpointError(f"{directory}/{step}: cannot restore checkpoint: {e}") from e
   config = ml_collections.ConfigDict(config)
+  try:
+    settings = config_lib.parse(config)
+  except config_lib.ConfigError as e:
+    raise CheckpointError(f"{directory}/{step}: its saved config: {e}") from None
   params = state["params"]
   variables = {"params": params if aux_heads else models.without_aux_heads(params)}
   if state.get("batch_stats"):
     variables["batch_stats"] = state["batch_stats"]
-  model = models.build(config.model)
   return Restored(
-    model=model,
+    model=models.build(settings.model),
     variables=variables,
     config=config,
     step=int(step),
     path=os.path.join(directory, str(step)),
+    settings=settings,
   )

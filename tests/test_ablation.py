@@ -8,6 +8,7 @@ import sys
 import pytest
 
 from fibseg_jax.study import ablation, budget, runs
+from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import data_config, metrics_writer
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,7 +59,7 @@ def test_parts_name_the_flag_and_the_known_parts():
 def test_every_override_is_a_config_field_the_loader_reads():
   for name, overrides in ablation.rows().items():
     config = _config(overrides)
-    loader = data_config.loader_config(config)
+    loader = data_config.loader_config(config_lib.parse(config))
     for dotted, value in overrides.items():
       section, field = dotted.split(".")
       assert config[section][field] == value, (name, dotted)

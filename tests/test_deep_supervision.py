@@ -124,7 +124,7 @@ def test_a_deep_supervised_semi_supervised_step_trains_the_heads():
   config = config_lib.base_config()
   config.train.steps, config.train.warmup_steps = 10, 0
   model = models.build(CONFIGS["unet"])
-  tx, schedule = state_lib.make_optimizer(config)
+  tx, schedule = state_lib.make_optimizer(config_lib.parse(config).train)
   state = state_lib.create_state(
     model, tx, jax.random.PRNGKey(0), X, teacher=semi, deep_supervision=True
   )
@@ -195,15 +195,15 @@ def test_a_deep_supervised_checkpoint_segments_like_any_other(deep_run, tmp_path
 @pytest.mark.parametrize("deep_supervision", [True, False])
 def test_fine_tuning_from_a_deep_supervised_checkpoint(deep_run, deep_supervision):
   path, workdir = deep_run
-  config = loop.prepare(_config(path, deep_supervision=deep_supervision)).config
-  model = models.build(config.model)
-  tx, _ = state_lib.make_optimizer(config)
+  settings = loop.prepare(_config(path, deep_supervision=deep_supervision)).settings
+  model = models.build(settings.model)
+  tx, _ = state_lib.make_optimizer(settings.train)
   sample = jnp.zeros((1, 3, 16, 16, 2))
   fresh = state_lib.create_state(
     model, tx, jax.random.PRNGKey(5), sample, deep_supervision=deep_supervision
   )
   replicated = jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  tuned, _ = loop._init_from(fresh, config, tx, workdir, replicated)
+  tuned, _ = loop._init_from(fresh, settings, tx, workdir, replicated)
   source = checkpoint.load(workdir, aux_heads=True).variables["params"]
   # The heads come along when this run has them too, and are dropped otherwise.
   assert ("aux_head1" in tuned.params) == deep_supervision
@@ -212,4 +212,4 @@ def test_fine_tuning_from_a_deep_supervised_checkpoint(deep_run, deep_supervisio
   # Resuming the deep-supervised workdir without deep supervision is another experiment.
   if not deep_supervision:
     with pytest.raises(loop.ConfigError, match="train.deep_supervision=True there, False now"):
-      loop.check_workdir(config, workdir)
+      loop.check_workdir(settings, workdir)

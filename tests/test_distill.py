@@ -97,8 +97,8 @@ def test_a_teacher_of_another_shape_is_refused_naming_the_flag(tmp_path):
 def test_zero_weight_is_the_supervised_step(tmp_path):
   config = tiny_config(str(make_volume(str(tmp_path / "v.zarr"))))
   exp = loop.prepare(config)
-  model = models.build(exp.config.model)
-  tx, schedule = state_lib.make_optimizer(exp.config)
+  model = models.build(exp.settings.model)
+  tx, schedule = state_lib.make_optimizer(exp.settings.train)
   sample = jnp.zeros((1, 3, 16, 16, 2))
   with jax.threefry_partitionable(False):  # as the loop: compiled, not op by op
     state = jax.jit(lambda r: state_lib.create_state(model, tx, r, sample))(jax.random.PRNGKey(0))
@@ -178,7 +178,7 @@ def test_distill_mistakes_name_the_flag(tmp_path):
   config.semi.weight = 0.0
   config.distill.weight = -1.0
   with pytest.raises(config_lib.ConfigError, match="--config.distill.weight=-1.0"):
-    distill.settings(config, str(tmp_path / "student"))
+    distill.settings(config_lib.parse(config).distill, str(tmp_path / "student"))
 
 
 def test_a_forest_fitted_on_the_training_pixels_teaches_and_is_computed_once(tmp_path):
@@ -218,4 +218,4 @@ def test_a_forest_fitted_on_the_training_pixels_teaches_and_is_computed_once(tmp
     infer_distill.prepare_teacher(config, student, progress=False)
   config.distill.teacher = f"forest,{student}"
   with pytest.raises(config_lib.ConfigError, match="a teacher on its own"):
-    distill.settings(config, str(tmp_path / "third"))
+    distill.settings(config_lib.parse(config).distill, str(tmp_path / "third"))

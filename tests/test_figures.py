@@ -18,6 +18,7 @@ from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
 
 from fibseg_jax.data import ome, palette, synth, volume
 from fibseg_jax.eval import figures, quantify, uncertainty
+from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import metrics_writer
 
 CEMENT = ("pore", "csh", "portlandite", "clinker")
@@ -357,7 +358,7 @@ def test_training_curves_smooth_the_loss_mark_each_validation_and_name_the_loss(
     "train": {"dice_weight": 1.0, "class_weights": True},
     "distill": {"teacher": "forest", "weight": 1.0},
   }
-  metrics_writer.plot_curves(str(workdir), config=forest)
+  metrics_writer.plot_curves(str(workdir), settings=config_lib.parse(forest))
   ax_loss, ax_iou = drawn[-1].axes[:2]
   lines = {line.get_label(): line for line in ax_loss.lines}
   raw, smoothed = lines["train loss (each logged step)"], lines["train loss, smoothed"]
@@ -373,15 +374,16 @@ def test_training_curves_smooth_the_loss_mark_each_validation_and_name_the_loss(
   ylabel = ax_loss.get_ylabel().replace("\n", " ")
   assert "soft cross-entropy to a random forest's probabilities" in ylabel
   assert "validation loss (class-weighted cross-entropy + Dice)" in lines
-  metrics_writer.plot_curves(str(workdir), config={**forest, "distill": {}})
+  metrics_writer.plot_curves(str(workdir), settings=config_lib.parse({**forest, "distill": {}}))
   ylabel = drawn[-1].axes[0].get_ylabel().replace("\n", " ")
   assert ylabel == "loss: class-weighted cross-entropy + Dice"
-  assert metrics_writer.loss_names({"train": {"dice_weight": 0, "class_weights": False}}) == (
+  plain = config_lib.parse({"train": {"dice_weight": 0, "class_weights": False}})
+  assert metrics_writer.loss_names(plain) == (
     "cross-entropy",
     "cross-entropy",
   )
   semi = {"semi": {"weight": 0.5, "mode": "soft"}, "train": {"deep_supervision": True}}
-  assert metrics_writer.loss_names(semi)[0] == (
+  assert metrics_writer.loss_names(config_lib.parse(semi))[0] == (
     "class-weighted cross-entropy + Dice, deep-supervised + 0.5 x soft consistency (unlabelled)"
   )
 

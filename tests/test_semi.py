@@ -120,8 +120,8 @@ def _step_inputs(tmp_path, weight):
   config = tiny_config(str(make_volume(str(tmp_path / "v.zarr"))))
   config.semi.weight = weight
   exp = loop.prepare(config)
-  model = models.build(exp.config.model)
-  tx, schedule = state_lib.make_optimizer(exp.config)
+  model = models.build(exp.settings.model)
+  tx, schedule = state_lib.make_optimizer(exp.settings.train)
   sample = jnp.zeros((1, 3, 16, 16, 2))
   state = state_lib.create_state(model, tx, jax.random.PRNGKey(0), sample, teacher=weight > 0)
   rng = np.random.default_rng(0)

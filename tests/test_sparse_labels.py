@@ -136,11 +136,12 @@ def test_stroke_only_slices_ingest_and_load(tmp_path):
     assert set(np.unique(batch["labels"][trained])) <= {0, 1, 2, 3}
     # `fibseg train` points a user with strokes to the forest teacher, once.
     train_config = config_lib.base_config()
-    hint = loop.sparse_labels_hint(loader, volume.open_volume(root), train_config)
+    hint = loop.sparse_labels_hint(loader, volume.open_volume(root), config_lib.parse(train_config))
     assert hint.startswith("note: 2.1% of the training slices' pixels are labelled")
     assert "--config.distill.teacher=forest" in hint
     train_config.distill.teacher = "forest"
-    assert loop.sparse_labels_hint(loader, volume.open_volume(root), train_config) is None
+    stroked = config_lib.parse(train_config)
+    assert loop.sparse_labels_hint(loader, volume.open_volume(root), stroked) is None
 
 
 def _stroke_volume(strokes_by_slice, shape, classes=4):

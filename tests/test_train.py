@@ -378,7 +378,7 @@ def _check_resume(workdir, config, **changes):
   for key, value in changes.items():
     section, field = key.split("__")
     config[section][field] = value
-  return loop.check_workdir(loop.prepare(config).config, workdir)
+  return loop.check_workdir(loop.prepare(config).settings, workdir)
 
 
 def test_resume_refuses_another_volume_channels_slices_or_model(tmp_path):
@@ -537,7 +537,7 @@ def test_workdir_is_claimed_like_every_output(tmp_path):
     (tmp_path, r"contains the input --config.data.path"),
   ):
     with pytest.raises(loop.ConfigError, match=f"^--workdir={re.escape(str(workdir))}.*{expected}"):
-      loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(workdir))
+      loop.claim_workdir(loop.prepare(tiny_config(path)).settings, str(workdir))
   assert (tmp_path / "notes.txt").read_text() == "mine"
   # The distillation teacher is written only into a claimed workdir.
   from fibseg_jax.infer import distill  # noqa: PLC0415 - infer is above train
@@ -550,10 +550,10 @@ def test_workdir_is_claimed_like_every_output(tmp_path):
   # A new folder (its parents made) is claimed and marked; an earlier run, marked or
   # written before markers (checkpoints/ only), is taken again.
   fresh = tmp_path / "runs" / "new"
-  loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(fresh))
+  loop.claim_workdir(loop.prepare(tiny_config(path)).settings, str(fresh))
   assert outputs.marker_kind(fresh) == loop.WORKDIR_KIND
-  loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(fresh))
+  loop.claim_workdir(loop.prepare(tiny_config(path)).settings, str(fresh))
   old = tmp_path / "old"
   (old / "checkpoints").mkdir(parents=True)
-  loop.claim_workdir(loop.prepare(tiny_config(path)).config, str(old))
+  loop.claim_workdir(loop.prepare(tiny_config(path)).settings, str(old))
   assert outputs.marker_kind(old) == loop.WORKDIR_KIND

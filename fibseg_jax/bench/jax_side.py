@@ -119,7 +119,7 @@ class JaxTrainStep:
     config.train.warmup_steps = 1
     mesh = parallel.make_mesh()
     replicated, batch_sharding = parallel.shardings(mesh)
-    tx, schedule = state_lib.make_optimizer(config)
+    tx, schedule = state_lib.make_optimizer(config_lib.parse(config).train)
     sample = jnp.zeros((1, *self._batch_np["image"].shape[1:]), jnp.float32)
     init = lambda r: state_lib.create_state(model, tx, r, sample)
     rng = init_key()

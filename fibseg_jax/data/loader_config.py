@@ -54,7 +54,7 @@ class LoaderConfig:
     patch: y-x side of a patch in pixels; a multiple of `size_multiple`.
     batch_size: global batch size, summed over all processes.
     val_fraction: share of the annotated area held out for validation, in [0, 1); 0 holds
-      none out (training needs some: `train.data_config.loader_config` asks for (0, 1)).
+      none out (training needs some: `train.config.parse` asks for (0, 1)).
     val_block: side of the square y-x blocks of the validation split, in pixels.
     eval_slices: slices held out for evaluation: never trained or validated on.
     augment: master switch for every augmentation below.

@@ -65,15 +65,15 @@ def training_split(run: dict[str, Any]) -> dict[str, Any] | None:
   if config is None:
     return None
   try:
-    data = config["data"]
-    return {
-      "eval_slices": config_lib.parse_ints(data.get("eval_slices") or (), "eval_slices"),
-      "val_fraction": float(data["val_fraction"]),
-      "val_block": int(data["val_block"]),
-      "split_seed": int(data["split_seed"]),
-    }
-  except (ValueError, KeyError, TypeError):  # ConfigError is a ValueError
+    data = config_lib.parse(config).data
+  except config_lib.ConfigError:
     return None
+  return {
+    "eval_slices": data.eval_slices,
+    "val_fraction": data.val_fraction,
+    "val_block": data.val_block,
+    "split_seed": data.split_seed,
+  }
 
 
 def held_out_blocks(

@@ -76,11 +76,12 @@ def prepare_teacher(
       volume (other channels, classes), or a workdir whose teacher was computed from
       other checkpoints.
   """
-  distilled = distill_lib.settings(config, workdir)
+  experiment = config_lib.parse(config)  # where the ConfigDict enters: typed once
+  distilled = distill_lib.settings(experiment.distill, workdir)
   if distilled is None or not distilled.computed:
     return None if distilled is None else distilled.array
-  loop.claim_workdir(config, workdir)  # before the teacher is written into it
-  path = config.data.path
+  loop.claim_workdir(experiment, workdir)  # before the teacher is written into it
+  path = experiment.data.path
   try:
     volume = volume_lib.open_volume(path, check_labels=False)
   except volume_lib.VolumeError as e:
@@ -88,7 +89,7 @@ def prepare_teacher(
   folder = os.path.join(workdir, distill_lib.TEACHER_DIR)
   labels = os.path.join(folder, distill_lib.LABELS)
   record_path = os.path.join(folder, distill_lib.RECORD)
-  record = _record(distilled, path) if not distilled.route else _route_record(config, path)
+  record = _record(distilled, path) if not distilled.route else _route_record(experiment)
   if os.path.isfile(record_path):
     with open(record_path) as f:
       theirs = json.load(f)
@@ -147,21 +148,21 @@ def _describe(record: dict[str, Any]) -> str:
   return f"{record.get('members')} ({how}) on {record.get('volume')}"
 
 
-def _route_record(config: Any, volume: str) -> dict[str, Any]:
+def _route_record(settings: config_lib.Settings) -> dict[str, Any]:
   """What a forest teacher depends on: the pixels it is fitted on and its seed."""
-  d = config.data
+  d = settings.data
   return {
     "members": [distill_lib.FOREST],
     "forest": baselines.ForestConfig().to_json(),
-    "seed": int(config.train.seed),
-    "channels": list(config_lib.parse_names(d.channels, "--config.data.channels")),
+    "seed": settings.train.seed,
+    "channels": list(d.channels),
     "split": {
-      "eval_slices": sorted(config_lib.parse_ints(d.eval_slices, "--config.data.eval_slices")),
-      "val_fraction": float(d.val_fraction),
-      "val_block": int(d.val_block),
-      "split_seed": int(d.split_seed),
+      "eval_slices": sorted(d.eval_slices),
+      "val_fraction": d.val_fraction,
+      "val_block": d.val_block,
+      "split_seed": d.split_seed,
     },
-    "volume": os.path.realpath(volume_lib.local_path(volume) or volume),
+    "volume": os.path.realpath(volume_lib.local_path(d.path) or d.path),
   }
 
 

@@ -466,11 +466,7 @@ def segment_from_checkpoint(
     return model.clone(config=dataclasses.replace(model.config, dtype=dtype))
 
   # Batch norm at inference uses its running statistics: any tile size sees the same.
-  patches = [
-    int(m.config.data.patch)
-    for m in members
-    if m.model.config.norm in ("instance", "group") and m.config.data.get("patch")
-  ]
+  patches = [m.settings.data.patch for m in members if m.model.config.norm in ("instance", "group")]
   train_patch = max(patches, default=None)
   if len(members) == 1:
     model, variables = in_dtype(restored.model), restored.variables

@@ -217,13 +217,13 @@ class Session:
 
   @staticmethod
   def _init_of(workdir: str) -> str | None:
-    saved = metrics_writer.saved_config(workdir) or {}
-    return (saved.get("train") or {}).get("init_from") or None
+    saved = metrics_writer.saved_settings(workdir)
+    return (saved.train.init_from or None) if saved else None
 
   @staticmethod
   def _resumable(config: ml_collections.ConfigDict, workdir: str) -> bool:
     try:
-      loop.check_workdir(loop.prepare(config).config, workdir)
+      loop.check_workdir(loop.prepare(config).settings, workdir)
     except ConfigError:
       return False
     return True

@@ -134,6 +134,7 @@ def open_loader(
   size_multiple: int = 1,
 ) -> loader_lib.SlabLoader:
   """The loader of the `unet_1_<channels>` row: its split, its patches, its batches."""
+  from fibseg_jax.train import config as config_lib  # noqa: PLC0415
   from fibseg_jax.train import data_config  # noqa: PLC0415
 
   config = runs.network_config(
@@ -146,7 +147,8 @@ def open_loader(
     held_out=held_out,
   )
   return loader_lib.SlabLoader(
-    vol, data_config.loader_config(config, size_multiple=size_multiple, unlabelled=0)
+    vol,
+    data_config.loader_config(config_lib.parse(config), size_multiple=size_multiple, unlabelled=0),
   )
 
 

@@ -30,10 +30,9 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-from typing import Any
 
-from fibseg_jax.data import lists
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.train import config as config_lib
 from fibseg_jax.train.config import ConfigError
 
 # `--config.distill.teacher=FOREST`: a random forest fitted on the training pixels.
@@ -47,7 +46,7 @@ RECORD = "teacher.json"
 
 @dataclasses.dataclass(frozen=True)
 class Distill:
-  """`config.distill`, checked.
+  """`config.distill` resolved: where the teacher's probabilities are.
 
   Attributes:
     members: the teacher's training workdirs (or checkpoint directories), () when the
@@ -92,33 +91,18 @@ def array_path(workdir: str) -> str:
   return os.path.join(workdir, TEACHER_DIR, PROBABILITIES)
 
 
-def settings(config: Any, workdir: str | None) -> Distill | None:
-  """`config.distill` checked and resolved for a student in `workdir`; None when off.
+def settings(distill: config_lib.DistillSettings, workdir: str | None) -> Distill | None:
+  """The teacher of `distill` resolved for a student in `workdir`; None when off.
 
   Raises:
-    ConfigError: a value of the wrong type or range, a teacher that is neither a
-      workdir nor a probabilities array, or the student's own workdir among them.
+    ConfigError: a teacher that is neither a workdir nor a probabilities array, a
+      forest in an ensemble, or the student's own workdir among them.
   """
-  d = config.get("distill") or {}
-  teacher = d.get("teacher") or ""
-  if not teacher:
+  names = distill.teacher
+  if not names:
     return None
-  names = lists.parse_list(teacher, str, flag="--config.distill.teacher", error=ConfigError)
-  try:
-    weight = float(d.get("weight", 1.0))
-    batch_size = int(d.get("batch_size", -1))
-  except (TypeError, ValueError):
-    raise ConfigError(
-      f"--config.distill.weight={d.get('weight')!r} / --config.distill.batch_size="
-      f"{d.get('batch_size')!r}: expected a number >= 0 and an integer >= 1 or -1"
-    ) from None
-  if not weight >= 0 or weight != weight:
-    raise ConfigError(f"--config.distill.weight={d.get('weight')}: expected a number >= 0")
-  if batch_size != -1 and batch_size < 1:
-    raise ConfigError(f"--config.distill.batch_size={batch_size}: expected >= 1 or -1")
-  if batch_size == -1:
-    batch_size = int(config["train"]["batch_size"])
-  tta = str(d.get("tta", "all"))
+  teacher = ",".join(names)
+  weight, tta, batch_size = distill.weight, distill.tta, distill.batch_size
   if FOREST in names:
     if len(names) > 1:
       raise ConfigError(

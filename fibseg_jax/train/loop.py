@@ -47,80 +47,76 @@ WORKDIR_KIND = "train"
 
 @dataclasses.dataclass
 class Experiment:
-  """A checked config with the objects built from it."""
+  """A checked config with the objects built from it.
+
+  Attributes:
+    config: the ConfigDict as the user set it, with what the volume decides filled in
+      (model.num_classes, data.classes): what is printed and saved with checkpoints.
+    settings: the same, typed once (`config.parse`): what the layers below take.
+    volume: the volume trained on.
+    loader_config: the slab loader's settings.
+    distill: the resolved teacher, or None without distillation.
+  """
 
   config: ml_collections.ConfigDict
+  settings: config_lib.Settings
   volume: volume_lib.Volume
   loader_config: loader_lib.LoaderConfig
+  distill: distill_lib.Distill | None = None
 
 
 def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Experiment:
   """Checks the config against the volume and fills in what the volume decides.
 
-  Fills config.model.num_classes (when -1) and config.data.classes. `workdir` is the
-  run's, where a teacher given as workdirs has its probabilities (`distill.settings`).
+  The config is parsed once here (`config.parse`, with the volume's classes); fills
+  config.model.num_classes (when -1) and config.data.classes. `workdir` is the run's,
+  where a teacher given as workdirs has its probabilities (`distill.settings`).
 
   Raises:
     ConfigError: naming the --config.* flag and the expected value. Only user mistakes
       become ConfigError; any other exception is a bug and propagates as it is.
   """
   config = ml_collections.ConfigDict(config.to_dict())
-  d, t = config.data, config.train
-  if not d.path:
+  path = config.data.get("path")
+  if not path:
     raise ConfigError("--config.data.path is required: the volume to train on (e.g. vol.zarr)")
   try:
-    volume = volume_lib.open_volume(d.path)
-    channels = config_lib.parse_names(d.channels, "--config.data.channels")
-    volume.channel_indices(channels, "--config.data.channels")
-  except ConfigError:
-    raise
+    volume = volume_lib.open_volume(path)
   except volume_lib.VolumeError as e:
-    raise ConfigError(str(e) if "--config" in str(e) else f"--config.data.path: {e}") from None
+    raise ConfigError(f"--config.data.path: {e}") from None
   if not volume.classes or not volume.metadata.annotated_slices:
     raise ConfigError(
-      f"--config.data.path={d.path} has no labels (ingested to be segmented only); "
+      f"--config.data.path={path} has no labels (ingested to be segmented only); "
       "ingest it again with --labels (and --classes) to train on it"
     )
-  num_classes = len(volume.classes)
-  if config.model.num_classes in (-1, None):
-    config.model.num_classes = num_classes
-  elif config.model.num_classes != num_classes:
-    raise ConfigError(
-      f"--config.model.num_classes={config.model.num_classes} but volume {d.path} has "
-      f"{num_classes} classes {list(volume.classes)}; use -1 to take them from the volume"
-    )
-  d.classes = tuple(volume.classes)
-  for name, value, low in (
-    ("train.steps", t.steps, 1),
-    ("train.eval_every", t.eval_every, 1),
-    ("train.log_every", t.log_every, 1),
-    ("train.keep", t.keep, 1),
-  ):
-    if int(value) < low:
-      raise ConfigError(f"--config.{name}={value} must be at least {low}")
+  settings = config_lib.parse(config, classes=volume.classes)
+  d, t = settings.data, settings.train
   try:
-    model = models.build(config.model)
-    del model
-    multiple = models.size_multiple(config.model)
-    models.check_input_shape(config.model, int(d.slices), int(d.patch), int(d.patch))
+    volume.channel_indices(d.channels, "--config.data.channels")
+  except volume_lib.VolumeError as e:
+    raise ConfigError(str(e) if "--config" in str(e) else f"--config.data.path: {e}") from None
+  config.model.num_classes = settings.model.num_classes
+  config.data.classes = d.classes
+  try:
+    multiple = models.size_multiple(settings.model)
+    models.check_input_shape(settings.model, d.slices, d.patch, d.patch)
   except (models.ModelConfigError, models.InputShapeError) as e:
     raise ConfigError(f"--config.model / --config.data: {e}") from None
-  parallel.check_batch_size(int(t.batch_size))
-  state_lib.make_optimizer(config)  # checks train.optimizer and train.schedule
-  semi = _semi(config)
-  distilled = distill_lib.settings(config, workdir)
+  parallel.check_batch_size(t.batch_size)
+  semi = settings.semi
+  distilled = distill_lib.settings(settings.distill, workdir)
   if semi.enabled and distilled is not None:
     raise ConfigError(
       "--config.semi.weight and --config.distill.teacher: semi-supervised training and "
       "distillation are alternatives; set one of them"
     )
-  unlabelled = data_config.unlabelled_batch(config) if semi.enabled or distilled else 0
+  unlabelled = settings.unlabelled_batch
   if semi.enabled:
-    parallel.check_batch_size(int(unlabelled), "--config.semi.batch_size")
+    parallel.check_batch_size(unlabelled, "--config.semi.batch_size")
   if distilled is not None:
-    parallel.check_batch_size(int(unlabelled), "--config.distill.batch_size")
+    parallel.check_batch_size(unlabelled, "--config.distill.batch_size")
   loader_config = data_config.loader_config(
-    config,
+    settings,
     size_multiple=multiple,
     unlabelled=unlabelled,
     teacher=distilled.array if distilled else "",
@@ -130,7 +126,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Ex
     loader_lib.validate_config(loader_config, volume, jax.process_count())
   except (loader_lib.LoaderError, volume_lib.VolumeError) as e:
     raise ConfigError(str(e)) from None
-  return Experiment(config=config, volume=volume, loader_config=loader_config)
+  return Experiment(config, settings, volume, loader_config, distilled)
 
 
 # Below this share of labelled pixels on the training slices, labels are brush strokes.
@@ -138,10 +134,10 @@ SPARSE_SHARE = 0.1
 
 
 def sparse_labels_hint(
-  loader: loader_lib.SlabLoader, volume: volume_lib.Volume, config: ml_collections.ConfigDict
+  loader: loader_lib.SlabLoader, volume: volume_lib.Volume, settings: config_lib.Settings
 ) -> str | None:
   """A one-line hint when the labels are strokes and no teacher is set, else None."""
-  if (config.get("distill") or {}).get("teacher") or float(config.semi.weight) > 0:
+  if settings.distill.teacher or settings.semi.enabled:
     return None
   _, height, width = volume.shape
   area = len(loader.train_slices) * height * width
@@ -155,77 +151,39 @@ def sparse_labels_hint(
   )
 
 
-def _semi(config: ml_collections.ConfigDict) -> state_lib.Semi:
-  """config.semi, checked, as a `Semi` (rampup becomes steps)."""
-  s = config.semi
-  for name in ("weight", "threshold", "ema", "rampup", "batch_size"):
-    try:
-      value = float(s[name])
-    except (TypeError, ValueError):
-      value = float("nan")
-    if not np.isfinite(value):
-      raise ConfigError(f"--config.semi.{name}={s[name]}: expected a finite number")
-  checks = (
-    ("weight", s.weight, float(s.weight) >= 0, ">= 0 (0 turns it off)"),
-    ("mode", s.mode, s.mode in ("pseudo", "soft"), "'pseudo' or 'soft'"),
-    ("threshold", s.threshold, 0 < float(s.threshold) <= 1, "in (0, 1]"),
-    ("ema", s.ema, 0 <= float(s.ema) < 1, "in [0, 1)"),
-    ("rampup", s.rampup, 0 <= float(s.rampup) <= 1, "in [0, 1], a share of train.steps"),
-    ("batch_size", s.batch_size, int(s.batch_size) == -1 or int(s.batch_size) >= 1, ">= 1 or -1"),
-  )
-  for name, value, ok, expected in checks:
-    if not ok:
-      raise ConfigError(f"--config.semi.{name}={value}: expected {expected}")
-  return state_lib.Semi(
-    weight=float(s.weight),
-    mode=str(s.mode),
-    threshold=float(s.threshold),
-    ema=float(s.ema),
-    rampup_steps=round(float(s.rampup) * int(config.train.steps)),
-  )
-
-
 def _volume_id(path: Any) -> str:
   """A volume root as a comparable string: the real path of a local directory."""
   local = volume_lib.local_path(str(path)) if path else None
   return os.path.realpath(local) if local else str(path)
 
 
-def _model_fields(model: dict[str, Any]) -> dict[str, Any]:
-  """Every field of a model config, defaults filled in, so an omitted default matches."""
-  try:
-    fields = {"name": model.get("name"), **dataclasses.asdict(models.config_from(model))}
-  except models.ModelConfigError:
-    fields = dict(model)
-  return json.loads(json.dumps(fields))  # tuples and lists compare equal
+def _model_fields(settings: config_lib.Settings) -> dict[str, Any]:
+  """The name and every field of the model, defaults filled in, tuples as lists (as
+  the flags and the saved JSON spell them)."""
+  model = dataclasses.asdict(settings.model) if settings.model else {}
+  return json.loads(json.dumps({"name": settings.model_name, **model}))
 
 
-def _identity(cfg: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+def _identity(settings: config_lib.Settings) -> dict[str, tuple[Any, Any]]:
   """flag -> (value as shown, value as compared) of what makes two runs one experiment."""
-  data = cfg.get("data", {})
-  channels = data.get("channels")
-  try:
-    channel_names = list(config_lib.parse_names(channels, "--config.data.channels"))
-  except ConfigError:
-    channel_names = channels
-  shown = lambda v: ",".join(v) if isinstance(v, list | tuple) else v  # noqa: E731
+  d = settings.data
   fields = {
-    "--config.data.path": (data.get("path"), _volume_id(data.get("path"))),
-    "--config.data.channels": (shown(channels), channel_names),
-    "--config.data.slices": (data.get("slices"), data.get("slices")),
-    "--config.data.patch": (data.get("patch"), data.get("patch")),
-    "the classes of --config.data.path": (data.get("classes"), list(data.get("classes") or ())),
+    "--config.data.path": (d.path, _volume_id(d.path)),
+    "--config.data.channels": (",".join(d.channels), d.channels),
+    "--config.data.slices": (d.slices, d.slices),
+    "--config.data.patch": (d.patch, d.patch),
+    "the classes of --config.data.path": (list(d.classes), d.classes),
   }
   # Semi-supervised runs hold a teacher in their state: a run is one or the other.
-  weight = float((cfg.get("semi") or {}).get("weight") or 0)
+  weight = settings.semi.weight
   fields["--config.semi.weight"] = (weight, weight > 0)
   # Deep-supervised runs hold the heads of the lower decoder levels in their state.
-  heads = bool((cfg.get("train") or {}).get("deep_supervision") or False)
+  heads = settings.train.deep_supervision
   fields["--config.train.deep_supervision"] = (heads, heads)
   # A resumed student keeps its teacher (the batches it saw came from it).
-  teacher = (cfg.get("distill") or {}).get("teacher") or ""
-  fields["--config.distill.teacher"] = (teacher, str(teacher))
-  for key, value in _model_fields(dict(cfg.get("model", {}))).items():
+  teacher = settings.distill.teacher
+  fields["--config.distill.teacher"] = (",".join(teacher), teacher)
+  for key, value in _model_fields(settings).items():
     fields[f"--config.model.{key}"] = (value, value)
   return fields
 
@@ -241,7 +199,7 @@ def is_training_workdir(path: str) -> bool:
   )
 
 
-def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
+def claim_workdir(settings: config_lib.Settings, workdir: str) -> None:
   """Claims `workdir` as every other output is claimed (`fibseg_jax.outputs.claim`).
 
   A new or empty folder, or an earlier training run (resumed), is taken and marked as a
@@ -255,12 +213,12 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
   """
   if not workdir:
     raise ConfigError("--workdir is required: the folder for checkpoints and metrics")
-  inputs: dict[str, Any] = {"--config.data.path": config.data.path}
-  if config.train.get("init_from"):
-    inputs["--config.train.init_from"] = str(config.train.init_from)
-  teacher = str((config.get("distill") or {}).get("teacher") or "")
-  if teacher and teacher != "forest":
-    inputs["--config.distill.teacher"] = [t.strip() for t in teacher.split(",") if t.strip()]
+  inputs: dict[str, Any] = {"--config.data.path": settings.data.path}
+  if settings.train.init_from:
+    inputs["--config.train.init_from"] = settings.train.init_from
+  teacher = settings.distill.teacher
+  if teacher and teacher != (distill_lib.FOREST,):
+    inputs["--config.distill.teacher"] = list(teacher)
   local = volume_lib.local_path(str(workdir))
   if local is None or jax.process_index() != 0:
     return  # an object store's prefix; other processes leave the claim to process 0
@@ -286,7 +244,7 @@ def claim_workdir(config: ml_collections.ConfigDict, workdir: str) -> None:
     raise ConfigError(f"--workdir={workdir}: cannot create it: {e}") from None
 
 
-def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None:
+def check_workdir(settings: config_lib.Settings, workdir: str) -> int | None:
   """Returns the latest checkpoint step of `workdir` (None if fresh).
 
   A workdir resumes only the experiment it holds: the volume (--config.data.path), its
@@ -295,7 +253,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
   --config.train.init_from.
 
   Args:
-    config: the checked config (`prepare(...).config`).
+    settings: the checked settings (`prepare(...).settings`).
     workdir: the training workdir.
 
   Raises:
@@ -312,12 +270,12 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
   if latest is None:
     return None
   try:
-    saved = checkpoint.read_config(mngr, latest)
+    saved = config_lib.parse(checkpoint.read_config(mngr, latest))
   except Exception as e:  # noqa: BLE001 - orbax raises many kinds for a broken directory
     raise ConfigError(
       f"--workdir={workdir}: cannot read the config of its checkpoint {latest}: {e}"
     ) from e
-  theirs, mine = _identity(saved), _identity(config.to_dict())
+  theirs, mine = _identity(saved), _identity(settings)
   name = "--config.model.name"
   if theirs.get(name) != mine.get(name):  # another model: its name says enough
     theirs, mine = (
@@ -341,7 +299,7 @@ def check_workdir(config: ml_collections.ConfigDict, workdir: str) -> int | None
 
 
 def _init_from(
-  state, config, tx, source: str, replicated
+  state, settings: config_lib.Settings, tx, source: str, replicated
 ) -> tuple[state_lib.TrainState, checkpoint.Restored]:
   """Replaces freshly initialised weights by those of another run (fine-tuning).
 
@@ -352,8 +310,7 @@ def _init_from(
     restored = checkpoint.load(source, aux_heads=True)
   except checkpoint.CheckpointError as e:
     raise ConfigError(f"--config.train.init_from: {e}") from None
-  theirs = json.loads(json.dumps(restored.config.model.to_dict()))
-  mine = json.loads(json.dumps(config.model.to_dict()))
+  theirs, mine = _model_fields(restored.settings), _model_fields(settings)
   if theirs != mine:
     diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
     raise ConfigError(
@@ -382,19 +339,18 @@ def _init_from(
   return state, restored
 
 
-def fine_tune_line(config: ml_collections.ConfigDict, source: str, step: int | None) -> str:
+def fine_tune_line(train: config_lib.TrainSettings, source: str, step: int | None) -> str:
   """What a fine-tune starts from and how its learning rate runs, as one line."""
-  t = config.train
-  peak = state_lib.peak_learning_rate(config)
-  warmup = int(min(t.warmup_steps, max(int(t.steps) - 1, 0)))
+  t = train
+  peak = state_lib.peak_learning_rate(train)
+  warmup = min(t.warmup_steps, max(t.steps - 1, 0))
   at = f" (step {step})" if step is not None else ""
   plural = "s" if warmup != 1 else ""
   rise = f"warming up over {warmup} step{plural} to" if warmup else "starting at"
   return (
     f"fine-tuning: starting from the weights of {source}{at} with a fresh optimizer; "
     f"learning rate {rise} a peak of {peak:.3g} (--config.train.learning_rate="
-    f"{float(t.learning_rate):g} x --config.train.init_lr_scale="
-    f"{float(t.get('init_lr_scale', 1.0)):g})"
+    f"{t.learning_rate:g} x --config.train.init_lr_scale={t.init_lr_scale:g})"
   )
 
 
@@ -478,19 +434,18 @@ def _train_and_evaluate(
   stop_event: threading.Event | None,
 ) -> dict[str, Any]:
   exp = prepare(config, workdir)
-  config = exp.config
-  claim_workdir(config, workdir)
-  start = check_workdir(config, workdir) or 0
-  t = config.train
+  config, settings, distilled = exp.config, exp.settings, exp.distill  # config: to save
+  claim_workdir(settings, workdir)
+  start = check_workdir(settings, workdir) or 0
+  t = settings.train
   is_main = jax.process_index() == 0
-  distilled = distill_lib.settings(config, workdir)
   if (
     distilled is not None
     and distilled.computed
     and not distill_lib.is_probabilities_array(distilled.array)
   ):
     raise ConfigError(
-      f"--config.distill.teacher={config.distill.teacher}: its probabilities "
+      f"--config.distill.teacher={','.join(settings.distill.teacher)}: its probabilities "
       f"{distilled.array} are not computed yet; `fibseg train` computes them first (from "
       "Python: fibseg_jax.infer.distill.prepare_teacher(config, workdir))"
     )
@@ -501,24 +456,24 @@ def _train_and_evaluate(
   weights = None
   if t.class_weights:
     weights = losses.class_weights(loader.class_counts())
-  classes = tuple(config.data.classes)
+  classes = settings.data.classes
 
   mesh = parallel.make_mesh()
   replicated, batch_sharding = parallel.shardings(mesh)
-  model = models.build(config.model)
-  tx, schedule = state_lib.make_optimizer(config)
+  model = models.build(settings.model)
+  tx, schedule = state_lib.make_optimizer(t)
   lc = exp.loader_config
   sample = jnp.zeros((1, lc.slices, lc.patch, lc.patch, len(lc.channels)), jnp.float32)
-  rng = jax.random.PRNGKey(int(t.seed))
-  semi = _semi(config)
-  deep_supervision = bool(t.get("deep_supervision", False))
+  rng = jax.random.PRNGKey(t.seed)
+  semi = settings.semi
+  deep_supervision = t.deep_supervision
   init = lambda r: state_lib.create_state(  # noqa: E731
     model, tx, r, sample, teacher=semi.enabled, deep_supervision=deep_supervision
   )
   abstract = jax.eval_shape(init, rng)
   state_sharding = jax.tree.map(lambda _: replicated, abstract)
 
-  mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=int(t.keep))
+  mngr = checkpoint.manager(os.path.join(workdir, checkpoint.CHECKPOINT_DIR), keep=t.keep)
   if start:
     target = jax.tree.map(
       lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated), abstract
@@ -531,18 +486,18 @@ def _train_and_evaluate(
     with jax.threefry_partitionable(False):
       state = jax.jit(init, out_shardings=state_sharding)(rng)
     if t.init_from:
-      state, source = _init_from(state, config, tx, str(t.init_from), replicated)
+      state, source = _init_from(state, settings, tx, t.init_from, replicated)
       if is_main:
-        print(fine_tune_line(config, source.path, source.step))
+        print(fine_tune_line(t, source.path, source.step))
   if is_main:
     n_params = models.count_params(models.without_aux_heads(state.params))
     n_heads = models.count_params(state.params) - n_params
     heads = f" (+{n_heads:,} in deep-supervision heads)" if n_heads else ""
     print(
-      f"{config.model.name}: {n_params:,} parameters{heads}; {jax.device_count()} device(s) on "
-      f"{jax.process_count()} process(es); " + _start_words(start, str(t.init_from or ""))
+      f"{settings.model_name}: {n_params:,} parameters{heads}; {jax.device_count()} device(s) "
+      f"on {jax.process_count()} process(es); " + _start_words(start, t.init_from)
     )
-    hint = sparse_labels_hint(loader, exp.volume, config)
+    hint = sparse_labels_hint(loader, exp.volume, settings)
     if hint:
       print(hint)
     numbering = exp.volume.metadata.numbering
@@ -558,24 +513,24 @@ def _train_and_evaluate(
       tx,
       schedule,
       weights,
-      float(t.dice_weight),
+      t.dice_weight,
       semi,
       deep_supervision,
       distill_weight=distilled.weight if distilled else 0.0,
     ),
-    state_lib.make_eval_step(model, len(classes), weights, float(t.dice_weight)),
+    state_lib.make_eval_step(model, len(classes), weights, t.dice_weight),
     state_sharding,
     batch_sharding,
   )
   writer = metrics_writer.MetricWriter(workdir, enabled=is_main, resume_step=start)
-  steps = int(t.steps)
+  steps = t.steps
   best = {"step": mngr.best_step(), "val_miou": None}
   if t.init_from and not start and mngr.latest_step() is None:
     # The weights it starts from, scored and kept as checkpoint 0: the best checkpoint
     # (what segment loads) is never worse on validation than where the fine-tune began.
     val = _validate(eval_step, state, loader, batch_sharding, classes)
     writer.write(0, val)
-    checkpoint.save(mngr, 0, state, config, {"step": 0, "seed": int(t.seed)}, val)
+    checkpoint.save(mngr, 0, state, config, {"step": 0, "seed": t.seed}, val)
     best = {"step": 0, **val}
     if is_main:
       print(
@@ -605,7 +560,7 @@ def _train_and_evaluate(
   def save(step: int, val: dict[str, float] | None) -> None:
     nonlocal saved
     with stop.protected():
-      checkpoint.save(mngr, step, state, config, {"step": step, "seed": int(t.seed)}, val)
+      checkpoint.save(mngr, step, state, config, {"step": step, "seed": t.seed}, val)
     saved = step
 
   with stop:
@@ -618,7 +573,7 @@ def _train_and_evaluate(
         # thread keeps reading meanwhile, so little is lost.
         metrics["loss"].block_until_ready()
         done = step + 1
-        if done % int(t.log_every) == 0 or done == steps:
+        if done % t.log_every == 0 or done == steps:
           metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
           now = time.perf_counter()
           metrics["patches_per_s"] = (done - tick_step) * lc.batch_size / max(now - tick, 1e-9)
@@ -626,7 +581,7 @@ def _train_and_evaluate(
           last_loss = metrics["loss"]
           writer.write(done, metrics)
           bar.set_postfix(loss=f"{last_loss:.4f}", patches_s=f"{metrics['patches_per_s']:.1f}")
-        if done % int(t.eval_every) == 0 or done == steps:
+        if done % t.eval_every == 0 or done == steps:
           val = _validate(eval_step, state, loader, batch_sharding, classes)
           writer.write(done, val)
           save(done, val)
@@ -660,7 +615,7 @@ def _train_and_evaluate(
       loader.close()
       writer.close()
     with stop.protected():  # the curves (so far); a Ctrl-C now only repeats the request
-      curves = metrics_writer.plot_curves(workdir, config=config) if is_main else None
+      curves = metrics_writer.plot_curves(workdir, settings=settings) if is_main else None
   if stopped:
     raise KeyboardInterrupt(
       f"stopped at step {saved}: checkpoint saved in {workdir}; rerun the same command to resume"

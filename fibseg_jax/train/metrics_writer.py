@@ -16,6 +16,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from fibseg_jax.data import palette
+from fibseg_jax.train import config as config_lib
 
 METRICS_FILE = "metrics.jsonl"
 CURVES_FILE = "training_curves.png"
@@ -109,75 +110,63 @@ def saved_config(workdir: str) -> dict | None:
   return None
 
 
-def _get(config: Mapping | None, *keys: str):
-  for key in keys:
-    if config is None:
-      return None
-    config = config.get(key) if isinstance(config, Mapping) else getattr(config, key, None)
-  return config
-
-
-def describe_run(config: Mapping | None, workdir: str) -> str:
-  """'unet, 3 slices of ICE + TLD, on runs/vol.zarr' for the curves' title, from the
-  experiment config; the workdir's path when there is no config."""
-  if config is None:
-    return f"run {palette.stack_name(os.path.abspath(workdir))}"
-  model = _get(config, "model", "name") or "model"
-  features = _get(config, "model", "features")
-  if isinstance(features, (list, tuple)) and features:
-    model = f"{model} ({'-'.join(str(f) for f in features)} features)"
-  channels = _get(config, "data", "channels") or ()
-  if isinstance(channels, str):
-    channels = [c for c in channels.split(",") if c]
-  slices = _get(config, "data", "slices")
-  inputs = " + ".join(str(c) for c in channels) or "?"
-  if slices:
-    inputs = f"{slices} slice{'s' if int(slices) != 1 else ''} of {inputs}"
-  text = f"{model}, {inputs}"
-  path = _get(config, "data", "path")
-  return f"{text}, on {palette.stack_name(path)}" if path else text
-
-
-def _number(value, default: float) -> float:
+def saved_settings(workdir: str) -> config_lib.Settings | None:
+  """The parsed `saved_config` of a workdir, or None when it has none it can read."""
+  config = saved_config(workdir)
   try:
-    return float(value)
-  except (TypeError, ValueError):
-    return default
+    return None if config is None else config_lib.parse(config)
+  except config_lib.ConfigError:
+    return None
+
+
+def describe_run(settings: config_lib.Settings | None, workdir: str) -> str:
+  """'unet, 3 slices of ICE + TLD, on runs/vol.zarr' for the curves' title, from the
+  experiment's settings; the workdir's path when there are none."""
+  if settings is None:
+    return f"run {palette.stack_name(os.path.abspath(workdir))}"
+  model = settings.model_name or "model"
+  features = getattr(settings.model, "features", ())
+  if features:
+    model = f"{model} ({'-'.join(str(f) for f in features)} features)"
+  d = settings.data
+  inputs = " + ".join(d.channels) or "?"
+  if d.slices:
+    inputs = f"{d.slices} slice{'s' if d.slices != 1 else ''} of {inputs}"
+  text = f"{model}, {inputs}"
+  return f"{text}, on {palette.stack_name(d.path)}" if d.path else text
 
 
 def _times(weight: float, term: str) -> str:
   return term if weight == 1 else f"{weight:g} x {term}"
 
 
-def loss_names(config: Mapping | None) -> tuple[str, str]:
-  """(the training loss, the validation loss) as trained by `config`, in words.
+def loss_names(settings: config_lib.Settings | None) -> tuple[str, str]:
+  """(the training loss, the validation loss) as trained with `settings`, in words.
 
   Validation scores the full-resolution supervised loss only; training adds what the
-  config adds to it: deep supervision, a distillation teacher, a semi-supervised term.
+  settings add to it: deep supervision, a distillation teacher, a semi-supervised term.
+  None (no saved config): the default class-weighted cross-entropy + Dice.
   """
-  train = _get(config, "train") or {}
-  weighted = _get(train, "class_weights")
-  dice = _number(_get(train, "dice_weight"), 1.0)
-  ce = "class-weighted cross-entropy" if weighted in (None, True) else "cross-entropy"
+  if settings is None:
+    return ("class-weighted cross-entropy + Dice",) * 2
+  train, distill, semi = settings.train, settings.distill, settings.semi
+  ce = "class-weighted cross-entropy" if train.class_weights else "cross-entropy"
+  dice = train.dice_weight
   base = ce if dice == 0 else f"{ce} + {_times(dice, 'Dice')}"
-  trained = f"{base}, deep-supervised" if _get(train, "deep_supervision") else base
-  teacher = str(_get(config, "distill", "teacher") or "")
-  distill = _number(_get(config, "distill", "weight"), 1.0)
-  if teacher and distill > 0:
-    members = [t for t in teacher.split(",") if t.strip()]
+  trained = f"{base}, deep-supervised" if train.deep_supervision else base
+  if distill.teacher and distill.weight > 0:
+    members = len(distill.teacher)
     who = (
       "a random forest's"
-      if teacher == "forest"
-      else f"an ensemble of {len(members)}'s"
-      if len(members) > 1
+      if distill.teacher == ("forest",)
+      else f"an ensemble of {members}'s"
+      if members > 1
       else "the teacher's"
     )
-    trained += f" + {_times(distill, f'soft cross-entropy to {who} probabilities')}"
-  semi = _number(_get(config, "semi", "weight"), 0.0)
-  if semi > 0:
-    mode = _get(config, "semi", "mode") or "pseudo"
-    term = "pseudo-label consistency" if mode == "pseudo" else "soft consistency"
-    trained += f" + {_times(semi, term)} (unlabelled)"
+    trained += f" + {_times(distill.weight, f'soft cross-entropy to {who} probabilities')}"
+  if semi.enabled:
+    term = "pseudo-label consistency" if semi.mode == "pseudo" else "soft consistency"
+    trained += f" + {_times(semi.weight, term)} (unlabelled)"
   return trained, base
 
 
@@ -200,7 +189,7 @@ def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
 
 
 def plot_curves(
-  workdir: str, out: str | None = None, *, config: Mapping | None = None
+  workdir: str, out: str | None = None, *, settings: config_lib.Settings | None = None
 ) -> str | None:
   """Plots training loss, validation loss and IoU against step; returns the PNG path.
 
@@ -212,15 +201,16 @@ def plot_curves(
   Args:
     workdir: the training workdir (its metrics.jsonl).
     out: the PNG; default workdir/training_curves.png.
-    config: the experiment config (ConfigDict or dict), for the title: model, inputs
-      and volume. Default: the one saved with the workdir's latest checkpoint.
+    settings: the experiment's settings (`config.parse`), for the title (model, inputs
+      and volume) and the loss. Default: those saved with the workdir's latest
+      checkpoint (`saved_settings`).
   """
   path = os.path.join(workdir, METRICS_FILE)
   if not os.path.exists(path):
     return None
   rows = read_metrics(path)
-  if config is None:
-    config = saved_config(workdir)
+  if settings is None:
+    settings = saved_settings(workdir)
   from matplotlib.figure import Figure  # noqa: PLC0415 - only when plotting
   from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter  # noqa: PLC0415
 
@@ -230,7 +220,7 @@ def plot_curves(
 
   fig = Figure(figsize=(11, 4.2))
   ax_loss, ax_iou = fig.subplots(1, 2)
-  trained, validated = loss_names(config)
+  trained, validated = loss_names(settings)
   s = curve("loss")
   if s:
     raw = ax_loss.plot(*s, lw=0.8, alpha=0.3, label="train loss (each logged step)")[0]
@@ -253,7 +243,7 @@ def plot_curves(
   ax_loss.grid(alpha=0.3)
   ax_loss.set_title("loss", fontsize=10)
   iou_keys = sorted({k for r in rows for k in r if k.startswith("val_iou/")})
-  classes = [str(c) for c in (_get(config, "data", "classes") or ())]
+  classes = list(settings.data.classes) if settings else []
   order = {c: i for i, c in enumerate(classes)}  # class order, as in every other figure
   iou_keys.sort(key=lambda k: (order.get(k.split("/", 1)[1], len(order)), k))
   for key in iou_keys:
@@ -275,7 +265,7 @@ def plot_curves(
   ax_iou.set_title("validation IoU per class", fontsize=10)
   for ax in (ax_loss, ax_iou):
     ax.xaxis.get_major_locator().set_params(integer=True)  # steps are whole numbers
-  fig.suptitle(f"training curves: {describe_run(config, workdir)}", fontsize=11)
+  fig.suptitle(f"training curves: {describe_run(settings, workdir)}", fontsize=11)
   fig.tight_layout()
   out = out or os.path.join(workdir, CURVES_FILE)
   fig.savefig(out, dpi=100)

@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Callable
 from typing import Any
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from flax import struct
 
 from fibseg_jax import xla
 from fibseg_jax.data import augment
+from fibseg_jax.train import config as config_lib
 from fibseg_jax.train import losses
-from fibseg_jax.train.config import ConfigError
+from fibseg_jax.train.config import Semi  # the semi-supervised settings the step takes
 
 
 @struct.dataclass
@@ -42,100 +41,35 @@ class TrainState:
   teacher: Any = struct.field(default_factory=dict)
 
 
-@dataclasses.dataclass(frozen=True)
-class Semi:
-  """Semi-supervised training settings (`config.semi`); weight 0 turns it off.
-
-  Attributes:
-    weight: weight of the unsupervised loss once ramped up.
-    mode: "pseudo" (confidence-thresholded pseudo-labels) or "soft" (squared
-      difference of probabilities); see `losses.consistency`.
-    threshold: confidence of a pseudo-label.
-    ema: teacher weights <- ema * teacher + (1 - ema) * student after each step; 0 makes
-      the teacher the student itself.
-    rampup_steps: the weight rises as exp(-5 (1 - t)^2), t = step / rampup_steps, to 1.
-  """
-
-  weight: float = 0.0
-  mode: str = "pseudo"
-  threshold: float = 0.9
-  ema: float = 0.99
-  rampup_steps: int = 0
-
-  @property
-  def enabled(self) -> bool:
-    return self.weight > 0
-
-  def ramp(self, step: jax.Array) -> jax.Array:
-    if self.rampup_steps <= 0:
-      return jnp.ones((), jnp.float32)
-    t = jnp.minimum(step.astype(jnp.float32) / self.rampup_steps, 1.0)
-    return jnp.exp(-5.0 * (1.0 - t) ** 2)
-
-
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("cosine", "poly", "constant")
 # nnU-Net's SGD: Nesterov momentum 0.99; its poly decay exponent.
 SGD_MOMENTUM = 0.99
 POLY_POWER = 0.9
 
 
-def _choice(train: ml_collections.ConfigDict, name: str, allowed: tuple[str, ...]) -> str:
-  """config.train.<name>, one of `allowed` (the first when a saved config lacks it)."""
-  value = train.get(name, allowed[0])
-  if value not in allowed:
-    raise ConfigError(
-      f"--config.train.{name}={value!r}: expected one of {', '.join(map(repr, allowed))}"
-    )
-  return value
-
-
-def peak_learning_rate(config: ml_collections.ConfigDict) -> float:
+def peak_learning_rate(train: config_lib.TrainSettings) -> float:
   """`train.learning_rate`, times `train.init_lr_scale` when fine-tuning (`train.init_from`).
 
   Measured (docs/recipe.md, "Fine-tuning"): a fresh optimizer at the full peak dips on
   validation when the warm-up ends, then ends higher than a lower peak, on the stack it
   was trained on and on a new one; a lower peak dips less but learns less. The default
   scale is 1; the fine-tune's checkpoint 0 (its starting weights) keeps the dip from
-  costing the best checkpoint anything.
-
-  Raises:
-    ConfigError: `train.init_lr_scale` is not in (0, 1] when fine-tuning.
+  costing the best checkpoint anything (`config.parse` checks the scale is in (0, 1]).
   """
-  t = config.train
-  peak = float(t.learning_rate)
-  if not t.get("init_from"):
-    return peak
-  scale = t.get("init_lr_scale", 1.0)
-  try:
-    scale = float(scale)
-  except (TypeError, ValueError):
-    scale = float("nan")
-  if not 0 < scale <= 1:
-    raise ConfigError(
-      f"--config.train.init_lr_scale={t.get('init_lr_scale')}: expected a number in (0, 1], "
-      "the share of --config.train.learning_rate a fine-tune peaks at"
-    )
-  return peak * scale
+  return train.learning_rate * (train.init_lr_scale if train.init_from else 1.0)
 
 
-def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
+def make_schedule(train: config_lib.TrainSettings) -> optax.Schedule:
   """Linear warm-up from 0 to the peak (`peak_learning_rate`), then `train.schedule`'s decay.
 
   "cosine": cosine decay to 1% of the peak at `train.steps`. "poly" (nnU-Net):
   peak * (1 - t)**0.9 with t = (step - warmup) / (steps - warmup), which is nnU-Net's
   peak * (1 - step / steps)**0.9 when there is no warm-up. "constant": the peak until
   the end (as a plain optimizer without a scheduler, e.g. the MONAI peer's).
-
-  Raises:
-    ConfigError: an unknown `train.schedule`.
   """
-  t = config.train
-  kind = _choice(t, "schedule", SCHEDULES)
-  peak = peak_learning_rate(config)
-  warmup = int(min(t.warmup_steps, max(t.steps - 1, 0)))
-  decay_steps = max(int(t.steps), warmup + 1)
-  if kind == "cosine":
+  peak = peak_learning_rate(train)
+  warmup = min(train.warmup_steps, max(train.steps - 1, 0))
+  decay_steps = max(train.steps, warmup + 1)
+  if train.schedule == "cosine":
     return optax.warmup_cosine_decay_schedule(
       init_value=0.0,
       peak_value=peak,
@@ -143,7 +77,7 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
       decay_steps=decay_steps,
       end_value=peak * 0.01,
     )
-  if kind == "constant":
+  if train.schedule == "constant":
     decay = optax.constant_schedule(peak)
   else:
     decay = optax.polynomial_schedule(
@@ -155,7 +89,9 @@ def make_schedule(config: ml_collections.ConfigDict) -> optax.Schedule:
   return optax.join_schedules([rise, decay], [warmup])
 
 
-def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTransformation, Any]:
+def make_optimizer(
+  train: config_lib.TrainSettings,
+) -> tuple[optax.GradientTransformation, Any]:
   """`train.optimizer` on `make_schedule`'s learning rate, after global-norm clipping.
 
   "adamw": AdamW with decoupled weight decay `train.weight_decay`. "sgd" (nnU-Net): SGD
@@ -165,22 +101,18 @@ def make_optimizer(config: ml_collections.ConfigDict) -> tuple[optax.GradientTra
 
   Returns:
     (optimizer, learning-rate schedule).
-
-  Raises:
-    ConfigError: an unknown `train.optimizer` or `train.schedule`.
   """
-  t = config.train
-  kind = _choice(t, "optimizer", OPTIMIZERS)
-  schedule = make_schedule(config)
-  if kind == "adamw":
-    step = optax.adamw(schedule, weight_decay=t.weight_decay)
+  schedule = make_schedule(train)
+  if train.optimizer == "adamw":
+    step = optax.adamw(schedule, weight_decay=train.weight_decay)
   else:
+    decay = train.weight_decay
     step = optax.chain(
-      optax.add_decayed_weights(t.weight_decay) if t.weight_decay else optax.identity(),
+      optax.add_decayed_weights(decay) if decay else optax.identity(),
       optax.sgd(schedule, momentum=SGD_MOMENTUM, nesterov=True),
     )
   tx = optax.chain(
-    optax.clip_by_global_norm(t.grad_clip) if t.grad_clip > 0 else optax.identity(),
+    optax.clip_by_global_norm(train.grad_clip) if train.grad_clip > 0 else optax.identity(),
     step,
   )
   return tx, schedule
