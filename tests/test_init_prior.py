@@ -124,7 +124,7 @@ def test_a_run_from_the_prior_trains_and_keeps_checkpoint_0(prior, tmp_path, cap
   loop.train_and_evaluate(config, workdir, progress=False)
   out = capsys.readouterr().out
   assert "the U-Net takes the prior's backbone (model.depth=3 model.features=(8, 16, 32, 64)" in out
-  assert "arrays from the prior (down0, down1, down2, down3, up2, up1, up0" in out
+  assert "arrays from the prior (down0, down1, down2, down3, up0, up1, up2" in out
   assert (
     "first conv fitted to 3 slice(s) x 2 channel(s)" in out and "fresh: head (3 classes)" in out
   )

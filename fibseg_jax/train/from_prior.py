@@ -210,6 +210,38 @@ def _patches(slab: np.ndarray) -> np.ndarray:
   return np.stack(shifts, axis=3).reshape(*slab.shape[:3], -1)
 
 
+class _Reached(Exception):  # noqa: N818 - control flow, not an error
+  """Carries the first conv's outputs out of the enhancer's forward pass."""
+
+  def __init__(self, outputs):
+    super().__init__()
+    self.outputs = outputs
+
+
+def _first_conv_outputs(model, variables, image: np.ndarray, probabilities: np.ndarray):
+  """The enhancer's `down0/conv0` outputs `[batch * classes, y, x, features[0]]`.
+
+  The forward pass stops there: the rest of the network is never traced, and the few
+  dozen ops up to it compile as one program.
+  """
+
+  def stop_after_first_conv(call, args, kwargs, context):
+    out = call(*args, **kwargs)
+    if context.module.path == FIRST_CONV and context.method_name == "__call__":
+      raise _Reached(out)
+    return out
+
+  def first_conv(variables, image, probabilities):
+    try:
+      with flax.linen.intercept_methods(stop_after_first_conv):
+        model.apply(variables, image, probabilities, train=False)
+    except _Reached as reached:
+      return reached.outputs  # a value of this same trace
+    raise AssertionError("the enhancer has no down0/conv0")  # models/enhancer.py names it
+
+  return jax.jit(first_conv)(variables, image, probabilities)
+
+
 def fit_first_conv(
   model: enhancer.Enhancer, variables: Any, channels: int, slices: int, num_classes: int
 ) -> tuple[np.ndarray, np.ndarray, float]:
@@ -233,14 +265,7 @@ def fit_first_conv(
   slab = np.stack(slabs)  # [n, slices, y, x, channels]
   centre = slab[:, slices // 2]
   uniform = np.full((*centre.shape[:3], num_classes), 1.0 / num_classes, np.float32)
-  _, state = model.apply(
-    variables,
-    jnp.asarray(centre),
-    jnp.asarray(uniform),
-    train=False,
-    capture_intermediates=lambda mdl, _: mdl.path == FIRST_CONV,
-  )
-  target = np.asarray(state["intermediates"]["down0"]["conv0"]["__call__"][0], np.float64)
+  target = np.asarray(_first_conv_outputs(model, variables, centre, uniform), np.float64)
   n, y, x = centre.shape[:3]
   target = target.reshape(n, num_classes, y, x, -1)[:, 0]  # the classes see the same image
   # The slab as the U-Net folds it: feature s * channels + c (models/unet.py).
