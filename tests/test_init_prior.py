@@ -131,6 +131,8 @@ def test_a_run_from_the_prior_trains_and_keeps_checkpoint_0(prior, tmp_path, cap
   assert "step 0 (the weights it starts from)" in out
   steps = [r["step"] for r in metrics_writer.read_metrics(os.path.join(workdir, "metrics.jsonl"))]
   assert 0 in steps and 2 in steps
+  # A rerun resumes: the saved config holds the prior's widths, as prepare sets them again.
+  assert loop.check_workdir(loop.prepare(config).config, workdir) == 2
   restored = checkpoint.load(workdir, step=0)
   assert restored.step == 0
   assert tuple(restored.config.model.features) == PRIOR_FEATURES
