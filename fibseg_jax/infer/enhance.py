@@ -18,8 +18,6 @@ slice is itself annotated and not left out with `exclude`.
 from __future__ import annotations
 
 import dataclasses
-import json
-import os
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -28,17 +26,17 @@ import numpy as np
 
 from fibseg_jax import baselines
 from fibseg_jax.data import volume as volume_lib
+from fibseg_jax.train import from_prior
 
-PRIOR_DIR = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "prior")
-WEIGHTS = "prior.msgpack"
-PROVENANCE = "prior.json"
+# The prior's files and their checks live with the training side, which also starts U-Net
+# runs from the prior (`fibseg_jax.train.from_prior`).
+PRIOR_DIR = from_prior.PRIOR_DIR
+WEIGHTS = from_prior.WEIGHTS
+PROVENANCE = from_prior.PROVENANCE
+PriorError = from_prior.PriorError
 # Slices are enhanced in tiles of this side (plus the halo) to bound memory.
 TILE = 1024
 HALO = 32
-
-
-class PriorError(ValueError):
-  """The prior's files are missing, altered or of another version."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -61,34 +59,9 @@ def load_prior(directory: str = PRIOR_DIR) -> Prior:
   Raises:
     PriorError: a missing file, or weights whose sha256 differs from prior.json's.
   """
-  import flax.serialization  # noqa: PLC0415
   import jax  # noqa: PLC0415
-  import jax.numpy as jnp  # noqa: PLC0415
 
-  from fibseg_jax.models import enhancer  # noqa: PLC0415
-  from fibseg_jax.train import pretrain  # noqa: PLC0415
-
-  weights = os.path.join(directory, WEIGHTS)
-  record = os.path.join(directory, PROVENANCE)
-  if not os.path.isfile(weights) or not os.path.isfile(record):
-    raise PriorError(
-      f"no prior in {directory} (expected {WEIGHTS} and {PROVENANCE}; `fibseg pretrain` makes them)"
-    )
-  with open(record) as f:
-    provenance = json.load(f)
-  digest = pretrain.sha256(weights)
-  if digest != provenance.get("sha256"):
-    raise PriorError(
-      f"{weights}: sha256 {digest} differs from the {provenance.get('sha256')} that "
-      f"{record} records; the weights were altered or belong to another prior"
-    )
-  fields = dict(provenance["model"])
-  fields["features"] = tuple(fields["features"])
-  model = enhancer.Enhancer(enhancer.EnhancerConfig(**fields))
-  m = 2 ** fields["depth"]
-  template = model.init(jax.random.key(0), jnp.zeros((1, m, m, 1)), jnp.zeros((1, m, m, 2)))
-  with open(weights, "rb") as f:
-    variables = flax.serialization.from_bytes(template, f.read())
+  model, variables, provenance = from_prior.read_prior(directory)
 
   @jax.jit
   def apply(variables, image, probs):

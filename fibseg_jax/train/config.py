@@ -126,7 +126,9 @@ FIELDS: tuple[tuple[str, Any, str], ...] = (
     "train.init_from",
     "",
     "fine-tune: start from the weights of another run (its workdir or a checkpoint step "
-    "directory), with a fresh optimizer; they are scored and kept as checkpoint 0",
+    "directory), with a fresh optimizer; they are scored and kept as checkpoint 0. `prior` "
+    "(or a folder of prior.msgpack + prior.json): a U-Net with the prior's backbone, its "
+    "first conv fitted to the channels and slab depth, a fresh head (docs/prior.md)",
   ),
   (
     "train.init_lr_scale",

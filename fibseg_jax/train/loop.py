@@ -27,7 +27,7 @@ from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.progress import Bar
 from fibseg_jax.train import config as config_lib
-from fibseg_jax.train import data_config, losses, metrics_writer, parallel
+from fibseg_jax.train import data_config, from_prior, losses, metrics_writer, parallel
 from fibseg_jax.train import distill as distill_lib
 from fibseg_jax.train import state as state_lib
 from fibseg_jax.train.config import ConfigError
@@ -77,6 +77,7 @@ def prepare(config: ml_collections.ConfigDict, workdir: str | None = None) -> Ex
       become ConfigError; any other exception is a bug and propagates as it is.
   """
   config = ml_collections.ConfigDict(config.to_dict())
+  config = from_prior.adopt_backbone(config)  # init_from=prior: the prior's widths
   path = config.data.get("path")
   if not path:
     raise ConfigError("--config.data.path is required: the volume to train on (e.g. vol.zarr)")
@@ -306,6 +307,8 @@ def _init_from(
   Returns:
     (the state with the source's weights and a fresh optimizer, the source checkpoint).
   """
+  if from_prior.prior_directory(source):  # the shipped prior or a `fibseg pretrain` export
+    return from_prior.init_state(state, settings, tx, source, replicated)
   try:
     restored = checkpoint.load(source, aux_heads=True)
   except checkpoint.CheckpointError as e:
