@@ -592,28 +592,12 @@ def _nnunet_job(job: Mapping[str, Any]) -> None:
 # The study's side.
 
 
-def run_peer(
-  peer: Peer,
-  directory: str,
-  budget: budget_lib.Budget,
-  *,
-  vol: volume_lib.Volume,
-  channels: Sequence[str],
-  seed: int,
-  eval_slices: Sequence[int],
-  held_out: Sequence[int],
-) -> dict[str, Any]:
-  """Runs one seed of a peer row (see `run_monai`, `run_nnunet`)."""
-  common = {
-    "vol": vol,
-    "channels": channels,
-    "seed": seed,
-    "eval_slices": eval_slices,
-    "held_out": held_out,
-  }
+def run_peer(peer: Peer, directory: str, budget: budget_lib.Budget, **cell: Any) -> dict[str, Any]:
+  """Runs one seed of a peer row: `cell` as `run_monai`'s and `run_nnunet`'s keywords
+  (vol, channels, seed, eval_slices, held_out)."""
   if peer.name == MONAI:
-    return run_monai(directory, budget, **common)
-  return run_nnunet(directory, budget, plan=peer.plan, **common)
+    return run_monai(directory, budget, **cell)
+  return run_nnunet(directory, budget, plan=peer.plan, **cell)
 
 
 def notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:
