@@ -92,6 +92,7 @@ class StudyContext:
     eval_slices: annotated slices scored, or None for the budget's.
     rows: only the rows matching these names (or fnmatch patterns), or None for all.
     log: receives one progress line per cell.
+    stack_name: the name of the stack in a suite (`suite.run_suite`), else None.
   """
 
   out: str
@@ -104,6 +105,7 @@ class StudyContext:
   eval_slices: tuple[int, ...] | None = None
   rows: tuple[str, ...] | None = None
   log: Callable[[str], None] = print
+  stack_name: str | None = None
 
   def stack(self, annotate: Sequence[int] | None = None, **severities: float) -> OneStack:
     """The stack of a study on one stack: the context's, with the defaults filled in.

@@ -166,14 +166,22 @@ def run_suite(
   stacks: Sequence[Stack],
   root: str,
   study_name: str,
+  *,
+  combine: Callable[[StudyContext, dict[str, Any]], dict[str, Any]] | None = None,
+  legacy: Sequence[str] = (),
   **options: Any,
 ) -> dict[str, Any]:
-  """Runs `study(ctx, **options)` on each stack and writes OUT/suite.json and suite.md."""
+  """Runs `study(ctx, **options)` on each stack and writes OUT/suite.json and suite.md.
+
+  A study with a table of its own over the stacks passes `combine(ctx, {stack name:
+  document})`, which writes it instead; `legacy` names the files of such a table written
+  before folders were marked (`outputs.claim`).
+  """
   try:
-    outputs.claim(ctx.out, kind=KIND, flag="--out", directory=True)
+    outputs.claim(ctx.out, kind=KIND, flag="--out", directory=True, legacy=tuple(legacy))
   except outputs.OutputError as e:
     raise ValueError(str(e)) from e
-  per_stack: dict[str, dict[str, Any]] = {}
+  documents: dict[str, dict[str, Any]] = {}
   skipped: list[str] = []
   for stack in stacks:
     volume = prepare(stack, ctx, root)
@@ -184,11 +192,15 @@ def run_suite(
     one = dataclasses.replace(
       ctx,
       out=os.path.join(ctx.out, stack.name),
+      stack_name=stack.name,
       volume=volume,
       train_slices=stack.train_slices or ctx.train_slices or ctx.budget.train_slices,
       eval_slices=stack.eval_slices or ctx.eval_slices or ctx.budget.eval_slices,
     )
-    per_stack[stack.name] = row_summary(study(one, **options))
+    documents[stack.name] = study(one, **options)
+  if combine is not None:
+    return combine(ctx, documents)
+  per_stack = {name: row_summary(document) for name, document in documents.items()}
   names = list(dict.fromkeys(r for rows in per_stack.values() for r in rows))
   rows = []
   for name in names:
