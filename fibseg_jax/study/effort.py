@@ -111,17 +111,8 @@ def _forest(
   done = runs.cached(directory, settings)
   if done is not None:
     return done
-  result = runs.run_route(
-    directory,
-    budget,
-    route="forest",
-    seed=seed,
-    vol=volume_lib.open_volume(volume),
-    channels=channels,
-    eval_slices=eval_slices,
-    held_out=(),
-    truth_volume=truth,
-  )
+  cell = runs.Cell(volume_lib.open_volume(volume), channels, seed, eval_slices, held_out=())
+  result = runs.run_route(directory, budget, "forest", cell, truth_volume=truth)
   return runs.write_result(directory, {**result, "settings": settings})
 
 

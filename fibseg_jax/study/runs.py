@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -29,6 +29,25 @@ from fibseg_jax.study.context import OneStack
 from fibseg_jax.train import loop
 
 RESULT = "result.json"
+
+
+class Cell(NamedTuple):
+  """One seed of a row fitted on a volume's training pixels and scored on its evaluation
+  slices: a classical route (`run_route`) or a peer network (`peers.run_peer`).
+
+  Attributes:
+    vol: the (raw) volume.
+    channels: channels the row reads.
+    seed: the row's seed.
+    eval_slices: slices segmented and scored.
+    held_out: annotated slices kept out of training.
+  """
+
+  vol: volume_lib.Volume
+  channels: Sequence[str]
+  seed: int
+  eval_slices: Sequence[int]
+  held_out: Sequence[int]
 
 
 def cache_compilations(out: str) -> None:
@@ -457,13 +476,9 @@ def run_network(
 def run_route(
   directory: str,
   budget: budget_lib.Budget,
-  *,
   route: str,
-  seed: int,
-  vol: volume_lib.Volume,
-  channels: Sequence[str],
-  eval_slices: Sequence[int],
-  held_out: Sequence[int],
+  cell: Cell,
+  *,
   truth_volume: volume_lib.Volume | None = None,
 ) -> dict[str, Any]:
   """Fits a classical route on the training pixels and scores the evaluation slices.
@@ -472,16 +487,13 @@ def run_route(
     directory: the run's directory.
     budget: the forest and cleaning settings.
     route: "otsu", "clean_otsu" or "forest".
-    seed: the forest's seed.
-    vol: the (raw) volume.
-    channels: channels the route reads.
-    eval_slices: slices segmented and scored.
-    held_out: annotated slices kept out of training.
-    truth_volume: whose labels are the truth; default `vol`.
+    cell: the volume, channels, seed (the forest's), scored and held-out slices.
+    truth_volume: whose labels are the truth; default the cell's volume.
 
   Returns:
     The result dict (also written to `directory/result.json`).
   """
+  vol, channels, seed, eval_slices, held_out = cell
   images, labels = baselines.training_slices(
     vol, channels, eval_slices=held_out, val_block=budget.val_block
   )
