@@ -18,7 +18,7 @@ import tifffile
 
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import comparison, peers
+from fibseg_jax.study import comparison, peers, runs
 
 # The smoke budget, with the six widths BasicUNet needs.
 BUDGET = dataclasses.replace(budget_lib.SMOKE, unet_features=(4, 4, 8, 8, 8, 4), steps=4)
@@ -140,18 +140,14 @@ def test_nnunet_labels_ignore():
   np.testing.assert_array_equal(peers.nnunet_labels(labels, validation, 3), [[0, 1, 3], [2, 3, 0]])
 
 
+def _cell(vol):
+  """Seed 0 of a peer row on `vol`, scored on the budget's evaluation slices."""
+  return runs.Cell(vol, tuple(vol.channels), 0, BUDGET.eval_slices, BUDGET.eval_slices)
+
+
 @pytest.mark.skipif(not _available("torch", "monai"), reason=f"needs {peers.INSTALL}")
 def test_monai_row_end_to_end(vol, tmp_path):
-  result = peers.run_monai(
-    str(tmp_path),
-    BUDGET,
-    vol=vol,
-    channels=tuple(vol.channels),
-    seed=0,
-    eval_slices=BUDGET.eval_slices,
-    held_out=BUDGET.eval_slices,
-    threads=1,
-  )
+  result = peers.run_monai(str(tmp_path), BUDGET, _cell(vol), threads=1)
   assert math.isfinite(result["mean_iou"]) and 0 <= result["mean_iou"] <= 1
   assert result["peer"]["iterations"] == BUDGET.steps and result["params"] > 0
   assert os.path.exists(tmp_path / "result.json")
@@ -160,16 +156,7 @@ def test_monai_row_end_to_end(vol, tmp_path):
 @pytest.mark.skipif(not _available("torch", "nnunetv2"), reason=f"needs {peers.INSTALL}")
 def test_nnunet_row_end_to_end(vol, tmp_path):
   result = peers.run_nnunet(
-    str(tmp_path),
-    BUDGET,
-    plan="small",
-    vol=vol,
-    channels=tuple(vol.channels),
-    seed=0,
-    eval_slices=BUDGET.eval_slices,
-    held_out=BUDGET.eval_slices,
-    threads=1,
-    iterations=2,
+    str(tmp_path), BUDGET, _cell(vol), plan="small", threads=1, iterations=2
   )
   assert math.isfinite(result["mean_iou"]) and 0 <= result["mean_iou"] <= 1
   peer = result["peer"]

@@ -191,9 +191,8 @@ def test_readme_names_only_real_subcommands():
     unknown = named - runs - {"alone", "COMMAND"}
     assert not unknown, (os.path.basename(path), unknown)
     # The scripts work too, but the README and docs show the installed command.
-    # prior_study has no subcommand yet (it is to become `fibseg study prior`).
     scripts = set(re.findall(r"python\s+experiments/(\w+)\.py", _read(path)))
-    assert scripts <= {"COMMAND", "prior_study"}, scripts
+    assert scripts <= {"COMMAND"}, scripts
 
 
 def test_readme_is_the_product_path_and_links_the_moved_pages():

@@ -9,7 +9,8 @@ import sys
 
 import pytest
 
-from fibseg_jax.study import ablation, distill, effort, ranking, runs, semi, suite
+from fibseg_jax import outputs
+from fibseg_jax.study import ablation, distill, effort, prior, ranking, runs, semi, suite
 from fibseg_jax.study import budget as budget_lib
 from fibseg_jax.train import metrics_writer
 
@@ -23,6 +24,7 @@ TABLES = {
   "distill_*.json": distill.markdown,
   "effort_*.json": effort.markdown,
   "ranking_*.json": ranking.markdown,
+  "prior.json": prior.markdown,
 }
 
 
@@ -148,6 +150,30 @@ def test_a_study_over_two_stacks_resumes_with_the_overrides_in_every_cell(tmp_pa
   other = fibseg("study", "ablation", *common)  # without the overrides: another setting
   assert other.returncode == 1 and "Traceback" not in other.stderr
   assert "computed with other budget" in other.stderr.strip().splitlines()[-1]
+
+
+def test_prior_study_over_a_suite_resumes_a_folder_without_markers(tmp_path):
+  """`fibseg study prior --stacks=...`: cells in OUT/<stack>/, one table of every stack's
+  rows in OUT/prior.json; the folder of the first script (no markers) resumes from its
+  cells and rewrites the same table."""
+  out = tmp_path / "prior"
+  args = [f"--out={out}", "--budget=smoke", "--stacks=synthetic", "--levels=slices:1", "--seeds=0"]
+  first = fibseg("study", "prior", *args)
+  assert first.returncode == 0, first.stderr[-3000:]
+  document = json.loads((out / "prior.json").read_text())
+  assert [(r["stack"], r["level"], r["seeds"]) for r in document["rows"]] == [
+    ("synthetic", "slices:1", [0])
+  ]
+  assert document["prior"] and not (out / "suite.json").exists()
+  cell = out / "synthetic" / "slices_1_s0" / "result.json"
+  before, table = cell.stat().st_mtime, (out / "prior.json").read_bytes()
+  for marker in out.rglob(outputs.MARKER):  # as experiments/prior_study.py left it
+    marker.unlink()
+  (out / "prior.json").write_text(json.dumps({"prior": document["prior"], "rows": []}))
+  again = fibseg("study", "prior", *args)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert cell.stat().st_mtime == before  # nothing refitted
+  assert (out / "prior.json").read_bytes() == table
 
 
 def test_peer_rows_are_one_skipped_line_without_torch(tmp_path):

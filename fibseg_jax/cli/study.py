@@ -40,6 +40,7 @@ STUDIES: dict[str, tuple[str, str]] = {
   "ranking": ("ranking", "which slice next: the suggested one against a random one, with seeds"),
   "tta": ("tta", "held-out mean IoU and cost against the number of TTA passes"),
   "regression": ("regression", "the release's defaults against an earlier release's, paired"),
+  "prior": ("prior", "the shipped prior against the forest, from strokes and whole slices"),
 }
 # The first commands, one per study, kept so that their commands and folders still work.
 ALIASES = {
@@ -119,7 +120,8 @@ def main(argv):
     options = {o.name: flags.FLAGS[o.name].value for o in getattr(module, "OPTIONS", ())}
     if f.stacks:
       stacks, root = suite.resolve(f.stacks), suite.stacks_root(f.stacks_root)
-      suite.run_suite(ctx, module.run, stacks, root, _CHOSEN["name"], **options)
+      own = getattr(module, "SUITE", {})  # a study's own table over the stacks
+      suite.run_suite(ctx, module.run, stacks, root, _CHOSEN["name"], **own, **options)
     else:
       module.run(ctx, **options)
   except ValueError as e:  # user mistakes: flags, volume, folder (every *Error here is one)

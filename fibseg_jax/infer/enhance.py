@@ -127,6 +127,32 @@ class Preview:
   training_slices: tuple[int, ...]
 
 
+def fit_forest(
+  images: Sequence[np.ndarray],
+  painted: Sequence[np.ndarray],
+  num_classes: int,
+  *,
+  seed: int = 0,
+  forest: baselines.ForestConfig | None = None,
+) -> tuple[Any, float]:
+  """The fit step of `from_painted`: the forest route fitted on painted slices.
+
+  Args:
+    images: raw painted slices [y, x, C].
+    painted: their labels [y, x] uint8, 255 = not painted.
+    num_classes: classes of the stack.
+    seed: the forest's seed.
+    forest: its settings (default `ForestConfig()`, the forest route's).
+
+  Returns:
+    (the fitted route, with `probabilities` and `normalised`; its fit's wall seconds).
+  """
+  route = baselines.make_route("forest", num_classes, seed=seed, forest=forest)
+  start = time.perf_counter()
+  route.fit(list(images), list(painted))
+  return route, time.perf_counter() - start
+
+
 def from_painted(
   images: Sequence[np.ndarray],
   painted: Sequence[np.ndarray],
@@ -152,10 +178,20 @@ def from_painted(
     The segmentations of `targets`, with the wall time of each part.
   """
   prior = load_prior() if prior is None else prior
-  route = baselines.make_route("forest", num_classes, seed=seed, forest=forest)
-  start = time.perf_counter()
-  route.fit(list(images), list(painted))
-  seconds = {"fit": time.perf_counter() - start, "forest": 0.0, "enhance": 0.0}
+  route, fit_seconds = fit_forest(images, painted, num_classes, seed=seed, forest=forest)
+  return correct(route, targets, prior, fit_seconds=fit_seconds)
+
+
+def correct(
+  route: Any, targets: dict[int, np.ndarray], prior: Prior, *, fit_seconds: float = 0.0
+) -> Preview:
+  """The correct step of `from_painted`: the fitted forest's probabilities of each
+  target slice {z: raw [y, x, C]}, corrected by the prior.
+
+  Returns:
+    A `Preview` (its "fit" time `fit_seconds`).
+  """
+  seconds = {"fit": fit_seconds, "forest": 0.0, "enhance": 0.0}
   out, forest_out, probs_out = {}, {}, {}
   for z, raw in targets.items():
     start = time.perf_counter()

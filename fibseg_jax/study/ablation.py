@@ -33,16 +33,7 @@ from fibseg_jax import outputs
 from fibseg_jax.data import loader as loader_lib
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import figures, runs
-from fibseg_jax.study.context import (
-  OneStack,
-  Option,
-  StudyContext,
-  markdown_table,
-  paired_differences,
-  seed_stats,
-  stat_text,
-)
+from fibseg_jax.study import context, figures, runs
 
 # The parts of the recipe, as config overrides of the baseline (`train.config.FIELDS`
 # documents each field): the loader's `RECIPE_PARTS` and the training parts.
@@ -142,36 +133,17 @@ def run_one(
   directory: str,
   budget: budget_lib.Budget,
   overrides: Mapping[str, Any],
-  *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
+  stack: context.OneStack,
   seed: int,
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
 ) -> dict[str, Any]:
   """Trains one row's U-Net for one seed and scores the evaluation slices (cached)."""
-  settings = runs.settings(
-    budget,
-    volume=volume,
-    channels=list(channels),
-    slices=slices,
-    seed=seed,
-    train_slices=list(train_slices),
-    eval_slices=list(eval_slices),
-    overrides=dict(overrides),
-  )
+  settings = runs.cell_settings(budget, stack, seed, overrides=dict(overrides))
   return runs.train_and_score(
     directory,
     budget,
     settings,
-    volume=volume,
-    truth_volume=volume_lib.open_volume(volume),
-    channels=channels,
-    slices=slices,
-    seed=seed,
-    train_slices=train_slices,
-    eval_slices=eval_slices,
+    stack,
+    seed,
     configure=lambda config: runs.set_fields(config, overrides),
   )
 
@@ -181,15 +153,15 @@ def summarise(
 ) -> dict[str, Any]:
   """One row of the table: mean IoU and per class over seeds, and the paired difference
   to the reference row's run of the same seed (`reference`)."""
-  paired = paired_differences(results, baseline)
+  paired = context.paired_differences(results, baseline)
   return {
     "name": name,
     "reference": reference(name),
     "seeds": [r["seed"] for r in results],
-    "mean_iou": seed_stats([r["mean_iou"] for r in results]),
+    "mean_iou": context.seed_stats([r["mean_iou"] for r in results]),
     "values": [r["mean_iou"] for r in results],
-    "per_class": {c: seed_stats([r["per_class_iou"][c] for r in results]) for c in classes},
-    "paired_difference": seed_stats(paired) if paired else None,
+    "per_class": {c: context.seed_stats([r["per_class_iou"][c] for r in results]) for c in classes},
+    "paired_difference": context.seed_stats(paired) if paired else None,
     "paired_values": paired,
     "train_seconds": float(np.mean([r["train_seconds"] for r in results])),
   }
@@ -198,7 +170,7 @@ def summarise(
 def run_ablation(
   out: str,
   budget: budget_lib.Budget,
-  stack: OneStack,
+  stack: context.OneStack,
   *,
   row_names: Sequence[str] | None = None,
   finished_only: bool = False,
@@ -222,28 +194,11 @@ def run_ablation(
       directory = os.path.join(out, f"{name.lstrip('+')}_s{seed}")
       if finished_only and runs.read_result(directory) is None:
         continue
-      r = run_one(
-        directory,
-        budget,
-        overrides,
-        volume=stack.volume,
-        channels=stack.channels,
-        slices=stack.slices,
-        seed=seed,
-        train_slices=stack.train_slices,
-        eval_slices=stack.eval_slices,
-      )
+      r = run_one(directory, budget, overrides, stack, seed)
       results[name].append(r)
       log(f"{name} seed {seed}: mIoU {r['mean_iou']:.4f} ({time.perf_counter() - start:.0f} s)")
       document = {
-        "volume": stack.volume,
-        "classes": list(vol.classes),
-        "channels": list(stack.channels),
-        "slices": int(stack.slices),
-        "train_slices": [int(z) for z in stack.train_slices],
-        "eval_slices": [int(z) for z in stack.eval_slices],
-        "seeds": [int(s) for s in stack.seeds],
-        "budget": budget.to_json(),
+        **stack.describe(vol.classes, budget),
         "parts": {k: dict(v) for k, v in PARTS.items()},
         "full": list(FULL),
         "rows": [
@@ -252,9 +207,7 @@ def run_ablation(
           if rs
         ],
       }
-      runs.write_json(os.path.join(out, "ablation.json"), document)
-      with open(os.path.join(out, "ablation.md"), "w") as f:
-        f.write(markdown(document))
+      runs.write_document(out, "ablation", document, markdown)
   return document
 
 
@@ -263,11 +216,9 @@ def markdown(document: Mapping[str, Any]) -> str:
   classes = document["classes"]
   head = ["row", "mean IoU", "paired diff. (to)", *classes, "train s"]
   lines = [
-    f"Recipe ablation on {document['volume']}: U-Net, {document['slices']}-slice slabs, "
-    f"channels {', '.join(document['channels'])}, train slices {document['train_slices']}, "
-    f"scored on {document['eval_slices']} (no TTA); budget {document['budget']['name']} "
-    f"({document['budget']['steps']} steps of {document['budget']['batch_size']} x "
-    f"{document['budget']['patch']}^2); seeds {document['seeds']}.",
+    f"Recipe ablation on {document['volume']}: U-Net, {context.stack_text(document)} (no "
+    f"TTA); budget {document['budget']['name']} "
+    f"({context.steps_text(document['budget'])}); seeds {document['seeds']}.",
     "",
   ]
   cells = []
@@ -277,13 +228,13 @@ def markdown(document: Mapping[str, Any]) -> str:
     cells.append(
       [
         row["name"],
-        stat_text(row["mean_iou"]),
-        "-" if diff is None else f"{stat_text(diff)} ({to})",
-        *(stat_text(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
+        context.stat_text(row["mean_iou"]),
+        "-" if diff is None else f"{context.stat_text(diff)} ({to})",
+        *(context.stat_text(row["per_class"][c], 3).split(" +- ")[0] for c in classes),
         f"{row['train_seconds']:.0f}",
       ]
     )
-  return "\n".join(lines + markdown_table(head, cells)) + "\n"
+  return "\n".join(lines + context.markdown_table(head, cells)) + "\n"
 
 
 def read_document(path: str) -> dict[str, Any]:
@@ -368,12 +319,12 @@ def budgets_markdown(document: Mapping[str, Any]) -> str:
     "",
   ]
   cells = [
-    [name, str(p["steps"]), str(len(p["seeds"])), stat_text(p["mean_iou"])]
-    + [stat_text(p["per_class"][c]).split(" +- ")[0] for c in classes]
+    [name, str(p["steps"]), str(len(p["seeds"])), context.stat_text(p["mean_iou"])]
+    + [context.stat_text(p["per_class"][c]).split(" +- ")[0] for c in classes]
     for name, points in document["rows"].items()
     for p in points
   ]
-  return "\n".join(lines + markdown_table(head, cells)) + "\n"
+  return "\n".join(lines + context.markdown_table(head, cells)) + "\n"
 
 
 def parts(names: Sequence[str]) -> dict[str, Any]:
@@ -411,8 +362,10 @@ synthetic stack of the budget, generated in OUT/volume.zarr.
 
 BUDGETS_KIND = "ablation budgets"
 OPTIONS = (
-  Option("finished_only", "bool", False, "Train nothing: rewrite the table from finished runs."),
-  Option(
+  context.Option(
+    "finished_only", "bool", False, "Train nothing: rewrite the table from finished runs."
+  ),
+  context.Option(
     "compare",
     "list",
     None,
@@ -422,7 +375,7 @@ OPTIONS = (
 )
 
 
-def write_budgets(ctx: StudyContext, paths: Sequence[str]) -> dict[str, Any]:
+def write_budgets(ctx: context.StudyContext, paths: Sequence[str]) -> dict[str, Any]:
   """--compare: the budgets table and figure of finished ablations, written to ctx.out."""
   document = compare_budgets([read_document(p) for p in paths], ctx.rows)
   try:  # a new folder, or this command's earlier one; never inside a compared ablation
@@ -440,7 +393,7 @@ def write_budgets(ctx: StudyContext, paths: Sequence[str]) -> dict[str, Any]:
 
 
 def run(
-  ctx: StudyContext, finished_only: bool = False, compare: Sequence[str] | None = None
+  ctx: context.StudyContext, finished_only: bool = False, compare: Sequence[str] | None = None
 ) -> dict[str, Any]:
   """`fibseg study ablation`: the recipe's rows with seeds, or (`compare`) the budgets."""
   if compare:

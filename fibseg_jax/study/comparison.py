@@ -386,28 +386,12 @@ def run_study(
             eval_slices=study.eval_slices,
             held_out=study.held_out,
           )
-        elif row.kind == "peer":
-          result = peers.run_peer(
-            peers.BY_NAME[row.name],
-            directory,
-            budget,
-            vol=vol,
-            channels=row.channels,
-            seed=seed,
-            eval_slices=study.eval_slices,
-            held_out=study.held_out,
-          )
         else:
-          result = runs.run_route(
-            directory,
-            budget,
-            route=row.architecture,
-            seed=seed,
-            vol=vol,
-            channels=row.channels,
-            eval_slices=study.eval_slices,
-            held_out=study.held_out,
-          )
+          cell = runs.Cell(vol, row.channels, seed, study.eval_slices, study.held_out)
+          if row.kind == "peer":
+            result = peers.run_peer(peers.BY_NAME[row.name], directory, budget, cell)
+          else:
+            result = runs.run_route(directory, budget, row.architecture, cell)
       results.append(result)
     finish(row, results, resumed, number)
 

@@ -62,6 +62,19 @@ class OneStack:
   train_slices: Sequence[int]
   eval_slices: Sequence[int]
 
+  def describe(self, classes: Sequence[str], budget: budget_lib.Budget) -> dict[str, Any]:
+    """The head of a study's table on this stack: what it trained and scored on, how."""
+    return {
+      "volume": self.volume,
+      "classes": list(classes),
+      "channels": list(self.channels),
+      "slices": int(self.slices),
+      "train_slices": [int(z) for z in self.train_slices],
+      "eval_slices": [int(z) for z in self.eval_slices],
+      "seeds": [int(s) for s in self.seeds],
+      "budget": budget.to_json(),
+    }
+
 
 @dataclasses.dataclass(frozen=True)
 class StudyContext:
@@ -79,6 +92,7 @@ class StudyContext:
     eval_slices: annotated slices scored, or None for the budget's.
     rows: only the rows matching these names (or fnmatch patterns), or None for all.
     log: receives one progress line per cell.
+    stack_name: the name of the stack in a suite (`suite.run_suite`), else None.
   """
 
   out: str
@@ -91,6 +105,7 @@ class StudyContext:
   eval_slices: tuple[int, ...] | None = None
   rows: tuple[str, ...] | None = None
   log: Callable[[str], None] = print
+  stack_name: str | None = None
 
   def stack(self, annotate: Sequence[int] | None = None, **severities: float) -> OneStack:
     """The stack of a study on one stack: the context's, with the defaults filled in.
@@ -153,6 +168,21 @@ def stat_text(stats: Mapping[str, Any] | None, digits: int = 3) -> str:
     return "-"
   std = stats.get("std")
   return f"{stats['mean']:.{digits}f}" + ("" if std is None else f" +- {std:.{digits}f}")
+
+
+def stack_text(document: Mapping[str, Any]) -> str:
+  """ "3-slice slabs, channels ICE, TLD, train slices [4, 8], scored on [16]": what the
+  networks of a table (`OneStack.describe`) read, trained on and were scored on."""
+  return (
+    f"{document['slices']}-slice slabs, channels {', '.join(document['channels'])}, train "
+    f"slices {document['train_slices']}, scored on {document['eval_slices']}"
+  )
+
+
+def steps_text(budget: Mapping[str, Any]) -> str:
+  """ "400 steps of 8 x 128^2": the training of a budget (`Budget.to_json`), in a table's
+  caption."""
+  return f"{budget['steps']} steps of {budget['batch_size']} x {budget['patch']}^2"
 
 
 def markdown_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:

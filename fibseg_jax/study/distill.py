@@ -30,16 +30,7 @@ from fibseg_jax import infer
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
-from fibseg_jax.study import runs
-from fibseg_jax.study.context import (
-  OneStack,
-  Option,
-  StudyContext,
-  markdown_table,
-  paired_differences,
-  seed_stats,
-  stat_text,
-)
+from fibseg_jax.study import context, runs
 
 KIND = "distillation study"
 ROWS = ("supervised", "teacher", "distilled", "distilled_narrow")
@@ -71,7 +62,7 @@ def _segment_scored(
 def run_distill_study(
   out: str,
   budget: budget_lib.Budget,
-  stack: OneStack,
+  stack: context.OneStack,
   *,
   teacher_tta: str = "all",
   row_names: Sequence[str] = ROWS,
@@ -114,9 +105,7 @@ def run_distill_study(
         summarise(n, rs, results["supervised"], vol.classes) for n, rs in results.items() if rs
       ],
     }
-    runs.write_json(os.path.join(out, "distill.json"), document)
-    with open(os.path.join(out, "distill.md"), "w") as f:
-      f.write(markdown(document))
+    runs.write_document(out, "distill", document, markdown)
 
   def student(name: str, seed: int, teacher_array: str | None, features=None) -> None:
     started = time.perf_counter()
@@ -131,23 +120,16 @@ def run_distill_study(
         if features is not None:
           config.model.features = tuple(features)
 
-      workdir, seconds = runs.train_unet(
+      workdir, seconds = runs.train_unet(directory, budget, stack, seed, configure)
+      done = runs.write_result(
         directory,
-        budget,
-        volume=stack.volume,
-        channels=stack.channels,
-        slices=stack.slices,
-        seed=seed,
-        train_slices=stack.train_slices,
-        configure=configure,
+        {
+          "settings": settings,
+          "seed": int(seed),
+          "train_seconds": seconds,
+          **_segment_scored(workdir, vol, directory, budget, stack.eval_slices),
+        },
       )
-      done = {
-        "settings": settings,
-        "seed": int(seed),
-        "train_seconds": seconds,
-        **_segment_scored(workdir, vol, directory, budget, stack.eval_slices),
-      }
-      runs.write_json(os.path.join(directory, runs.RESULT), done)
     record(name, done, started)
 
   for seed in stack.seeds:
@@ -173,9 +155,7 @@ def run_distill_study(
     teacher_array = infer_distill.prepare_teacher(
       config,
       teacher_dir,
-      settings=infer.SegmentSettings(
-        tile=budget.tile, overlap=budget.overlap, batch=budget.infer_batch, progress=False
-      ),
+      settings=runs.segment_settings(budget),
       progress=False,
     )
     if done is None:
@@ -191,7 +171,7 @@ def run_distill_study(
         "segment_mpixels": mpixels,
         "segment_mpx_per_s": mpixels / seconds,
       }
-      runs.write_json(os.path.join(teacher_dir, runs.RESULT), done)
+      runs.write_result(teacher_dir, done)
     if "teacher" in row_names:
       record("teacher", done, started)
   for seed in stack.seeds:
@@ -204,16 +184,16 @@ def run_distill_study(
 
 def summarise(name: str, results, supervised, classes) -> dict[str, Any]:
   """One row: mean IoU and speed over seeds, the paired difference to supervised."""
-  paired = paired_differences(results, supervised) if name != "supervised" else []
+  paired = context.paired_differences(results, supervised) if name != "supervised" else []
   return {
     "name": name,
     "seeds": [r.get("seed") for r in results],
-    "mean_iou": seed_stats([r["mean_iou"] for r in results]),
+    "mean_iou": context.seed_stats([r["mean_iou"] for r in results]),
     "values": [r["mean_iou"] for r in results],
-    "per_class": {c: seed_stats([r["per_class_iou"][c] for r in results]) for c in classes},
-    "paired_difference": seed_stats(paired) if paired else None,
-    "segment_mpx_per_s": seed_stats([r["segment_mpx_per_s"] for r in results]),
-    "train_seconds": seed_stats([r.get("train_seconds") for r in results]),
+    "per_class": {c: context.seed_stats([r["per_class_iou"][c] for r in results]) for c in classes},
+    "paired_difference": context.seed_stats(paired) if paired else None,
+    "segment_mpx_per_s": context.seed_stats([r["segment_mpx_per_s"] for r in results]),
+    "train_seconds": context.seed_stats([r.get("train_seconds") for r in results]),
   }
 
 
@@ -223,10 +203,9 @@ def markdown(document) -> str:
   b = document["budget"]
   head = ["row", "mean IoU", "paired diff. (to supervised)", *classes, "segment Mpx/s"]
   lines = [
-    f"Distillation on {document['volume']}: U-Net {document['slices']}-slice slabs, channels "
-    f"{', '.join(document['channels'])}, train slices {document['train_slices']}, scored on "
-    f"{document['eval_slices']}; budget {b['name']} ({b['steps']} steps of {b['batch_size']} "
-    f"x {b['patch']}^2, widths {b['unet_features']}; narrow {document['narrow_features']}); "
+    f"Distillation on {document['volume']}: U-Net {context.stack_text(document)}; budget "
+    f"{b['name']} ({context.steps_text(b)}, widths "
+    f"{b['unet_features']}; narrow {document['narrow_features']}); "
     f"teacher = the supervised seeds {document['seeds']} as an ensemble with TTA "
     f"{document['teacher_tta']}; students without TTA. Speed: the whole stack segmented, "
     "budget tiling, this machine.",
@@ -235,14 +214,14 @@ def markdown(document) -> str:
   cells = [
     [
       row["name"],
-      stat_text(row["mean_iou"]),
-      "-" if row["paired_difference"] is None else stat_text(row["paired_difference"]),
-      *(stat_text(row["per_class"][c]).split(" +- ")[0] for c in classes),
-      stat_text(row["segment_mpx_per_s"], 2),
+      context.stat_text(row["mean_iou"]),
+      "-" if row["paired_difference"] is None else context.stat_text(row["paired_difference"]),
+      *(context.stat_text(row["per_class"][c]).split(" +- ")[0] for c in classes),
+      context.stat_text(row["segment_mpx_per_s"], 2),
     ]
     for row in document["rows"]
   ]
-  return "\n".join(lines + markdown_table(head, cells)) + "\n"
+  return "\n".join(lines + context.markdown_table(head, cells)) + "\n"
 
 
 USAGE = r"""Distil the seed ensemble into one fast network, measured (`fibseg_jax.study.distill`).
@@ -262,11 +241,13 @@ OUT/volume.zarr.
 """
 
 OPTIONS = (
-  Option("teacher_tta", "string", "all", "Test-time augmentation of the teacher (segment --tta)."),
+  context.Option(
+    "teacher_tta", "string", "all", "Test-time augmentation of the teacher (segment --tta)."
+  ),
 )
 
 
-def run(ctx: StudyContext, teacher_tta: str = "all") -> dict[str, Any]:
+def run(ctx: context.StudyContext, teacher_tta: str = "all") -> dict[str, Any]:
   """`fibseg study distill`: the rows of `ROWS` (or ctx.rows) with seeds."""
   runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND)
   document = run_distill_study(

@@ -17,6 +17,7 @@ effort.md and effort.png.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import time
 from collections.abc import Sequence
@@ -92,8 +93,7 @@ def annotation_set(
     annotations.write_annotated_volume(
       truth, path, labels, extra_attrs={"annotation": settings}, overwrite=True
     )
-    done = {"settings": settings, "labelled_pixels": pixels}
-    runs.write_json(os.path.join(directory, runs.RESULT), done)
+    done = runs.write_result(directory, {"settings": settings, "labelled_pixels": pixels})
   return path, chosen, int(done["labelled_pixels"])
 
 
@@ -111,20 +111,9 @@ def _forest(
   done = runs.cached(directory, settings)
   if done is not None:
     return done
-  result = runs.run_route(
-    directory,
-    budget,
-    route="forest",
-    seed=seed,
-    vol=volume_lib.open_volume(volume),
-    channels=channels,
-    eval_slices=eval_slices,
-    held_out=(),
-    truth_volume=truth,
-  )
-  result["settings"] = settings
-  runs.write_json(os.path.join(directory, runs.RESULT), result)
-  return result
+  cell = runs.Cell(volume_lib.open_volume(volume), channels, seed, eval_slices, held_out=())
+  result = runs.run_route(directory, budget, "forest", cell, truth_volume=truth)
+  return runs.write_result(directory, {**result, "settings": settings})
 
 
 def run_effort(
@@ -189,13 +178,9 @@ def run_effort(
             directory,
             budget,
             settings,
-            volume=path,
+            dataclasses.replace(stack, volume=path, train_slices=chosen),
+            seed,
             truth_volume=truth,
-            channels=stack.channels,
-            slices=stack.slices,
-            seed=seed,
-            train_slices=chosen,
-            eval_slices=stack.eval_slices,
             configure=_forest_teacher if taught else None,
           )
         else:
@@ -231,21 +216,12 @@ def run_effort(
         row[f"{method}_minus_forest"] = seed_stats(diff)
     rows.append(row)
   document = {
-    "volume": stack.volume,
-    "classes": list(truth.classes),
-    "channels": list(stack.channels),
-    "slices": int(stack.slices),
-    "train_slices": [int(z) for z in stack.train_slices],
-    "eval_slices": [int(z) for z in stack.eval_slices],
-    "seeds": [int(s) for s in stack.seeds],
-    "budget": budget.to_json(),
+    **stack.describe(truth.classes, budget),
     "hours_per_mpixel": HOURS_PER_MPIXEL,
     "methods": list(methods),
     "rows": rows,
   }
-  runs.write_json(os.path.join(out, "effort.json"), document)
-  with open(os.path.join(out, "effort.md"), "w") as f:
-    f.write(markdown(document))
+  runs.write_document(out, "effort", document, markdown)
   figures.effort_plot(document, os.path.join(out, "effort.png"))
   return document
 

@@ -163,26 +163,16 @@ def normalised_slice(vol: volume_lib.Volume, z: int, channels: Sequence[str]) ->
 
 
 def run_monai(
-  directory: str,
-  budget: budget_lib.Budget,
-  *,
-  vol: volume_lib.Volume,
-  channels: Sequence[str],
-  seed: int,
-  eval_slices: Sequence[int],
-  held_out: Sequence[int],
-  threads: int = 0,
+  directory: str, budget: budget_lib.Budget, cell: runs.Cell, *, threads: int = 0
 ) -> dict[str, Any]:
   """Trains BasicUNet on the loader's batches and scores the evaluation slices.
 
   Args:
     directory: the run's directory (result.json, train.log).
     budget: steps, batch, patch, widths, validation interval and tiling.
-    vol: the (raw) volume.
-    channels: input channels (one slice, every channel folded in).
-    seed: torch seed and the loader's training stream (the split keeps its seed, 0).
-    eval_slices: slices segmented and scored.
-    held_out: annotated slices kept out of training.
+    cell: the volume, input channels (one slice, every channel folded in), seed (torch's
+      and the loader's training stream; the split keeps its seed, 0), the slices
+      segmented and scored and those kept out of training.
     threads: torch intra-op threads; 0 keeps torch's default.
 
   Returns:
@@ -195,6 +185,7 @@ def run_monai(
 
   from fibseg_jax.eval import metrics  # noqa: PLC0415
 
+  vol, channels, seed, eval_slices, held_out = cell
   features = tuple(budget.unet_features)
   if len(features) != 6:
     raise ValueError(missing(BY_NAME[MONAI], budget, importer=lambda name: None))
@@ -378,13 +369,9 @@ def nnunet_environment(directory: str) -> dict[str, str]:
 def run_nnunet(
   directory: str,
   budget: budget_lib.Budget,
+  cell: runs.Cell,
   *,
   plan: str,
-  vol: volume_lib.Volume,
-  channels: Sequence[str],
-  seed: int,
-  eval_slices: Sequence[int],
-  held_out: Sequence[int],
   threads: int = 0,
   iterations: int | None = None,
   python: str = sys.executable,
@@ -395,12 +382,9 @@ def run_nnunet(
     directory: the run's directory (nnU-Net's folders, job.json, train.log, result.json).
     budget: steps x batch_size is the number of samples nnU-Net sees; patch caps the
       "small" plan's patch.
+    cell: the volume, channels (as _0000, _0001, ...), seed (torch's and numpy's in the
+      child process), the slices predicted and scored and those kept out of training.
     plan: "own" (nnU-Net's plan) or "small" (its planner, patch capped at budget.patch).
-    vol: the (raw) volume.
-    channels: channels, as _0000, _0001, ...
-    seed: torch and numpy seeds of the child process.
-    eval_slices: slices predicted and scored.
-    held_out: annotated slices kept out of training.
     threads: torch intra-op threads of the child; 0 keeps torch's default.
     iterations: training iterations; None: budget samples / nnU-Net's batch size (tests).
     python: the interpreter of the child.
@@ -413,6 +397,7 @@ def run_nnunet(
   """
   if plan not in ("own", "small"):
     raise ValueError(f"nnU-Net plan {plan!r}: expected own or small")
+  vol, channels, seed, eval_slices, held_out = cell
   os.makedirs(directory, exist_ok=True)
   env = nnunet_environment(directory)
   with open_loader(budget, vol, channels=channels, seed=seed, held_out=held_out) as loader:
@@ -595,27 +580,12 @@ def _nnunet_job(job: Mapping[str, Any]) -> None:
 
 
 def run_peer(
-  peer: Peer,
-  directory: str,
-  budget: budget_lib.Budget,
-  *,
-  vol: volume_lib.Volume,
-  channels: Sequence[str],
-  seed: int,
-  eval_slices: Sequence[int],
-  held_out: Sequence[int],
+  peer: Peer, directory: str, budget: budget_lib.Budget, cell: runs.Cell
 ) -> dict[str, Any]:
   """Runs one seed of a peer row (see `run_monai`, `run_nnunet`)."""
-  common = {
-    "vol": vol,
-    "channels": channels,
-    "seed": seed,
-    "eval_slices": eval_slices,
-    "held_out": held_out,
-  }
   if peer.name == MONAI:
-    return run_monai(directory, budget, **common)
-  return run_nnunet(directory, budget, plan=peer.plan, **common)
+    return run_monai(directory, budget, cell)
+  return run_nnunet(directory, budget, cell, plan=peer.plan)
 
 
 def notes(rows: Sequence[Mapping[str, Any]]) -> list[str]:

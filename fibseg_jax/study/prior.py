@@ -4,16 +4,19 @@ For every stack, annotation level (`fibseg_jax.data.annotations.Level`: `strokes
 paints brush strokes over 2% of each training slice, `slices:3` labels three whole
 ones) and seed, the level's labels are drawn from the truth of the training slices (new
 strokes for every seed, as another user would paint them), a random forest is fitted on
-them (the forest route, all painted pixels), and the evaluation slices are segmented by
-the forest and by the shipped prior applied to that forest (`fibseg_jax.infer.enhance`).
-The evaluation slices' labels are read only to score. Both rows share the forest, so
-their difference is paired; wall times are those of this machine.
+them (the forest route, all painted pixels: `enhance.fit_forest`), and the evaluation
+slices are segmented by the forest and by the shipped prior applied to that forest
+(`fibseg_jax.infer.enhance`). The evaluation slices' labels are read only to score.
+Both rows share the forest, so their difference is paired; wall times are those of this
+machine.
 
-  python experiments/prior_study.py --out=results/prior --stack=synthetic \
-    --stack=drosophila_vnc=/work/real/drosophila_vnc/vol.zarr:4,8,12:16
+  fibseg study prior --out=prior/ [--levels=strokes:0.02,slices:3] [--seeds=0,1,2]
+  fibseg study prior --out=prior/ --stacks=synthetic,drosophila_vnc,sbem_mito,flyem_medulla
 
-Writes OUT/<stack>/<level>_s<seed>/result.json (a finished cell is never redone),
-OUT/prior.json and OUT/prior.md.
+Writes OUT/<level>_s<seed>/result.json and forest.npz (a finished cell is never redone),
+OUT/prior.json and OUT/prior.md; over --stacks, each stack's into OUT/<stack>/ and the
+rows of every stack in OUT/prior.json and prior.md (`combine`), the table of
+experiments/results/prior.{json,md}.
 """
 
 from __future__ import annotations
@@ -22,20 +25,18 @@ import dataclasses
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 
-from fibseg_jax import baselines
-from fibseg_jax.data import annotations, synth
+from fibseg_jax.data import annotations
 from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import metrics
 from fibseg_jax.infer import enhance
+from fibseg_jax.study import context, runs
 
 DEFAULT_LEVELS = ("strokes:0.005", "strokes:0.02", "slices:1", "slices:3")
-# The synthetic stack of the study budgets (configs/budgets/base.py).
-SYNTHETIC = ("synthetic", (24, 384, 384), (5, 11, 17), (20,))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,21 +57,6 @@ class Stack:
   classes: tuple[str, ...]
   train_slices: tuple[int, ...]
   eval_slices: tuple[int, ...]
-
-
-def synthetic() -> Stack:
-  """The study budgets' generated stack (`SYNTHETIC`)."""
-  name, shape, train, evaluate = SYNTHETIC
-  stack = synth.generate(synth.SynthConfig(shape=shape, seed=0))
-  zs = (*train, *evaluate)
-  return Stack(
-    name,
-    {z: stack.image[z] for z in zs},
-    {z: stack.labels[z] for z in zs},
-    stack.classes,
-    train,
-    evaluate,
-  )
 
 
 def volume_stack(
@@ -113,10 +99,9 @@ def forest_cell(stack: Stack, level: annotations.Level, seed: int, path: str) ->
       }
   chosen = level.slices(stack.train_slices, stack.train_slices)
   painted = [level.labels(stack.truth[z], z, seed) for z in chosen]
-  route = baselines.make_route("forest", len(stack.classes), seed=seed)
-  start = time.perf_counter()
-  route.fit([stack.images[z] for z in chosen], painted)
-  seconds = {"fit": time.perf_counter() - start}
+  images = [stack.images[z] for z in chosen]
+  route, fit_seconds = enhance.fit_forest(images, painted, len(stack.classes), seed=seed)
+  seconds = {"fit": fit_seconds}
   start = time.perf_counter()
   probs = {z: route.probabilities(stack.images[z]) for z in stack.eval_slices}
   seconds["forest"] = time.perf_counter() - start
@@ -178,74 +163,161 @@ def _stat(values: Sequence[float]) -> dict[str, float]:
   return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": len(v)}
 
 
-def run(
+def stack_cells(
   out: str,
-  stacks: Sequence[Any],
-  *,
-  levels: Sequence[str] = DEFAULT_LEVELS,
-  seeds: Sequence[int] = (0, 1, 2),
-  prior: enhance.Prior | None = None,
-  log=print,
-) -> dict[str, Any]:
-  """Every cell (cached in OUT), then the summary table.
+  source: Stack | Callable[[], Stack],
+  name: str,
+  levels: Sequence[str],
+  seeds: Sequence[int],
+  prior: enhance.Prior | None,
+  log: Callable[[str], None] = print,
+) -> list[dict[str, Any]]:
+  """Every cell of one stack, each cached in `out`/<level>_s<seed>/result.json.
 
   Args:
-    out: output folder.
-    stacks: `Stack`s, or callables returning one (loaded only when a cell needs it).
+    out: the stack's folder.
+    source: the `Stack`, or a callable returning it (loaded only when a cell needs it).
+    name: its name in tables.
     levels: annotation levels.
     seeds: seeds of the strokes and of the forest.
     prior: the prior; None fits and keeps the forests only (to run ahead of a prior).
     log: where progress lines go.
+
+  Returns:
+    The finished cells (none without a prior).
   """
-  os.makedirs(out, exist_ok=True)
+  stack = source if isinstance(source, Stack) else None
+  cells = []
+  for text in levels:
+    level = annotations.Level.parse(text)
+    for seed in seeds:
+      directory = os.path.join(out, f"{level.kind}_{level.value:g}_s{seed}")
+      path = os.path.join(directory, "result.json")
+      if os.path.isfile(path):
+        with open(path) as f:
+          cells.append(json.load(f))
+        continue
+      stack = stack or source()
+      cell = run_cell(stack, level, seed, prior, directory)
+      log(f"prior study: {name} {level.name} seed {seed}: {cell}")
+      if prior is None:
+        continue
+      with open(f"{path}.partial", "w") as f:
+        json.dump(cell, f, indent=1)
+      os.replace(f"{path}.partial", path)
+      cells.append(cell)
+  return cells
+
+
+def stack_rows(name: str, cells: Sequence[dict[str, Any]], levels: Sequence[str]) -> list[dict]:
+  """The table's rows of one stack: per level, both rows and their paired difference."""
   rows = []
-  for source in stacks:
-    stack = None
-    name = source.name if isinstance(source, Stack) else source.__name__
-    cells = []
-    for text in levels:
-      level = annotations.Level.parse(text)
-      for seed in seeds:
-        directory = os.path.join(out, name, f"{level.kind}_{level.value:g}_s{seed}")
-        path = os.path.join(directory, "result.json")
-        if os.path.isfile(path):
-          with open(path) as f:
-            cells.append(json.load(f))
-          continue
-        if stack is None:
-          stack = source if isinstance(source, Stack) else source()
-        cell = run_cell(stack, level, seed, prior, directory)
-        log(f"prior study: {name} {level.name} seed {seed}: {cell}")
-        if prior is None:
-          continue
-        with open(f"{path}.partial", "w") as f:
-          json.dump(cell, f, indent=1)
-        os.replace(f"{path}.partial", path)
-        cells.append(cell)
-    for text in levels if prior is not None else ():
-      mine = [c for c in cells if c["level"] == annotations.Level.parse(text).name]
-      forest, enhanced = [c["forest"] for c in mine], [c["prior"] for c in mine]
-      rows.append(
-        {
-          "stack": name,
-          "level": text,
-          "forest": _stat(forest),
-          "prior": _stat(enhanced),
-          "prior_minus_forest": _stat([a - b for a, b in zip(enhanced, forest, strict=True)]),
-          "seconds": {
-            k: round(float(np.mean([c["seconds"][k] for c in mine])), 1)
-            for k in ("fit", "forest", "enhance")
-          },
-          "seeds": [c["seed"] for c in mine],
-        }
-      )
-  if prior is None:
-    return {"rows": []}
-  document = {"prior": prior.provenance.get("sha256"), "rows": rows}
+  for text in levels:
+    mine = [c for c in cells if c["level"] == annotations.Level.parse(text).name]
+    forest, enhanced = [c["forest"] for c in mine], [c["prior"] for c in mine]
+    rows.append(
+      {
+        "stack": name,
+        "level": text,
+        "forest": _stat(forest),
+        "prior": _stat(enhanced),
+        "prior_minus_forest": _stat([a - b for a, b in zip(enhanced, forest, strict=True)]),
+        "seconds": {
+          k: round(float(np.mean([c["seconds"][k] for c in mine])), 1)
+          for k in ("fit", "forest", "enhance")
+        },
+        "seeds": [c["seed"] for c in mine],
+      }
+    )
+  return rows
+
+
+def write_table(out: str, sha256: str | None, rows: Sequence[dict[str, Any]]) -> dict[str, Any]:
+  """Writes `out`/prior.json and prior.md (the prior's checksum and the rows)."""
+  document = {"prior": sha256, "rows": list(rows)}
   with open(os.path.join(out, "prior.json"), "w") as f:
     json.dump(document, f, indent=1)
   with open(os.path.join(out, "prior.md"), "w") as f:
     f.write(markdown(document))
+  return document
+
+
+KIND = "prior study"
+# The first prior study (experiments/prior_study.py) wrote its folders without markers:
+# the top one holds prior.json, each stack's one its cells.
+SUITE_LEGACY = ("prior.json",)
+
+
+def _legacy(levels: Sequence[str], seeds: Sequence[int]) -> tuple[str, ...]:
+  parsed = [annotations.Level.parse(text) for text in levels]
+  return tuple(f"{level.kind}_{level.value:g}_s{seed}" for level in parsed for seed in seeds)
+
+
+USAGE = r"""The shipped prior against the random forest, from strokes and whole slices, with seeds.
+
+  fibseg study prior --out=prior/ [--levels=strokes:0.005,strokes:0.02,slices:3]
+  fibseg study prior --out=prior_real/ --volume=vol.zarr --train_slices=4,8,12 \
+    --eval_slices=16
+  fibseg study prior --out=prior_suite/ --stacks=synthetic,drosophila_vnc,sbem_mito,flyem_medulla
+
+For every annotation level and seed (default 0,1,2): strokes over a share of each
+training slice (strokes:F) or whole slices (slices:N) drawn from the truth, a random
+forest fitted on them, the evaluation slices segmented by the forest and by the prior
+applied to it (paired; fit, forest and prior seconds). No network is trained: --steps
+and --config.* do not apply. Writes prior.json and prior.md; over --stacks, each stack's
+into OUT/<stack>/ and all their rows in OUT/prior.json and prior.md. Reruns resume.
+"""
+
+OPTIONS = (
+  context.Option(
+    "levels", "list", list(DEFAULT_LEVELS), "Annotation levels (strokes:F, slices:N)."
+  ),
+  context.Option(
+    "prior", "string", enhance.PRIOR_DIR, "Folder of prior.msgpack/json; none: forests only."
+  ),
+)
+
+
+def _load_prior(prior: str) -> enhance.Prior | None:
+  return None if prior == "none" else enhance.load_prior(prior)
+
+
+def run(
+  ctx: context.StudyContext, levels: Sequence[str] = DEFAULT_LEVELS, prior: str = enhance.PRIOR_DIR
+) -> dict[str, Any]:
+  """`fibseg study prior`: the cells of the context's stack and its prior.json/.md.
+
+  The stack is named after the suite's stack, else "synthetic" (no --volume) or the
+  folder that holds --volume.
+  """
+  seeds = ctx.seeds or context.DEFAULT_SEEDS
+  runs.claim_study_directory(ctx.out, ctx.volume, kind=KIND, legacy=_legacy(levels, seeds))
+  one = ctx.stack()
+  name = ctx.stack_name or (
+    os.path.basename(os.path.dirname(os.path.abspath(ctx.volume))) if ctx.volume else "synthetic"
+  )
+  model = _load_prior(prior)
+
+  def load() -> Stack:
+    return volume_stack(name, one.volume, one.train_slices, one.eval_slices, one.channels)
+
+  cells = stack_cells(ctx.out, load, name, levels, one.seeds, model, ctx.log)
+  if model is None:
+    ctx.log(f"prior study: the forests of {name} are fitted and kept (--prior=none)")
+    return {"rows": []}
+  document = write_table(ctx.out, model.provenance.get("sha256"), stack_rows(name, cells, levels))
+  ctx.log(markdown(document))
+  return document
+
+
+def combine(ctx: context.StudyContext, documents: Mapping[str, dict[str, Any]]) -> dict[str, Any]:
+  """Over --stacks: the rows of every stack in ctx.out/prior.json and prior.md."""
+  rows = [row for document in documents.values() for row in document["rows"]]
+  if not rows:
+    return {"rows": []}
+  sha256 = next(iter(documents.values()))["prior"]
+  document = write_table(ctx.out, sha256, rows)
+  ctx.log(markdown(document))
   return document
 
 
@@ -265,3 +337,7 @@ def markdown(document: dict[str, Any]) -> str:
       f"{len(r['seeds'])} | {s['fit']} / {s['forest']} / {s['enhance']} |"
     )
   return "\n".join(lines) + "\n"
+
+
+# Over --stacks (`suite.run_suite`): the rows of every stack in one table, not suite.json.
+SUITE = {"combine": combine, "legacy": SUITE_LEGACY}

@@ -19,6 +19,7 @@ Writes ranking.json and ranking.md; every run resumes.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections.abc import Sequence
 from typing import Any
@@ -35,32 +36,6 @@ from fibseg_jax.study.context import OneStack, Option, StudyContext, seed_stats,
 
 KIND = "ranking study"
 PICKS = ("disagreement", "entropy", "random")
-
-
-def _train_and_score(
-  directory: str,
-  budget: budget_lib.Budget,
-  vol: volume_lib.Volume,
-  settings: dict[str, Any],
-  *,
-  train_slices: Sequence[int],
-  probabilities: bool,
-) -> dict[str, Any]:
-  """`runs.train_and_score` with the fields of `settings` (the whole stack and its
-  probabilities when `probabilities`)."""
-  return runs.train_and_score(
-    directory,
-    budget,
-    settings,
-    volume=settings["volume"],
-    truth_volume=vol,
-    channels=settings["channels"],
-    slices=settings["slices"],
-    seed=settings["seed"],
-    train_slices=train_slices,
-    eval_slices=settings["eval_slices"],
-    whole_stack=probabilities,
-  )
 
 
 def run_ranking(
@@ -84,24 +59,16 @@ def run_ranking(
     raise ValueError(
       f"--seeds: the members' disagreement needs >= 2 seeds, got {list(stack.seeds)}"
     )
-  common = dict(
-    volume=os.path.abspath(stack.volume),
-    channels=list(stack.channels),
-    slices=int(stack.slices),
-    eval_slices=[int(z) for z in stack.eval_slices],
-  )
+  cell = dataclasses.replace(stack, volume=os.path.abspath(stack.volume))
   base = {}
   for seed in stack.seeds:
-    settings = runs.settings(
-      budget, seed=int(seed), train_slices=list(stack.train_slices), **common
-    )
-    base[seed] = _train_and_score(
+    base[seed] = runs.train_and_score(
       os.path.join(out, f"base_s{seed}"),
       budget,
-      vol,
-      settings,
-      train_slices=stack.train_slices,
-      probabilities=True,
+      runs.cell_settings(budget, cell, seed),
+      cell,
+      seed,
+      whole_stack=True,
     )
     log(f"seed {seed}: {len(stack.train_slices)} slices -> mIoU {base[seed]['mean_iou']:.4f}")
   probs = [os.path.join(out, f"base_s{s}", "probs.zarr") for s in stack.seeds]
@@ -125,14 +92,13 @@ def run_ranking(
     for seed in stack.seeds:
       z = picks[pick][seed]
       four = sorted({*map(int, stack.train_slices), z})
-      settings = runs.settings(budget, seed=int(seed), train_slices=four, **common)
-      r = _train_and_score(
+      four_slices = dataclasses.replace(cell, train_slices=four)
+      r = runs.train_and_score(
         os.path.join(out, f"{pick}_s{seed}"),
         budget,
-        vol,
-        settings,
-        train_slices=four,
-        probabilities=False,
+        runs.cell_settings(budget, four_slices, seed),
+        four_slices,
+        seed,
       )
       values.append(r["mean_iou"])
       log(f"seed {seed}: + {pick} slice {z} -> mIoU {r['mean_iou']:.4f}")
@@ -162,9 +128,7 @@ def run_ranking(
     "disagreement_minus_random": seed_stats(diff),
     "intervals": _intervals(out, vol, stack.seeds),
   }
-  runs.write_json(os.path.join(out, "ranking.json"), document)
-  with open(os.path.join(out, "ranking.md"), "w") as f:
-    f.write(markdown(document))
+  runs.write_document(out, "ranking", document, markdown)
   return document
 
 

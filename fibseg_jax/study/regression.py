@@ -33,15 +33,7 @@ from typing import Any
 
 from fibseg_jax import configs
 from fibseg_jax.data import volume as volume_lib
-from fibseg_jax.study import runs
-from fibseg_jax.study.context import (
-  Option,
-  StudyContext,
-  markdown_table,
-  paired_differences,
-  seed_stats,
-  stat_text,
-)
+from fibseg_jax.study import context, runs
 from fibseg_jax.train import config as config_lib
 
 KIND = "regression study"
@@ -137,11 +129,11 @@ def _previous(changed: Mapping[str, Mapping[str, Any]]):
 
 
 OPTIONS = (
-  Option("against", "string", None, "The earlier release: a git tag or commit, e.g. v0.3."),
+  context.Option("against", "string", None, "The earlier release: a git tag or commit, e.g. v0.3."),
 )
 
 
-def run(ctx: StudyContext, against: str | None = None) -> dict[str, Any]:
+def run(ctx: context.StudyContext, against: str | None = None) -> dict[str, Any]:
   """`fibseg study regression`: previous and release rows per seed; regression.json/.md."""
   if not against:
     raise ValueError("--against is required: the earlier release's git tag or commit")
@@ -153,28 +145,16 @@ def run(ctx: StudyContext, against: str | None = None) -> dict[str, Any]:
   for seed in stack.seeds:
     for name in results:
       start = time.perf_counter()
-      settings = runs.settings(
-        ctx.budget,
-        volume=stack.volume,
-        channels=list(stack.channels),
-        slices=stack.slices,
-        seed=seed,
-        train_slices=list(stack.train_slices),
-        eval_slices=list(stack.eval_slices),
-        defaults=name,
-        changed=changed if name == "previous" else {},
+      settings = runs.cell_settings(
+        ctx.budget, stack, seed, defaults=name, changed=changed if name == "previous" else {}
       )
       r = runs.train_and_score(
         os.path.join(ctx.out, f"{name}_s{seed}"),
         ctx.budget,
         settings,
-        volume=stack.volume,
+        stack,
+        seed,
         truth_volume=vol,
-        channels=stack.channels,
-        slices=stack.slices,
-        seed=seed,
-        train_slices=stack.train_slices,
-        eval_slices=stack.eval_slices,
         configure=_previous(changed) if name == "previous" else None,
       )
       results[name].append(r)
@@ -183,10 +163,12 @@ def run(ctx: StudyContext, against: str | None = None) -> dict[str, Any]:
     {
       "name": name,
       "seeds": [r["seed"] for r in rs],
-      "mean_iou": seed_stats([r["mean_iou"] for r in rs]),
+      "mean_iou": context.seed_stats([r["mean_iou"] for r in rs]),
       "values": [r["mean_iou"] for r in rs],
       "paired_difference": (
-        seed_stats(paired_differences(rs, results["previous"])) if name == "release" else None
+        context.seed_stats(context.paired_differences(rs, results["previous"]))
+        if name == "release"
+        else None
       ),
     }
     for name, rs in results.items()
@@ -199,9 +181,7 @@ def run(ctx: StudyContext, against: str | None = None) -> dict[str, Any]:
     "budget": ctx.budget.to_json(),
     "rows": rows,
   }
-  runs.write_json(os.path.join(ctx.out, "regression.json"), document)
-  ctx.write_text("regression.md", markdown(document))
-  ctx.log(markdown(document))
+  ctx.log(runs.write_document(ctx.out, "regression", document, markdown))
   return document
 
 
@@ -210,15 +190,15 @@ def markdown(document: Mapping[str, Any]) -> str:
   b = document["budget"]
   lines = [
     f"Release defaults against {document['against']}'s on {document['volume']}; budget "
-    f"{b['name']} ({b['steps']} steps of {b['batch_size']} x {b['patch']}^2); seeds "
-    f"{document['seeds']}; paired difference release - previous, same seed.",
+    f"{b['name']} ({context.steps_text(b)}); seeds {document['seeds']}; paired difference "
+    "release - previous, same seed.",
     "",
   ]
   cells = [
-    [r["name"], stat_text(r["mean_iou"]), stat_text(r["paired_difference"])]
+    [r["name"], context.stat_text(r["mean_iou"]), context.stat_text(r["paired_difference"])]
     for r in document["rows"]
   ]
-  lines += markdown_table(["defaults", "mean IoU", "paired diff."], cells)
+  lines += context.markdown_table(["defaults", "mean IoU", "paired diff."], cells)
   changed = document["changed"]
   lines += [
     "",

@@ -14,7 +14,7 @@ import json
 import os
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import ml_collections
@@ -25,9 +25,29 @@ from fibseg_jax.data import volume as volume_lib
 from fibseg_jax.eval import metrics
 from fibseg_jax.infer import distill as infer_distill
 from fibseg_jax.study import budget as budget_lib
+from fibseg_jax.study.context import OneStack
 from fibseg_jax.train import loop
 
 RESULT = "result.json"
+
+
+class Cell(NamedTuple):
+  """One seed of a row fitted on a volume's training pixels and scored on its evaluation
+  slices: a classical route (`run_route`) or a peer network (`peers.run_peer`).
+
+  Attributes:
+    vol: the (raw) volume.
+    channels: channels the row reads.
+    seed: the row's seed.
+    eval_slices: slices segmented and scored.
+    held_out: annotated slices kept out of training.
+  """
+
+  vol: volume_lib.Volume
+  channels: Sequence[str]
+  seed: int
+  eval_slices: Sequence[int]
+  held_out: Sequence[int]
 
 
 def cache_compilations(out: str) -> None:
@@ -47,6 +67,27 @@ def read_result(directory: str) -> dict[str, Any] | None:
     return None
   with open(path) as f:
     return json.load(f)
+
+
+def write_result(directory: str, result: dict[str, Any]) -> dict[str, Any]:
+  """Writes the finished `result` of a run directory (`read_result`) and returns it."""
+  write_json(os.path.join(directory, RESULT), result)
+  return result
+
+
+def write_document(
+  out: str, name: str, document: Mapping[str, Any], markdown: Callable[..., str]
+) -> str:
+  """Writes a study's table as `out`/`name`.json and its `markdown` as `name`.md.
+
+  Returns:
+    The markdown text.
+  """
+  write_json(os.path.join(out, f"{name}.json"), document)
+  text = markdown(document)
+  with open(os.path.join(out, f"{name}.md"), "w") as f:
+    f.write(text)
+  return text
 
 
 def claim_study_directory(
@@ -77,6 +118,22 @@ def claim_study_directory(
 def settings(budget: budget_lib.Budget, **fields: Any) -> dict[str, Any]:
   """What a cached result was computed with, as JSON (compared on every reuse)."""
   return json.loads(json.dumps({"budget": budget.to_json(), **fields}))
+
+
+def cell_settings(
+  budget: budget_lib.Budget, stack: OneStack, seed: int, **fields: Any
+) -> dict[str, Any]:
+  """`settings` of one seed's network trained on `stack`, with the study's `fields`."""
+  return settings(
+    budget,
+    volume=stack.volume,
+    channels=list(stack.channels),
+    slices=stack.slices,
+    seed=seed,
+    train_slices=list(stack.train_slices),
+    eval_slices=list(stack.eval_slices),
+    **fields,
+  )
 
 
 def cached(directory: str, settings: Mapping[str, Any]) -> dict[str, Any] | None:
@@ -242,15 +299,11 @@ def train_logged(config: ml_collections.ConfigDict, directory: str) -> tuple[str
 def train_unet(
   directory: str,
   budget: budget_lib.Budget,
-  *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
+  stack: OneStack,
   seed: int,
-  train_slices: Sequence[int],
   configure: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> tuple[str, float]:
-  """Trains (or resumes) the budget's U-Net on `train_slices` of `volume`.
+  """Trains (or resumes) the budget's U-Net on the training slices of `stack`.
 
   Every other annotated slice is held out. `configure` may change the config first
   (e.g. the semi-supervised or recipe fields).
@@ -258,19 +311,26 @@ def train_unet(
   Returns:
     (workdir, wall seconds), as `train_logged`.
   """
-  vol = volume_lib.open_volume(volume)
+  vol = volume_lib.open_volume(stack.volume)
   config = network_config(
     budget,
     architecture="unet",
-    channels=channels,
-    slices=slices,
+    channels=stack.channels,
+    slices=stack.slices,
     seed=seed,
-    volume=volume,
-    held_out=sorted(set(vol.metadata.annotated_slices) - set(train_slices)),
+    volume=stack.volume,
+    held_out=sorted(set(vol.metadata.annotated_slices) - set(stack.train_slices)),
   )
   if configure is not None:
     configure(config)
   return train_logged(config, directory)
+
+
+def segment_settings(budget: budget_lib.Budget, **fields: Any) -> infer.SegmentSettings:
+  """The budget's tiling as `infer.SegmentSettings`, quiet, with `fields` set too."""
+  return infer.SegmentSettings(
+    tile=budget.tile, overlap=budget.overlap, batch=budget.infer_batch, progress=False, **fields
+  )
 
 
 def segment_and_score(
@@ -306,15 +366,7 @@ def segment_and_score(
     volume,
     output=output,
     probabilities=probabilities,
-    settings=infer.SegmentSettings(
-      tile=budget.tile,
-      overlap=budget.overlap,
-      batch=budget.infer_batch,
-      tta=tta,
-      only_slices=only_slices,
-      overwrite=True,
-      progress=False,
-    ),
+    settings=segment_settings(budget, tta=tta, only_slices=only_slices, overwrite=True),
   )
   labels = infer.open_array(output)
   predictions = {int(z): labels[int(z)].read().result() for z in eval_slices}
@@ -326,23 +378,20 @@ def train_and_score(
   directory: str,
   budget: budget_lib.Budget,
   settings: dict[str, Any],
-  *,
-  volume: str,
-  truth_volume: volume_lib.Volume,
-  channels: Sequence[str],
-  slices: int,
+  stack: OneStack,
   seed: int,
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
+  *,
+  truth_volume: volume_lib.Volume | None = None,
   whole_stack: bool = False,
   configure: Callable[[ml_collections.ConfigDict], None] | None = None,
 ) -> dict[str, Any]:
-  """Trains the budget's U-Net on `train_slices` and scores `eval_slices`, once.
+  """Trains the budget's U-Net on the training slices of `stack` and scores its
+  evaluation slices, once.
 
   A directory whose result.json holds `settings` is returned as it is. The segmentation
   (`directory/seg.zarr`) covers only the evaluation slices, or with `whole_stack` every
   slice, with the class probabilities in `directory/probs.zarr`. `configure` may change
-  the config first (`train_unet`).
+  the config first (`train_unet`); `truth_volume` holds the truth (default the stack's).
 
   Returns:
     {"settings", "seed", "train_seconds", "segment_seconds", **`score`}, also written to
@@ -351,50 +400,37 @@ def train_and_score(
   done = cached(directory, settings)
   if done is not None:
     return done
-  workdir, seconds = train_unet(
-    directory,
-    budget,
-    volume=volume,
-    channels=channels,
-    slices=slices,
-    seed=seed,
-    train_slices=train_slices,
-    configure=configure,
-  )
+  workdir, seconds = train_unet(directory, budget, stack, seed, configure)
   scored, segmented = segment_and_score(
     workdir,
-    volume,
+    stack.volume,
     os.path.join(directory, "seg.zarr"),
     budget,
-    truth_volume,
-    eval_slices,
-    only_slices=None if whole_stack else eval_slices,
+    truth_volume or volume_lib.open_volume(stack.volume),
+    stack.eval_slices,
+    only_slices=None if whole_stack else stack.eval_slices,
     probabilities=os.path.join(directory, "probs.zarr") if whole_stack else None,
   )
-  result = {
-    "settings": settings,
-    "seed": int(seed),
-    "train_seconds": seconds,
-    "segment_seconds": segmented.seconds,
-    **scored,
-  }
-  write_json(os.path.join(directory, RESULT), result)
-  return result
+  return write_result(
+    directory,
+    {
+      "settings": settings,
+      "seed": int(seed),
+      "train_seconds": seconds,
+      "segment_seconds": segmented.seconds,
+      **scored,
+    },
+  )
 
 
 def run_network(
   directory: str,
   budget: budget_lib.Budget,
   *,
-  architecture: str,
-  channels: Sequence[str],
-  slices: int,
-  seed: int,
-  volume: str,
   truth_volume: volume_lib.Volume,
   eval_slices: Sequence[int],
-  held_out: Sequence[int],
   configure: Callable[[ml_collections.ConfigDict], None] | None = None,
+  **network: Any,
 ) -> dict[str, Any]:
   """Trains a network, segments the whole stack with it and scores the evaluation slices.
 
@@ -404,54 +440,45 @@ def run_network(
   Args:
     directory: the run's directory (workdir `run/`, segmentation `seg.zarr`).
     budget: the budget.
-    architecture, channels, slices, seed: the network.
-    volume: path of the volume trained on and segmented (raw or cleaned).
     truth_volume: volume whose labels are the truth (the raw one).
     eval_slices: slices scored.
-    held_out: annotated slices kept out of training.
     configure: changes the config before training (e.g. parts of the recipe).
+    **network: the network, as `network_config`'s keywords: architecture, channels,
+      slices, seed, volume (trained on and segmented: raw or cleaned) and held_out
+      (annotated slices kept out of training).
 
   Returns:
     The result dict (also written to `directory/result.json`).
   """
-  config = network_config(
-    budget,
-    architecture=architecture,
-    channels=channels,
-    slices=slices,
-    seed=seed,
-    volume=volume,
-    held_out=held_out,
-  )
+  config = network_config(budget, **network)
   if configure is not None:
     configure(config)
   workdir, train_seconds = train_logged(config, directory)
   restored = checkpoint.load(workdir)
   seg = os.path.join(directory, "seg.zarr")
-  scored, segmented = segment_and_score(workdir, volume, seg, budget, truth_volume, eval_slices)
-  result = {
-    "seed": int(seed),
-    "params": models.count_params(restored.variables),
-    "train_seconds": train_seconds,
-    "best_step": int(restored.step),
-    "segment_seconds": segmented.seconds,
-    "segment_mpixels": segmented.mpixels,
-    **scored,
-  }
-  write_json(os.path.join(directory, RESULT), result)
-  return result
+  scored, segmented = segment_and_score(
+    workdir, network["volume"], seg, budget, truth_volume, eval_slices
+  )
+  return write_result(
+    directory,
+    {
+      "seed": int(network["seed"]),
+      "params": models.count_params(restored.variables),
+      "train_seconds": train_seconds,
+      "best_step": int(restored.step),
+      "segment_seconds": segmented.seconds,
+      "segment_mpixels": segmented.mpixels,
+      **scored,
+    },
+  )
 
 
 def run_route(
   directory: str,
   budget: budget_lib.Budget,
-  *,
   route: str,
-  seed: int,
-  vol: volume_lib.Volume,
-  channels: Sequence[str],
-  eval_slices: Sequence[int],
-  held_out: Sequence[int],
+  cell: Cell,
+  *,
   truth_volume: volume_lib.Volume | None = None,
 ) -> dict[str, Any]:
   """Fits a classical route on the training pixels and scores the evaluation slices.
@@ -460,16 +487,13 @@ def run_route(
     directory: the run's directory.
     budget: the forest and cleaning settings.
     route: "otsu", "clean_otsu" or "forest".
-    seed: the forest's seed.
-    vol: the (raw) volume.
-    channels: channels the route reads.
-    eval_slices: slices segmented and scored.
-    held_out: annotated slices kept out of training.
-    truth_volume: whose labels are the truth; default `vol`.
+    cell: the volume, channels, seed (the forest's), scored and held-out slices.
+    truth_volume: whose labels are the truth; default the cell's volume.
 
   Returns:
     The result dict (also written to `directory/result.json`).
   """
+  vol, channels, seed, eval_slices, held_out = cell
   images, labels = baselines.training_slices(
     vol, channels, eval_slices=held_out, val_block=budget.val_block
   )
@@ -480,14 +504,15 @@ def run_route(
   index = vol.channel_indices(channels)
   predictions = {int(z): model.predict(vol.read_image(int(z))[..., index]) for z in eval_slices}
   _, height, width = vol.shape
-  result = {
-    "seed": int(seed),
-    "params": model.num_parameters,
-    "train_seconds": model.seconds["clean"] + model.seconds["fit"],
-    "segment_seconds": model.seconds["clean_predict"] + model.seconds["predict"],
-    "segment_mpixels": len(eval_slices) * height * width / 1e6,
-    "seconds": dict(model.seconds),
-    **score(read_truths(truth_volume or vol, eval_slices), predictions, vol.classes),
-  }
-  write_json(os.path.join(directory, RESULT), result)
-  return result
+  return write_result(
+    directory,
+    {
+      "seed": int(seed),
+      "params": model.num_parameters,
+      "train_seconds": model.seconds["clean"] + model.seconds["fit"],
+      "segment_seconds": model.seconds["clean_predict"] + model.seconds["predict"],
+      "segment_mpixels": len(eval_slices) * height * width / 1e6,
+      "seconds": dict(model.seconds),
+      **score(read_truths(truth_volume or vol, eval_slices), predictions, vol.classes),
+    },
+  )

@@ -40,18 +40,6 @@ KIND = "semi study"
 LEGACY = ("fourway.json", "suggestion.json")
 
 
-def _train(
-  directory: str,
-  budget: budget_lib.Budget,
-  *,
-  semi: Mapping[str, Any] | None,
-  **network: Any,
-) -> tuple[str, float]:
-  """Trains (or resumes) one U-Net of the budget, semi-supervised when `semi` is given."""
-  configure = (lambda config: config.semi.update(dict(semi))) if semi else None
-  return runs.train_unet(directory, budget, configure=configure, **network)
-
-
 def _segment_and_score(
   workdir: str | Sequence[str],
   output: str,
@@ -71,48 +59,26 @@ def _segment_and_score(
 def fourway_run(
   directory: str,
   budget: budget_lib.Budget,
-  *,
-  volume: str,
-  channels: Sequence[str],
-  slices: int,
+  stack: OneStack,
   seed: int,
-  train_slices: Sequence[int],
-  eval_slices: Sequence[int],
   semi: Mapping[str, Any] | None,
 ) -> dict[str, Any]:
-  """One network of the four-way table, scored without and with TTA."""
-  settings = runs.settings(
-    budget,
-    volume=volume,
-    channels=list(channels),
-    slices=slices,
-    seed=seed,
-    train_slices=list(train_slices),
-    eval_slices=list(eval_slices),
-    semi=dict(semi or {}),
-  )
+  """One network of the four-way table (semi-supervised when `semi` is given), scored
+  without and with TTA."""
+  settings = runs.cell_settings(budget, stack, seed, semi=dict(semi or {}))
   done = runs.cached(directory, settings)
   if done is not None:
     return done
-  workdir, seconds = _train(
-    directory,
-    budget,
-    volume=volume,
-    channels=channels,
-    slices=slices,
-    seed=seed,
-    train_slices=train_slices,
-    semi=semi,
-  )
-  vol = volume_lib.open_volume(volume)
+  configure = (lambda config: config.semi.update(dict(semi))) if semi else None
+  workdir, seconds = runs.train_unet(directory, budget, stack, seed, configure)
+  vol = volume_lib.open_volume(stack.volume)
   result = {"settings": settings, "seed": int(seed), "train_seconds": seconds}
   for tta in (False, True):
     output = os.path.join(directory, "seg_tta.zarr" if tta else "seg.zarr")
     result["tta" if tta else "plain"] = _segment_and_score(
-      workdir, output, budget, vol, eval_slices, tta=tta
+      workdir, output, budget, vol, stack.eval_slices, tta=tta
     )
-  runs.write_json(os.path.join(directory, runs.RESULT), result)
-  return result
+  return runs.write_result(directory, result)
 
 
 def _row(name: str, scored: Sequence[dict[str, Any]], classes: Sequence[str]) -> dict[str, Any]:
@@ -136,17 +102,8 @@ def run_fourway(
   for seed in stack.seeds:
     for variant in ("supervised", "semi"):
       start = time.perf_counter()
-      r = fourway_run(
-        os.path.join(out, f"{variant}_s{seed}"),
-        budget,
-        volume=stack.volume,
-        channels=stack.channels,
-        slices=stack.slices,
-        seed=seed,
-        train_slices=stack.train_slices,
-        eval_slices=stack.eval_slices,
-        semi=semi if variant == "semi" else None,
-      )
+      directory = os.path.join(out, f"{variant}_s{seed}")
+      r = fourway_run(directory, budget, stack, seed, semi if variant == "semi" else None)
       results[variant].append(r)
       log(
         f"{variant} seed {seed}: mIoU {r['plain']['mean_iou']:.4f}, with TTA "
@@ -181,7 +138,7 @@ def run_fourway(
           )
           for tta in (False, True)
         }
-        runs.write_json(os.path.join(directory, runs.RESULT), done)
+        runs.write_result(directory, done)
       ensembles[variant] = {
         k: {"mean_iou": done[k]["mean_iou"], "per_class_iou": done[k]["per_class_iou"]}
         for k in ("plain", "tta")
@@ -199,22 +156,13 @@ def run_fourway(
     for variant, rs in results.items()
   }
   document = {
-    "volume": stack.volume,
-    "classes": list(vol.classes),
-    "channels": list(stack.channels),
-    "slices": int(stack.slices),
-    "train_slices": [int(z) for z in stack.train_slices],
-    "eval_slices": [int(z) for z in stack.eval_slices],
-    "seeds": [int(s) for s in stack.seeds],
-    "budget": budget.to_json(),
+    **stack.describe(vol.classes, budget),
     "semi": dict(semi),
     "rows": rows,
     "ensembles": ensembles,
     "seconds": seconds,
   }
-  runs.write_json(os.path.join(out, "fourway.json"), document)
-  with open(os.path.join(out, "fourway.md"), "w") as f:
-    f.write(fourway_markdown(document))
+  runs.write_document(out, "fourway", document, fourway_markdown)
   return document
 
 

@@ -25,7 +25,13 @@ from typing import Any
 
 from fibseg_jax import outputs
 from fibseg_jax.study import comparison, runs
-from fibseg_jax.study.context import StudyContext, markdown_table, seed_stats, stat_text
+from fibseg_jax.study.context import (
+  StudyContext,
+  markdown_table,
+  seed_stats,
+  stat_text,
+  steps_text,
+)
 
 KIND = "study suite"
 DEFAULT_ROOT = "/work/real"  # where experiments/real_stack.sh writes its stacks
@@ -53,6 +59,25 @@ class Stack:
   rebuild: str = ""
 
 
+def real(
+  name: str,
+  repo: str,
+  train_slices: tuple[int, ...],
+  eval_slices: tuple[int, ...],
+  script: str | None = None,
+) -> Stack:
+  """A real stack at STACKS_ROOT/`name`/vol.zarr, rebuilt from a clone of `repo` by
+  `script` (default experiments/stacks/`name`.sh)."""
+  script = script or f"experiments/stacks/{name}.sh"
+  return Stack(
+    name,
+    path=f"{name}/vol.zarr",
+    train_slices=train_slices,
+    eval_slices=eval_slices,
+    rebuild=f"git clone {repo} SRC && bash {script} SRC STACKS_ROOT/{name}",
+  )
+
+
 _NONE = MappingProxyType({})
 STACKS: tuple[Stack, ...] = (
   Stack("synthetic", severities=_NONE),
@@ -63,44 +88,24 @@ STACKS: tuple[Stack, ...] = (
   Stack("synthetic_drift", severities=MappingProxyType({"drift": 1.0})),
   # Serial-section TEM of a Drosophila ventral nerve cord, 20 x 1024^2, 5 classes
   # (CC BY-NC-SA 3.0: rebuilt, never committed).
-  Stack(
+  real(
     "drosophila_vnc",
-    path="drosophila_vnc/vol.zarr",
-    train_slices=(4, 8, 12),
-    eval_slices=(16,),
-    rebuild="git clone https://github.com/unidesigner/groundtruth-drosophila-vnc SRC && "
-    "bash experiments/real_stack.sh SRC STACKS_ROOT/drosophila_vnc",
+    "https://github.com/unidesigner/groundtruth-drosophila-vnc",
+    (4, 8, 12),
+    (16,),
+    script="experiments/real_stack.sh",
   ),
   # Serial block-face SEM (CDeep3M's mitochondria sample), 20 x 1024^2, background and
   # mitochondria (UC Regents: research and non-profit use).
-  Stack(
-    "sbem_mito",
-    path="sbem_mito/vol.zarr",
-    train_slices=(3, 8, 13),
-    eval_slices=(18,),
-    rebuild="git clone https://github.com/CRBS/cdeep3m SRC && "
-    "bash experiments/stacks/sbem_mito.sh SRC STACKS_ROOT/sbem_mito",
-  ),
+  real("sbem_mito", "https://github.com/CRBS/cdeep3m", (3, 8, 13), (18,)),
   # FIB-SEM of a Drosophila medulla (Janelia FlyEM), 250^3 at 10 nm, cell and membrane
   # (derived from the body segmentation; CC BY 3.0).
-  Stack(
-    "flyem_medulla",
-    path="flyem_medulla/vol.zarr",
-    train_slices=(50, 100, 150),
-    eval_slices=(200,),
-    rebuild="git clone https://github.com/janelia-flyem/neuroproof_examples SRC && "
-    "bash experiments/stacks/flyem_medulla.sh SRC STACKS_ROOT/flyem_medulla",
+  real(
+    "flyem_medulla", "https://github.com/janelia-flyem/neuroproof_examples", (50, 100, 150), (200,)
   ),
   # ssTEM of a first-instar larva VNC (ISBI 2012 training set), 30 x 512^2, cell and
   # membrane (non-commercial challenge terms).
-  Stack(
-    "isbi2012_vnc",
-    path="isbi2012_vnc/vol.zarr",
-    train_slices=(6, 12, 18),
-    eval_slices=(24,),
-    rebuild="git clone https://github.com/zhixuhao/unet SRC && "
-    "bash experiments/stacks/isbi2012_vnc.sh SRC STACKS_ROOT/isbi2012_vnc",
-  ),
+  real("isbi2012_vnc", "https://github.com/zhixuhao/unet", (6, 12, 18), (24,)),
 )
 BY_NAME = {s.name: s for s in STACKS}
 
@@ -161,14 +166,22 @@ def run_suite(
   stacks: Sequence[Stack],
   root: str,
   study_name: str,
+  *,
+  combine: Callable[[StudyContext, dict[str, Any]], dict[str, Any]] | None = None,
+  legacy: Sequence[str] = (),
   **options: Any,
 ) -> dict[str, Any]:
-  """Runs `study(ctx, **options)` on each stack and writes OUT/suite.json and suite.md."""
+  """Runs `study(ctx, **options)` on each stack and writes OUT/suite.json and suite.md.
+
+  A study with a table of its own over the stacks passes `combine(ctx, {stack name:
+  document})`, which writes it instead; `legacy` names the files of such a table written
+  before folders were marked (`outputs.claim`).
+  """
   try:
-    outputs.claim(ctx.out, kind=KIND, flag="--out", directory=True)
+    outputs.claim(ctx.out, kind=KIND, flag="--out", directory=True, legacy=tuple(legacy))
   except outputs.OutputError as e:
     raise ValueError(str(e)) from e
-  per_stack: dict[str, dict[str, Any]] = {}
+  documents: dict[str, dict[str, Any]] = {}
   skipped: list[str] = []
   for stack in stacks:
     volume = prepare(stack, ctx, root)
@@ -179,11 +192,15 @@ def run_suite(
     one = dataclasses.replace(
       ctx,
       out=os.path.join(ctx.out, stack.name),
+      stack_name=stack.name,
       volume=volume,
       train_slices=stack.train_slices or ctx.train_slices or ctx.budget.train_slices,
       eval_slices=stack.eval_slices or ctx.eval_slices or ctx.budget.eval_slices,
     )
-    per_stack[stack.name] = row_summary(study(one, **options))
+    documents[stack.name] = study(one, **options)
+  if combine is not None:
+    return combine(ctx, documents)
+  per_stack = {name: row_summary(document) for name, document in documents.items()}
   names = list(dict.fromkeys(r for rows in per_stack.values() for r in rows))
   rows = []
   for name in names:
@@ -204,9 +221,7 @@ def run_suite(
     "skipped": skipped,
     "rows": rows,
   }
-  runs.write_json(os.path.join(ctx.out, "suite.json"), document)
-  ctx.write_text("suite.md", markdown(document))
-  ctx.log(markdown(document))
+  ctx.log(runs.write_document(ctx.out, "suite", document, markdown))
   return document
 
 
@@ -228,9 +243,9 @@ def markdown(document: Mapping[str, Any]) -> str:
   b = document["budget"]
   lines = [
     f"`fibseg study {document['study']}` over the stacks {', '.join(stacks)}; budget "
-    f"{b['name']} ({b['steps']} steps of {b['batch_size']} x {b['patch']}^2). Each cell: "
-    "mean IoU +- std over seeds (paired difference to the row's reference, same seeds); "
-    "the last two columns: mean +- std over the stacks.",
+    f"{b['name']} ({steps_text(b)}). Each cell: mean IoU +- std over seeds (paired "
+    "difference to the row's reference, same seeds); the last two columns: mean +- std "
+    "over the stacks.",
     "",
   ]
   if document["skipped"]:

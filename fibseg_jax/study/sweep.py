@@ -148,16 +148,8 @@ def run_sweep(
             configure=lambda config: runs.set_fields(config, overrides),
           )
         elif result is None:
-          result = runs.run_route(
-            directory,
-            budget,
-            route=method,
-            seed=seed,
-            vol=vol,
-            channels=setup.channels,
-            eval_slices=setup.eval_slices,
-            held_out=setup.held_out,
-          )
+          cell = runs.Cell(vol, setup.channels, seed, setup.eval_slices, setup.held_out)
+          result = runs.run_route(directory, budget, method, cell)
         results[key][method].append(result)
     document = _document(budget, network, levels, points, results)
     runs.write_json(os.path.join(out, "sweep.json"), document)
