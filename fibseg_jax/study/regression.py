@@ -1,6 +1,6 @@
 """The regression row: the release's defaults against an earlier release's, paired by seed.
 
-  fibseg study regression --out=regression/ --against=4c43406~1 --stacks=suite
+  fibseg study regression --out=regression/ --against=719dc17 --stacks=suite
 
 The earlier release's U-Net config is read from its own code: `git archive COMMIT
 fibseg_jax` into OUT/against/, then its `fibseg_jax/configs/unet.py` (or
