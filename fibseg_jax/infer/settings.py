@@ -36,7 +36,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 TTA_VALUES = ("off", "1", "2", "4", "8", "all", "auto")
 ALL_PASSES = 16  # the most any tile has: 8 in-plane symmetries x the slab reversed
 # "auto": every pass on an accelerator; on CPU 2 (the x flip): over the suite of stacks
-# 2 passes scored higher than 1 on every stack, +0.5 +- 0.4 points on average, for about
+# 2 passes scored no lower than 1 on any stack, +0.5 +- 0.3 points on average, for about
 # 2x the time (docs/results.md, "Defaults decided on the suite").
 AUTO_PASSES = {"cpu": 2}
 
